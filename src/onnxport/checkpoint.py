@@ -1,0 +1,166 @@
+"""Reading a local Hugging Face checkpoint: config, safetensors headers, tokenizer files.
+
+Nothing here imports torch: the checks (missing files, pickle-only weights, truncated
+safetensors, shapes) run before any model is built, so bad input fails fast and cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxport.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+
+
+@dataclass
+class Checkpoint:
+    """A validated local checkpoint folder."""
+
+    path: Path
+    config: dict
+    weight_files: list[Path]
+    pickle_weights: bool
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def sha256(self) -> str:
+        """Hash of config.json and every weight file (streamed), identifying the source."""
+        h = hashlib.sha256()
+        for f in [self.path / "config.json", *sorted(self.weight_files)]:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check the file really holds every tensor it declares."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds file size {size}")
+            header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{file.name} is not a valid safetensors file ({e})",
+            "re-download or re-save the checkpoint with `save_pretrained(safe_serialization=True)`",
+        ) from None
+    data_len = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = meta["data_offsets"]
+            dtype, shape = meta["dtype"], tuple(int(s) for s in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{file.name}: malformed header entry for tensor {name!r}",
+                "re-save the checkpoint with safetensors",
+            ) from None
+        if end > data_len:
+            raise CheckpointError(
+                f"{file.name} is truncated: tensor {name!r} ends at byte {end} "
+                f"but the file holds only {data_len} data bytes",
+                "the download or copy was interrupted; fetch the file again",
+            )
+        out[name] = TensorInfo(name, _SAFETENSORS_DTYPES.get(dtype, dtype), shape, file.name)
+    return out
+
+
+def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Validate a checkpoint folder and read its config and tensor headers (no weights)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(
+            f"model folder {str(p)!r} does not exist",
+            "pass a local Hugging Face checkpoint folder (config.json + *.safetensors)",
+        )
+    if not p.is_dir():
+        raise CheckpointError(
+            f"{str(p)!r} is a file, not a checkpoint folder",
+            "pass the folder that holds config.json and the *.safetensors files",
+        )
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(
+            f"{str(p)!r} has no config.json",
+            "a Hugging Face checkpoint folder needs config.json (save it with save_pretrained)",
+        )
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"config.json is not valid JSON ({e})", "fix or re-save config.json") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(
+            "config.json has no model_type", "re-save the config with transformers' save_pretrained"
+        )
+    st_files = sorted(p.glob("*.safetensors"))
+    pk_files = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    if st_files:
+        ckpt = Checkpoint(p, config, st_files, pickle_weights=False)
+        for f in st_files:
+            ckpt.tensors.update(read_safetensors_header(f))
+        return ckpt
+    if pk_files:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{str(p)!r} has only pickle weights ({pk_files[0].name}); pickle can run arbitrary code",
+                "convert them to safetensors, or pass --allow-pickle if you trust the source",
+            )
+        return Checkpoint(p, config, pk_files, pickle_weights=True)
+    raise CheckpointError(
+        f"{str(p)!r} has no weight files (*.safetensors)",
+        "save the model with save_pretrained(safe_serialization=True)",
+    )

@@ -1,0 +1,216 @@
+"""onnxport's command line: parse, call the library, print, exit code. No logic here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from onnxport.errors import OnnxportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export Hugging Face models to ONNX that deploys, verify it, generate with ONNX Runtime.")
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+_state = {"debug": False}
+
+
+def _guard(fn):
+    """One line per error (`error: ...` / `hint: ...`), exit code from the error, no traceback
+    unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxportError as e:
+            if _state["debug"]:
+                raise
+            console.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+            if e.hint:
+                console.print(f"[yellow]hint:[/yellow] {e.hint}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs.")):
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+def _print_verification(record: dict) -> None:
+    from rich.table import Table
+
+    from onnxport.verify.decoder import summary_rows
+
+    tol = record["tolerance"]
+    table = Table(title=f"ONNX Runtime vs PyTorch ({tol['dtype']}: atol {tol['atol']:g}, cosine >= {tol['min_cosine']})")
+    for col in ("shape", "output", "max|diff|", "cosine", ""):
+        table.add_column(col)
+    rows = summary_rows(record)
+    # Collapse per-layer cache rows into the worst one per shape to keep the table short.
+    shown: dict[tuple[str, str], tuple] = {}
+    for shape, name, diff, cos, ok in rows:
+        key = (shape, "logits" if name == "logits" else "present (all layers)")
+        prev = shown.get(key)
+        if prev is None or diff > prev[0] or not ok:
+            shown[key] = (diff, cos, ok if prev is None else (ok and prev[2]))
+    for (shape, name), (diff, cos, ok) in shown.items():
+        table.add_row(shape, name, f"{diff:.2e}", f"{cos:.7f}", "[green]ok[/green]" if ok else "[red]FAIL[/red]")
+    out.print(table)
+
+
+@app.command("export")
+@_guard
+def export_cmd(
+    model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Bundle folder to write."),
+    opset: int = typer.Option(18, help="ONNX opset (dynamo: 18-23, torchscript: 14-20)."),
+    exporter: str = typer.Option("dynamo", help="dynamo (torch.export) or torchscript."),
+    kv_layout: str = typer.Option("bhsd", help="bhsd = [batch, heads, seq, head_dim]; bshd = [batch, seq, heads, head_dim]."),
+    kv_naming: str = typer.Option("optimum", help="optimum: past_key_values.{i}.key -> present.{i}.key; seed: past_key_in{i} -> past_key{i}."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip ONNX Runtime vs PyTorch verification."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights. Only for trusted sources."),
+):
+    """Export a decoder LM with a flat KV cache to OUTPUT/model.onnx and verify it."""
+    from onnxport.api import export
+    from onnxport.config import ExportConfig
+
+    cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout, kv_naming=kv_naming,
+                       verify=not no_verify, force=force, allow_pickle=allow_pickle)
+    with console.status(f"exporting {model_dir} with torch.onnx ({exporter}) ..."):
+        manifest = export(model_dir, output, cfg)
+    if "verification" in manifest:
+        _print_verification(manifest["verification"])
+    w = manifest["weights"]
+    out.print(f"wrote {output}/ ({manifest['model']['model_type']}, {manifest['kv_cache']['num_layers']} layers, "
+              f"{w['in_graph']} weights in graph, {len(w['skipped'])} skipped: {w['skipped'] or 'none'}) "
+              f"in {manifest['export']['seconds']:.1f}s")
+
+
+@app.command("verify")
+@_guard
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `onnxport export`."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to compare with (default: the export's source)."),
+):
+    """Compare ONNX Runtime with PyTorch on several shapes; exit 4 on any mismatch."""
+    from onnxport.api import verify
+
+    with console.status("verifying ..."):
+        record = verify(bundle, model)
+    _print_verification(record)
+
+
+def _stream_printer(gen):
+    """Print new text of row 0 as tokens arrive."""
+    state = {"ids": [], "text": ""}
+
+    def on_token(row: int, tok: int) -> None:
+        if row != 0:
+            return
+        state["ids"].append(tok)
+        text = gen.tokenizer.decode(state["ids"])
+        if text.startswith(state["text"]) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(state["text"]):])
+            sys.stdout.flush()
+            state["text"] = text
+
+    return on_token
+
+
+@app.command("generate")
+@_guard
+def generate_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    do_sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy."),
+    temperature: float = typer.Option(1.0),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Stream tokens (single prompt)."),
+):
+    """Generate text with ONNX Runtime (no torch)."""
+    from onnxport.runtime import Generator
+
+    gen = Generator(bundle)
+    streaming = stream and len(prompt) == 1
+    if streaming:
+        sys.stdout.write(prompt[0])
+        sys.stdout.flush()
+    res = gen.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, on_token=_stream_printer(gen) if streaming else None)
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        for p, t in zip(prompt, res.texts):
+            out.print(f"[bold]{p}[/bold]{t}")
+    console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
+
+
+@app.command("recipes")
+@_guard
+def recipes_cmd():
+    """List supported model types and the recipe that handles each."""
+    from onnxport.recipes import all_recipes
+
+    for mt, cls in all_recipes().items():
+        out.print(f"{mt:12s} {cls.__name__:10s} {cls.task}")
+
+
+@app.command("demo")
+@_guard
+def demo_cmd(
+    prompt: str = typer.Option("The assert statement", "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Keep the bundle here (default: a temp folder)."),
+):
+    """Export, verify and run the embedded demo model (a tiny Llama trained on Python's docs)."""
+    from onnxport.api import export
+    from onnxport.config import ExportConfig
+    from onnxport.runtime import Generator
+
+    src = Path(__file__).parent / "demo_model"
+    with tempfile.TemporaryDirectory() as tmp:
+        target = output or Path(tmp) / "demo_bundle"
+        t0 = time.perf_counter()
+        with console.status("exporting the demo model ..."):
+            manifest = export(src, target, ExportConfig(force=output is not None))
+        t_export = time.perf_counter() - t0
+        _print_verification(manifest["verification"])
+        gen = Generator(target)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        res = gen.generate(prompt, max_new_tokens=max_new_tokens, on_token=_stream_printer(gen))
+        sys.stdout.write("\n")
+        out.print(f"export+verify {t_export:.1f}s, prefill {res.prefill_ms:.1f} ms, "
+                  f"decode {res.decode_tokens_per_s:.1f} tokens/s"
+                  + (f", bundle at {target}" if output else ""))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The torch.onnx driver: cache flattening, dynamic dims, graph finalisation, weight accounting."""

@@ -1,0 +1,72 @@
+"""Nothing silently dropped: every checkpoint weight is in the graph or explicitly skipped.
+
+Before loading, checkpoint shapes are compared with the shapes the config implies (a model
+built on the meta device), so a mismatched config fails with one line instead of a 40-line
+transformers traceback. After export, every model parameter is matched to a graph initializer
+by name or, when the exporter folded it (transpose, renaming), by a content fingerprint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from onnxport.errors import CheckpointError, ExportError
+
+
+def check_checkpoint_shapes(ckpt, model_class_factory) -> None:
+    """Compare safetensors header shapes with a meta-device model built from the config."""
+    with torch.device("meta"):
+        meta = model_class_factory()
+    expected = {n: tuple(p.shape) for n, p in meta.state_dict().items()}
+    for name, info in ckpt.tensors.items():
+        if name not in expected:
+            continue  # reported by account_weights after loading (may be a renamed key)
+        if tuple(info.shape) != expected[name]:
+            raise CheckpointError(
+                f"weight {name!r} has shape {list(info.shape)} in {info.file} but config.json "
+                f"implies {list(expected[name])}",
+                "config.json does not belong to these weights; use the config saved with them",
+            )
+
+
+def _fingerprint(a: np.ndarray) -> tuple:
+    a = a.astype(np.float64, copy=False)
+    return (a.size, float(f"{a.sum():.6g}"), float(f"{np.square(a).sum():.6g}"))
+
+
+def account_weights(model: torch.nn.Module, ckpt_names: set[str], graph_initializers: dict) -> dict:
+    """Return {"in_graph": [...], "skipped": {name: reason}}; raise if anything is unaccounted.
+
+    `graph_initializers` maps initializer name -> numpy array."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unused = sorted(n for n in ckpt_names if n not in params)
+    if unused:
+        raise ExportError(
+            f"{len(unused)} checkpoint weight(s) are not used by the model: {', '.join(unused[:5])}",
+            "the checkpoint does not match its config/model class; nothing is dropped silently",
+        )
+    owner: dict[int, str] = {}
+    for name, p in model.named_parameters():  # first name of each storage
+        owner.setdefault(p.data_ptr(), name)
+    fingerprints = {}
+    in_graph, skipped = [], {}
+    for name, p in params.items():
+        first = owner[p.data_ptr()]
+        if first != name:
+            skipped[name] = f"tied to {first}"
+            continue
+        hit = any(iname == name or iname.endswith("." + name) for iname in graph_initializers)
+        if not hit:
+            if not fingerprints:
+                fingerprints = {
+                    _fingerprint(v) for v in graph_initializers.values() if v.dtype.kind == "f" and v.size > 1
+                }
+            hit = _fingerprint(p.detach().float().numpy()) in fingerprints
+        if not hit:
+            raise ExportError(
+                f"weight {name!r} is not in the exported graph",
+                "the export dropped a parameter (dead code path?); report it with --debug output",
+            )
+        in_graph.append(name)
+    return {"in_graph": len(in_graph), "skipped": skipped}

@@ -1,0 +1,1 @@
+"""Export-compat rewrites (one file per rewrite). The registry arrives with the rewrites issue."""

@@ -1,0 +1,5 @@
+"""ONNX Runtime side. Depends on onnxruntime, numpy and tokenizers only: never imports torch."""
+
+from onnxport.runtime.generator import GenerationResult, Generator
+
+__all__ = ["GenerationResult", "Generator"]

@@ -1,0 +1,165 @@
+"""Text generation with ONNX Runtime, driven by the bundle's manifest (no model code, no torch).
+
+Semantics follow transformers' `generate` so that greedy tokens match it exactly:
+left padding, position_ids = cumsum(attention_mask) - 1 (padded slots get 1), finished rows
+emit the pad token until every row is done, stop on any EOS id.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from onnxport.bundle import graph_entry, read_manifest
+from onnxport.errors import RuntimeInputError
+from onnxport.runtime.sampling import Sampler
+from onnxport.runtime.session import GraphSession
+from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
+
+#: called with (row, token_id) for every new token of every unfinished row
+TokenCallback = Callable[[int, int], None]
+
+
+@dataclass
+class GenerationResult:
+    #: new tokens per row, cut after the first EOS (EOS included)
+    tokens: list[list[int]]
+    #: new tokens per row as the model emitted them, padded like transformers' output
+    padded: np.ndarray
+    texts: list[str] = field(default_factory=list)
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps * len(self.tokens) / (self.decode_ms / 1000) if self.decode_ms else 0.0
+
+
+class Generator:
+    """Generate from an onnxport bundle.
+
+    >>> gen = Generator("out/")                                  # doctest: +SKIP
+    >>> gen.generate(["def f(x):"], max_new_tokens=16).texts     # doctest: +SKIP
+    """
+
+    def __init__(self, bundle: str | Path, threads: int | None = None):
+        self.folder = Path(bundle)
+        self.manifest = read_manifest(self.folder)
+        entry = graph_entry(self.manifest, "decoder")
+        self.session = GraphSession(self.folder, entry, threads)
+        kv = self.manifest["kv_cache"]
+        self.past_names = [p for p, _ in kv["names"]]
+        self.present_names = [q for _, q in kv["names"]]
+        self.kv_layout = kv["layout"]
+        self.kv_shape = (kv["num_kv_heads"], kv["head_dim"])
+        self.kv_dtype = np.dtype(kv["dtype"])
+        self.vocab_size = int(self.manifest["model"]["vocab_size"])
+        self.eos_ids, pad = special_ids(self.folder)
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self._tokenizer: BundleTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> BundleTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = BundleTokenizer(self.folder)
+        return self._tokenizer
+
+    def _empty_past(self, batch: int) -> np.ndarray:
+        h, d = self.kv_shape
+        shape = (batch, 0, h, d) if self.kv_layout == "bshd" else (batch, h, 0, d)
+        return np.zeros(shape, dtype=self.kv_dtype)
+
+    def generate(
+        self,
+        prompts: list[str] | str,
+        max_new_tokens: int = 32,
+        on_token: TokenCallback | None = None,
+        **sampling,
+    ) -> GenerationResult:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        res = self.generate_ids(ids, max_new_tokens=max_new_tokens, on_token=on_token, **sampling)
+        res.texts = [self.tokenizer.decode(t) for t in res.tokens]
+        return res
+
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = -1,
+        on_token: TokenCallback | None = None,
+    ) -> GenerationResult:
+        """Generate from token-id prompts (left-padded into one batch).
+
+        `eos_token_id=-1` (default) uses the bundle's generation_config; None disables EOS."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RuntimeInputError("every prompt needs at least one token", "pass a non-empty prompt")
+        if max_new_tokens < 1:
+            raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        flat = [t for p in prompts for t in p]
+        if min(flat) < 0 or max(flat) >= self.vocab_size:
+            raise RuntimeInputError(
+                f"token id {max(flat) if max(flat) >= self.vocab_size else min(flat)} is outside the "
+                f"vocabulary [0, {self.vocab_size})",
+                "use the bundle's tokenizer to make the prompt",
+            )
+        eos = self.eos_ids if eos_token_id == -1 else ([] if eos_token_id is None else
+                                                        ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)))
+        sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        input_ids = np.full((batch, longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((batch, longest), dtype=np.int64)
+        for r, p in enumerate(prompts):
+            input_ids[r, longest - len(p):] = p
+            mask[r, longest - len(p):] = 1
+        positions = np.cumsum(mask, axis=-1) - 1
+        positions[mask == 0] = 1
+        past = {n: self._empty_past(batch) for n in self.past_names}
+
+        unfinished = np.ones(batch, dtype=bool)
+        new_tokens = np.full((batch, max_new_tokens), self.pad_id, dtype=np.int64)
+        eos_arr = np.asarray(eos, dtype=np.int64)
+        prefill_ms = decode_ms = 0.0
+        steps = 0
+        for step in range(max_new_tokens):
+            t0 = time.perf_counter()
+            feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **past}
+            outs = self.session.run(feeds, check=step == 0)
+            next_tok = sampler(outs["logits"][:, -1, :])
+            dt = (time.perf_counter() - t0) * 1000
+            if step == 0:
+                prefill_ms = dt
+            else:
+                decode_ms += dt
+                steps += 1
+            next_tok = np.where(unfinished, next_tok, self.pad_id)
+            new_tokens[:, step] = next_tok
+            if on_token is not None:
+                for r in np.nonzero(unfinished)[0]:
+                    on_token(int(r), int(next_tok[r]))
+            if eos_arr.size:
+                unfinished &= ~np.isin(next_tok, eos_arr)
+            if not unfinished.any():
+                new_tokens = new_tokens[:, : step + 1]
+                break
+            past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
+            input_ids = next_tok[:, None].astype(np.int64)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            positions = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)
+        tokens = []
+        for r in range(batch):
+            row = new_tokens[r].tolist()
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            tokens.append(row[:cut])
+        return GenerationResult(tokens, new_tokens, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_steps=steps)

@@ -1,0 +1,83 @@
+"""An onnxruntime session for one graph of a bundle, with input checking from the manifest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from onnxport.errors import RuntimeInputError
+
+
+def make_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+class GraphSession:
+    """Runs one manifest graph; checks names, dtypes, ranks and named-dim consistency first,
+    so a wrong feed gives one line instead of an onnxruntime stack."""
+
+    def __init__(self, bundle: Path, entry: dict, threads: int | None = None):
+        self.entry = entry
+        self.inputs = {i["name"]: i for i in entry["inputs"]}
+        self.output_names = [o["name"] for o in entry["outputs"]]
+        threads = threads or int(os.environ.get("ONNXPORT_THREADS", "0")) or None
+        self.session = make_session(bundle / entry["file"], threads)
+
+    def check(self, feeds: dict[str, np.ndarray]) -> None:
+        missing = [n for n in self.inputs if n not in feeds]
+        extra = [n for n in feeds if n not in self.inputs]
+        if missing or extra:
+            raise RuntimeInputError(
+                f"{self.entry['file']}: "
+                + (f"missing inputs {missing[:4]}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unknown inputs {extra[:4]}" if extra else ""),
+                f"expected inputs: {list(self.inputs)[:6]}{' ...' if len(self.inputs) > 6 else ''}",
+            )
+        bound: dict[str, int] = {}
+        for name, arr in feeds.items():
+            spec = self.inputs[name]
+            if str(arr.dtype) != spec["dtype"]:
+                raise RuntimeInputError(
+                    f"input {name!r} has dtype {arr.dtype}, expected {spec['dtype']}",
+                    f"cast it with .astype('{spec['dtype']}')",
+                )
+            if arr.ndim != len(spec["dims"]):
+                raise RuntimeInputError(
+                    f"input {name!r} has shape {list(arr.shape)}, expected rank {len(spec['dims'])} {spec['dims']}",
+                    "see manifest.json for the graph's input dims",
+                )
+            for size, dim in zip(arr.shape, spec["dims"]):
+                if isinstance(dim, int) and size != dim:
+                    raise RuntimeInputError(
+                        f"input {name!r} has shape {list(arr.shape)}, expected {spec['dims']}",
+                        "see manifest.json for the graph's input dims",
+                    )
+                if isinstance(dim, str):
+                    if bound.setdefault(dim, size) != size:
+                        raise RuntimeInputError(
+                            f"input {name!r}: dim {dim!r} is {size} but another input has {bound[dim]}",
+                            "all inputs must agree on named dims (batch_size, sequence_length, ...)",
+                        )
+        if {"past_sequence_length", "sequence_length", "total_sequence_length"} <= bound.keys():
+            if bound["past_sequence_length"] + bound["sequence_length"] != bound["total_sequence_length"]:
+                raise RuntimeInputError(
+                    "attention_mask length must equal past_sequence_length + sequence_length "
+                    f"({bound['past_sequence_length']} + {bound['sequence_length']} != {bound['total_sequence_length']})",
+                    "append one mask column per new token",
+                )
+
+    def run(self, feeds: dict[str, np.ndarray], check: bool = True) -> dict[str, np.ndarray]:
+        if check:
+            self.check(feeds)
+        outs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outs))

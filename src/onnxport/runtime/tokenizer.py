@@ -1,0 +1,61 @@
+"""Tokenizer for the runtime: the `tokenizers` library on the bundle's tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from onnxport.errors import BundleError
+
+
+class BundleTokenizer:
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        f = folder / "tokenizer.json"
+        if not f.is_file():
+            raise BundleError(
+                f"{folder} has no tokenizer.json",
+                "copy the checkpoint's fast tokenizer (tokenizer.json) into the bundle, or pass token ids",
+            )
+        self._tok = Tokenizer.from_file(str(f))
+        cfg = _read_json(folder / "tokenizer_config.json")
+        self.add_special_tokens = True
+        bos = cfg.get("bos_token")
+        self.bos_token = bos.get("content") if isinstance(bos, dict) else bos
+        self.add_bos_token = bool(cfg.get("add_bos_token", False))
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids
+        if self.add_bos_token and self.bos_token is not None:
+            bos = self._tok.token_to_id(self.bos_token)
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def special_ids(folder: Path) -> tuple[list[int], int | None]:
+    """(eos ids, pad id) from generation_config.json, then config.json."""
+    gen, cfg = _read_json(folder / "generation_config.json"), _read_json(folder / "config.json")
+    text = cfg.get("text_config", cfg)
+
+    def pick(key):
+        for src in (gen, cfg, text):
+            if src.get(key) is not None:
+                return src[key]
+        return None
+
+    eos = pick("eos_token_id")
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = pick("pad_token_id")
+    return eos_ids, pad

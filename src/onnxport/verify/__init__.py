@@ -1,0 +1,1 @@
+"""Verification: inputs for several shapes, ONNX Runtime vs PyTorch, explicit tolerances."""

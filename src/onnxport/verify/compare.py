@@ -1,0 +1,27 @@
+"""Numeric comparison of one output (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, atol: float, min_cosine: float) -> dict:
+    """max|diff|, cosine and a verdict. NaN/Inf anywhere, or a shape mismatch, fails."""
+    if actual.shape != expected.shape:
+        return {"ok": False, "error": f"shape {list(actual.shape)} != expected {list(expected.shape)}"}
+    a = actual.astype(np.float64).ravel()
+    e = expected.astype(np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(e).all()):
+        return {"ok": False, "error": "non-finite values", "max_abs_diff": float("nan"), "cosine": float("nan")}
+    diff = float(np.max(np.abs(a - e))) if a.size else 0.0
+    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    if a.size == 0 or (na == 0 and ne == 0):
+        cos = 1.0
+    else:
+        cos = float(a @ e / max(na * ne, 1e-30))
+    return {
+        "ok": bool(diff <= atol and cos >= min_cosine),
+        "max_abs_diff": diff,
+        "cosine": cos,
+        "max_abs_ref": float(np.max(np.abs(e))) if e.size else 0.0,
+    }
