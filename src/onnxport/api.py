@@ -95,8 +95,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
         kv = recipe.kv_spec(model.config)
         text = text_config(model.config)
         onnx_file = tmp / "model.onnx"
-        spec = export_decoder(model, kv, cfg, onnx_file)
-        weights = account_weights(model, set(ckpt.tensors), _graph_arrays(onnx_file))
+        spec, traced_used = export_decoder(model, kv, cfg, onnx_file)
+        weights = account_weights(model, set(ckpt.tensors), _graph_arrays(onnx_file), traced_used)
         copied = copy_support_files(ckpt, tmp)
         manifest = {
             "onnxport_task": recipe.task,

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # Example sizes for tracing: all distinct and > 1 so that no dynamic dim is specialised or
 # unified with another by the exporter (torch.export specialises sizes 0 and 1).
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
+WRAPPER_PREFIX = "model."  # FlatCacheDecoder.model
 
 
 def kv_names(num_layers: int, naming: str) -> tuple[list[str], list[str]]:
@@ -105,8 +106,11 @@ class FlatCacheDecoder(torch.nn.Module):
         return tuple(flat)
 
 
-def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> dict:
-    """Export `model` to `out_file` (+ `model.onnx.data` when large); return the I/O spec."""
+def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tuple[dict, set[str] | None]:
+    """Export `model` to `out_file` (+ `model.onnx.data` when large).
+
+    Returns the I/O spec and, for the dynamo exporter, the names of the model parameters the
+    traced program consumes (None for TorchScript, whose trace does not say)."""
     vocab = text_config(model.config).vocab_size
     spec = io_spec(kv, vocab, cfg)
     wrapper = FlatCacheDecoder(model, kv.num_layers, cfg.kv_layout).eval()
@@ -126,9 +130,10 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> dict
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if cfg.exporter == "dynamo":
-                _export_dynamo(wrapper, args, spec, input_names, output_names, cfg.opset, tmp_file)
+                used = _export_dynamo(wrapper, args, spec, input_names, output_names, cfg.opset, tmp_file)
             else:
                 _export_torchscript(wrapper, args, spec, input_names, output_names, cfg.opset, tmp_file)
+                used = None
     except ExportError:
         raise
     except Exception as e:  # the exporters raise many types; name the exporter and the op
@@ -140,14 +145,14 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> dict
             + ("torchscript" if cfg.exporter == "dynamo" else "dynamo"),
         ) from e
     finalize_graph(tmp_file, out_file, spec, cfg.external_data_threshold_bytes)
-    return spec
+    return spec, used
 
 
 def _dims_by_axis(dims: list) -> dict[int, str]:
     return {ax: d for ax, d in enumerate(dims) if isinstance(d, str)}
 
 
-def _export_dynamo(wrapper, args, spec, input_names, output_names, opset, path: Path) -> None:
+def _export_dynamo(wrapper, args, spec, input_names, output_names, opset, path: Path) -> set[str]:
     from torch.export import Dim
 
     # torch.onnx warns about torchvision ops it cannot register; irrelevant for LLMs.
@@ -169,6 +174,18 @@ def _export_dynamo(wrapper, args, spec, input_names, output_names, opset, path: 
         verbose=False,
     )
     prog.save(str(path), external_data=True)
+    return used_parameters(prog.exported_program, prefix=WRAPPER_PREFIX)
+
+
+def used_parameters(ep, prefix: str = "") -> set[str]:
+    """Parameters that at least one op of the exported program reads (names without `prefix`)."""
+    to_param = ep.graph_signature.inputs_to_parameters
+    used = set()
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in to_param and node.users:
+            name = to_param[node.name]
+            used.add(name[len(prefix):] if name.startswith(prefix) else name)
+    return used
 
 
 def _export_torchscript(wrapper, args, spec, input_names, output_names, opset, path: Path) -> None:
@@ -207,6 +224,13 @@ def finalize_graph(raw: Path, out_file: Path, spec: dict, external_threshold: in
         v.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in io["dims"]])
     # Intermediate value_info carries exporter symbols (s10, s43 + s53...). They are hints
     # only; clear them so no reader sees leftover names.
+    # Initializers traced through FlatCacheDecoder are named `model.<hf name>`; give them back
+    # the checkpoint's names.
+    for name, init in list(graph.initializers.items()):
+        if name.startswith(WRAPPER_PREFIX) and name[len(WRAPPER_PREFIX):] not in graph.initializers:
+            graph.initializers.pop(name)
+            init.name = name[len(WRAPPER_PREFIX):]
+            graph.initializers[init.name] = init
     io_values = set(by_name.values())
     for node in ir.traversal.RecursiveGraphIterator(graph):
         for out in node.outputs:

@@ -35,10 +35,15 @@ def _fingerprint(a: np.ndarray) -> tuple:
     return (a.size, float(f"{a.sum():.6g}"), float(f"{np.square(a).sum():.6g}"))
 
 
-def account_weights(model: torch.nn.Module, ckpt_names: set[str], graph_initializers: dict) -> dict:
-    """Return {"in_graph": [...], "skipped": {name: reason}}; raise if anything is unaccounted.
+def account_weights(
+    model: torch.nn.Module, ckpt_names: set[str], graph_initializers: dict, traced_used: set[str] | None = None
+) -> dict:
+    """Return {"in_graph": n, "skipped": {name: reason}}; raise if anything is unaccounted.
 
-    `graph_initializers` maps initializer name -> numpy array."""
+    A parameter counts as in the graph when the traced program reads it (`traced_used`, from
+    torch.export: exact even when the exporter folds it, e.g. Gemma's `1 + weight`), or when a
+    graph initializer carries its name or its content fingerprint (TorchScript path).
+    `graph_initializers` maps initializer/constant name -> numpy array."""
     params = dict(model.named_parameters(remove_duplicate=False))
     unused = sorted(n for n in ckpt_names if n not in params)
     if unused:
@@ -56,7 +61,9 @@ def account_weights(model: torch.nn.Module, ckpt_names: set[str], graph_initiali
         if first != name:
             skipped[name] = f"tied to {first}"
             continue
-        hit = any(iname == name or iname.endswith("." + name) for iname in graph_initializers)
+        hit = (traced_used is not None and name in traced_used) or any(
+            iname == name or iname.endswith("." + name) for iname in graph_initializers
+        )
         if not hit:
             if not fingerprints:
                 fingerprints = {

@@ -1,0 +1,145 @@
+"""Decode benchmark: onnxport's ORT generator vs PyTorch eager on the same checkpoint.
+
+Measures, batch 1, greedy: prefill latency for a PROMPT_LEN-token prompt and decode tokens/s
+for NEW_TOKENS new tokens. Median of --runs runs each, both measured in this one process, one
+after the other, with the same thread count. Prints JSON (and the ratio ORT / PyTorch).
+
+    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3]
+    python bench/decode.py --make-qwen2-0.5b /tmp/qwen2-0.5b-random   # build the shaped checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_qwen2_05b(out: Path) -> None:
+    """A random checkpoint shaped like Qwen2-0.5B (hidden 896, 24 layers, 14/2 heads, vocab 151936)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+
+
+def bench_ort(bundle: Path, prompt: list[int], new_tokens: int, runs: int, threads: int) -> dict:
+    from onnxport.runtime import Generator
+
+    gen = Generator(bundle, threads=threads)
+    gen.generate_ids([prompt], max_new_tokens=4, eos_token_id=None)  # warm-up
+    pre, dec, toks = [], [], None
+    for _ in range(runs):
+        r = gen.generate_ids([prompt], max_new_tokens=new_tokens, eos_token_id=None)
+        pre.append(r.prefill_ms)
+        dec.append(r.decode_tokens_per_s)
+        toks = r.padded[0].tolist()
+    return {"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec), "tokens": toks}
+
+
+def bench_torch(ckpt: Path, prompt: list[int], new_tokens: int, runs: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+    def once(n):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cache = DynamicCache()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            t1 = time.perf_counter()
+            toks = [int(tok)]
+            for _ in range(n - 1):
+                out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                toks.append(int(tok))
+            t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (n - 1) / (t2 - t1), toks
+
+    once(4)
+    pre, dec, toks = [], [], None
+    for _ in range(runs):
+        p, d, toks = once(new_tokens)
+        pre.append(p)
+        dec.append(d)
+    return {"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec), "tokens": toks}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint", nargs="?")
+    ap.add_argument("--bundle", help="existing onnxport bundle of CHECKPOINT (default: export to a temp dir)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--make-qwen2-0.5b", dest="make", metavar="DIR")
+    args = ap.parse_args()
+    if args.make:
+        make_qwen2_05b(Path(args.make))
+        print(json.dumps({"wrote": args.make}))
+        return
+    if not args.checkpoint:
+        ap.error("CHECKPOINT is required")
+    ckpt = Path(args.checkpoint)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    vocab = cfg.get("text_config", cfg)["vocab_size"]
+    prompt = [(i * 7919 + 13) % vocab for i in range(args.prompt_len)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(args.bundle) if args.bundle else Path(tmp) / "bundle"
+        export_s = None
+        if not args.bundle:
+            from onnxport.api import export
+            from onnxport.config import ExportConfig
+
+            t0 = time.perf_counter()
+            export(ckpt, bundle, ExportConfig(verify=False))
+            export_s = time.perf_counter() - t0
+        ort_res = bench_ort(bundle, prompt, args.new_tokens, args.runs, args.threads)
+        torch_res = bench_torch(ckpt, prompt, args.new_tokens, args.runs, args.threads)
+    same = ort_res.pop("tokens") == torch_res.pop("tokens")
+    result = {
+        "checkpoint": str(ckpt),
+        "model_type": cfg.get("model_type"),
+        "batch": 1,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "runs": args.runs,
+        "threads": args.threads,
+        "export_seconds": export_s,
+        "onnxport_ort": ort_res,
+        "pytorch_eager": torch_res,
+        "ratio_ort_over_torch": {
+            "prefill_speedup": torch_res["prefill_ms"] / ort_res["prefill_ms"],
+            "decode_speedup": ort_res["decode_tokens_per_s"] / torch_res["decode_tokens_per_s"],
+        },
+        "greedy_tokens_identical": same,
+    }
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
