@@ -12,6 +12,18 @@ if TYPE_CHECKING:
     from onnxport.checkpoint import Checkpoint
 
 
+def torch_scalar(value: float, dtype):
+    import torch
+
+    return torch.tensor(value, dtype=dtype)
+
+
+def torch_tanh(x):
+    import torch
+
+    return torch.tanh(x)
+
+
 @dataclass(frozen=True)
 class KVSpec:
     num_layers: int
@@ -66,6 +78,41 @@ class DecoderLM(Recipe):
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return KVSpec(text.num_hidden_layers, kv_heads, head_dim)
+
+    # --- hooks for split layouts: the pieces of the model's forward, one by one -----------------
+
+    def base_model(self, model):
+        return model.model
+
+    def decoder_layers(self, model) -> list:
+        return list(self.base_model(model).layers)
+
+    def embedding_scale(self, model) -> float:
+        """Factor the model applies to token embeddings before the first layer."""
+        return 1.0
+
+    def embed(self, model, input_ids):
+        emb = self.base_model(model).embed_tokens(input_ids)
+        scale = self.embedding_scale(model)
+        return emb if scale == 1.0 else emb * torch_scalar(scale, emb.dtype)
+
+    def rotary(self, model, hidden_states, position_ids):
+        """(cos, sin) for `position_ids`, as the model's layers expect them."""
+        return self.base_model(model).rotary_emb(hidden_states, position_ids)
+
+    def sliding_window(self, model, layer_idx: int) -> int | None:
+        """The attention window of layer `layer_idx` (None: full causal attention)."""
+        attn = self.decoder_layers(model)[layer_idx].self_attn
+        window = getattr(attn, "sliding_window", None)
+        return int(window) if window else None
+
+    def final_logits(self, model, hidden_states):
+        """Final norm and LM head (and any logit post-processing the model applies)."""
+        logits = model.lm_head(self.base_model(model).norm(hidden_states))
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch_tanh(logits / cap) * cap
+        return logits
 
     def tied_weights(self, model) -> dict[str, str]:
         """Checkpoint weights that are legitimately absent from the graph, with the reason."""

@@ -1,0 +1,203 @@
+"""Export one torch module to one ONNX file with a declared I/O contract.
+
+Every graph onnxport writes (a whole decoder, one embedding, a pack of layers, a head) goes
+through `export_graph`: inputs and outputs are dicts `{"name", "dtype", "dims"}` where a dim is
+an int (static) or a field name (dynamic). After export the dims are renamed to those names,
+exporter symbols are cleared, and the structural checks a target asks for are run.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from onnxport.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+#: ops NPU compilers reject in static graphs
+CONTROL_FLOW_OPS = {"If", "Loop", "Scan", "SequenceConstruct", "SequenceAt", "SequenceInsert", "SplitToSequence",
+                    "ConcatFromSequence", "SequenceEmpty"}
+
+
+def dims_by_axis(dims: list) -> dict[int, str]:
+    return {ax: d for ax, d in enumerate(dims) if isinstance(d, str)}
+
+
+def export_graph(
+    module: torch.nn.Module,
+    args: tuple,
+    inputs: list[dict],
+    outputs: list[dict],
+    out_file: Path,
+    exporter: str,
+    opset: int,
+    external_threshold: int,
+    param_prefix: str = "",
+    static: bool = False,
+) -> set[str] | None:
+    """Export `module(*args)`; return the parameters the traced program reads (dynamo) or None."""
+    tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")
+    input_names = [i["name"] for i in inputs]
+    output_names = [o["name"] for o in outputs]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                used = _export_dynamo(module, args, inputs, input_names, output_names, opset, tmp_file, param_prefix)
+            else:
+                _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, tmp_file)
+                used = None
+    except ExportError:
+        raise
+    except Exception as e:  # the exporters raise many types; name the exporter and the op
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else type(e).__name__
+        raise ExportError(
+            f"torch.onnx ({exporter}) failed on {out_file.name}: {first[:300]}",
+            "run with --debug for the full trace; try --exporter "
+            + ("torchscript" if exporter == "dynamo" else "dynamo"),
+        ) from e
+    finalize_graph(tmp_file, out_file, inputs, outputs, external_threshold, param_prefix, static)
+    return used
+
+
+def _export_dynamo(module, args, inputs, input_names, output_names, opset, path: Path, prefix: str) -> set[str]:
+    from torch.export import Dim
+
+    # torch.onnx warns about torchvision ops it cannot register; irrelevant here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    flat_shapes = [{ax: Dim.DYNAMIC for ax in dims_by_axis(i["dims"])} or None for i in inputs]
+    dynamic = any(s for s in flat_shapes)
+    prog = torch.onnx.export(
+        module,
+        args,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=_nest_like(args, flat_shapes) if dynamic else None,
+        opset_version=opset,
+        dynamo=True,
+        external_data=True,
+        verbose=False,
+    )
+    prog.save(str(path), external_data=True)
+    return used_parameters(prog.exported_program, prefix)
+
+
+def _nest_like(args: tuple, flat: list):
+    """Shape `flat` (one entry per tensor) like `args` (tensors and lists of tensors)."""
+    it = iter(flat)
+    return tuple([next(it) for _ in a] if isinstance(a, (list, tuple)) else next(it) for a in args)
+
+
+def _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, path: Path) -> None:
+    dynamic_axes = {io["name"]: dims_by_axis(io["dims"]) for io in inputs + outputs if dims_by_axis(io["dims"])}
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes or None,
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+
+
+def used_parameters(ep, prefix: str = "") -> set[str]:
+    """Parameters that at least one op of the exported program reads (names without `prefix`)."""
+    to_param = ep.graph_signature.inputs_to_parameters
+    used = set()
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in to_param and node.users:
+            name = to_param[node.name]
+            used.add(name[len(prefix):] if name.startswith(prefix) else name)
+    return used
+
+
+def finalize_graph(raw: Path, out_file: Path, inputs: list[dict], outputs: list[dict], external_threshold: int,
+                   param_prefix: str = "", static: bool = False) -> None:
+    """Give every dynamic dim its field name, drop the exporter's stale shape guesses, restore
+    checkpoint names of initializers, check static graphs, and save (weights in one
+    `<name>.data` file when the graph is large)."""
+    import onnx_ir as ir
+
+    model = ir.load(str(raw))
+    graph = model.graph
+    by_name = {v.name: v for v in list(graph.inputs) + list(graph.outputs)}
+    for io in inputs + outputs:
+        v = by_name.get(io["name"])
+        if v is None:
+            raise ExportError(
+                f"{out_file.name}: exported graph has no {io['name']!r}; it has {sorted(by_name)}",
+                "this is an onnxport bug for this model family; please report it",
+            )
+        if v.shape is not None and len(v.shape) != len(io["dims"]):
+            raise ExportError(f"{out_file.name}: {io['name']} has rank {len(v.shape)}, expected {len(io['dims'])}")
+        if static and v.shape is not None:
+            got = [d if isinstance(d, int) else None for d in v.shape]
+            if got != list(io["dims"]):
+                raise ExportError(f"{out_file.name}: {io['name']} exported with shape {v.shape}, expected {io['dims']}")
+        v.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in io["dims"]])
+    if param_prefix:
+        # Initializers traced through a wrapper are named `<prefix><hf name>`; restore the
+        # checkpoint's names.
+        for name, init in list(graph.initializers.items()):
+            short = name[len(param_prefix):]
+            if name.startswith(param_prefix) and short not in graph.initializers:
+                graph.initializers.pop(name)
+                init.name = short
+                graph.initializers[short] = init
+    # Intermediate value_info carries exporter symbols (s10, s43 + s53, unk__0). They are hints
+    # only; clear them so no reader sees leftover names.
+    io_values = set(by_name.values())
+    bad_ops = set()
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type in CONTROL_FLOW_OPS and node.domain in ("", "ai.onnx"):
+            bad_ops.add(node.op_type)
+        for out in node.outputs:
+            if out not in io_values and out.shape is not None and any(
+                not isinstance(d, int) for d in out.shape
+            ):
+                out.shape = None
+    if static and bad_ops:
+        raise ExportError(
+            f"{out_file.name}: static export contains control-flow/sequence ops {sorted(bad_ops)}",
+            "NPU compilers reject these; report the model family so a rewrite can be added",
+        )
+    nbytes = sum((t.const_value.nbytes if t.const_value is not None else 0) for t in graph.initializers.values())
+    # Load every external tensor into memory before the raw files are removed.
+    for init in graph.initializers.values():
+        if init.const_value is not None and isinstance(init.const_value, ir.ExternalTensor):
+            init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
+    if nbytes > external_threshold:
+        ir.save(model, str(out_file), external_data=out_file.name + ".data")
+    else:
+        ir.save(model, str(out_file))
+    for f in (raw, raw.with_name(raw.name + ".data")):
+        if f.exists():
+            f.unlink()
+
+
+def check_fully_static(path: Path) -> None:
+    """Every tensor dim in the saved graph (inputs, outputs, inferred intermediates) is a number."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is best-effort on exotic ops
+        pass
+    for vi in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            for d in t.shape.dim:
+                if not d.HasField("dim_value"):
+                    raise ExportError(
+                        f"{path.name}: {vi.name} has a dynamic dim {d.dim_param or '?'} in a --static export",
+                        "report the model family; a static export must have no dynamic dims",
+                    )

@@ -1,0 +1,327 @@
+"""Split layouts for NPU toolchains: embedding / block_i (prefill) / block_cache_i (decode) /
+lm_head, N layers per file, optionally fully static (fixed MAX_LEN / PREFILL_LEN).
+
+Contracts (batch is always 1, as NPU runtimes drive one sequence; kv layout per --kv-layout):
+
+  embedding.onnx       input_ids [1, S] -> hidden_states [1, S, H]
+                       (static: S = prefill_len; plus embedding_cache.onnx with S = 1)
+  block_{a}-{b}.onnx   hidden_states [1, S, H], position_ids [1, S],
+                       attention_mask [1, 1, S, S] (additive float: 0 keep, finfo.min drop)
+                       [+ sliding_attention_mask, same shape, if a layer has a window]
+                       [+ cos, sin [1, S, head_dim] with --rope outside]
+                       -> hidden_states, present.{i}.key / .value [1, S, kv_heads, head_dim]
+  block_cache_{a}-{b}  hidden_states [1, 1, H], position_ids [1, 1],
+                       attention_mask [1, 1, 1, P + 1], past_key_values.{i}.key / .value [1, P, ...]
+                       -> hidden_states, present.{i}.key / .value
+                       dynamic: P = past_sequence_length, present = past + new ([1, P + 1, ...])
+                       static:  P = max_len (a fixed cache the runtime owns), present = the new
+                                token only ([1, 1, ...]); the runtime writes it at slot n and the
+                                mask hides the slots not yet written.
+  lm_head.onnx         hidden_states [1, H] -> logits [1, V] | token [1, 1] int64 (argmax) |
+                       values, indices [1, K] (topk:K); final norm included.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onnxport.errors import InputError
+
+MASK_MIN = float(np.finfo(np.float32).min)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    pack: int = 1
+    static: bool = False
+    max_len: int = 512
+    prefill_len: int = 128
+    head: str = "logits"  # logits | argmax | topk:K
+    rope: str = "inside"  # inside | outside
+    embedding_bin: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pack < 1:
+            raise InputError(f"--pack must be >= 1, got {self.pack}")
+        if self.rope not in ("inside", "outside"):
+            raise InputError(f"--rope must be inside or outside, got {self.rope!r}")
+        if not (self.head in ("logits", "argmax") or (self.head.startswith("topk:") and self.head[5:].isdigit()
+                                                       and int(self.head[5:]) > 0)):
+            raise InputError(f"--head must be logits, argmax or topk:K, got {self.head!r}", "e.g. --head topk:8")
+        if self.static and not (1 <= self.prefill_len <= self.max_len):
+            raise InputError(
+                f"--prefill-len {self.prefill_len} must be between 1 and --max-len {self.max_len}",
+                "the prompt is prefilled into the same cache",
+            )
+
+    @property
+    def top_k(self) -> int:
+        return int(self.head[5:]) if self.head.startswith("topk:") else 0
+
+
+class KVCapture:
+    """Duck-typed transformers cache for calling decoder layers one at a time.
+
+    transformers' attention modules (4.x and 5.x) only call `update(key, value, layer_idx, ...)`
+    on the cache; we prepend the given past (in [B, H, S, D]) and record the new states."""
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.new[layer_idx] = (key_states, value_states)
+        if layer_idx in self.past:
+            pk, pv = self.past[layer_idx]
+            key_states = torch.cat([pk, key_states], dim=-2)
+            value_states = torch.cat([pv, value_states], dim=-2)
+        self.full[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past[layer_idx][0].shape[-2] if layer_idx in self.past else 0
+
+
+def _cache_kwarg(layer) -> str:
+    # transformers < 4.56 names the decoder layer's cache argument `past_key_value`
+    params = inspect.signature(layer.forward).parameters
+    return "past_key_values" if "past_key_values" in params else "past_key_value"
+
+
+class Embedding(torch.nn.Module):
+    def __init__(self, recipe, model):
+        super().__init__()
+        self.recipe, self.model = recipe, model
+
+    def forward(self, input_ids):
+        return self.recipe.embed(self.model, input_ids)
+
+
+class Head(torch.nn.Module):
+    def __init__(self, recipe, model, head: str):
+        super().__init__()
+        self.recipe, self.model, self.head = recipe, model, head
+
+    def logits(self, hidden_states):
+        return self.recipe.final_logits(self.model, hidden_states)
+
+    def forward(self, hidden_states):
+        logits = self.logits(hidden_states)
+        if self.head == "argmax":
+            return torch.argmax(logits, dim=-1, keepdim=True)
+        if self.head.startswith("topk:"):
+            values, indices = torch.topk(logits, int(self.head[5:]), dim=-1)
+            return values, indices
+        return logits
+
+
+class Block(torch.nn.Module):
+    """Consecutive decoder layers `layer_ids` with the rotary embedding and the KV cache at the
+    graph boundary. Input order: hidden_states, position_ids, attention_mask,
+    [sliding_attention_mask], [cos, sin], then past key/value per layer (decode only)."""
+
+    def __init__(self, recipe, model, layer_ids: list[int], decode: bool, static: bool, kv_layout: str,
+                 rope_outside: bool):
+        super().__init__()
+        self.recipe, self.model = recipe, model
+        self.layer_ids = layer_ids
+        self.layers = [recipe.decoder_layers(model)[i] for i in layer_ids]
+        self.windows = [recipe.sliding_window(model, i) for i in layer_ids]
+        self.has_sliding = any(w is not None for w in self.windows)
+        self.decode, self.static, self.bshd, self.rope_outside = decode, static, kv_layout == "bshd", rope_outside
+        self.cache_kwarg = _cache_kwarg(self.layers[0])
+
+    def forward(self, *inputs):
+        hidden, position_ids, mask = inputs[0], inputs[1], inputs[2]
+        k = 3
+        sliding_mask = None
+        if self.has_sliding:
+            sliding_mask, k = inputs[k], k + 1
+        if self.rope_outside:
+            cos_sin, k = (inputs[k], inputs[k + 1]), k + 2
+        else:
+            cos_sin = self.recipe.rotary(self.model, hidden, position_ids)
+        past = {}
+        if self.decode:
+            for j, i in enumerate(self.layer_ids):
+                pk, pv = inputs[k + 2 * j], inputs[k + 2 * j + 1]
+                if self.bshd:
+                    pk, pv = pk.transpose(1, 2), pv.transpose(1, 2)
+                past[i] = (pk, pv)
+        cache = KVCapture(past)
+        for layer, window in zip(self.layers, self.windows):
+            out = layer(
+                hidden,
+                attention_mask=sliding_mask if window is not None else mask,
+                position_ids=position_ids,
+                position_embeddings=cos_sin,
+                use_cache=True,
+                **{self.cache_kwarg: cache},
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        outs = [hidden]
+        for i in self.layer_ids:
+            kk, vv = cache.new[i] if (self.static or not self.decode) else cache.full[i]
+            if self.bshd:
+                kk, vv = kk.transpose(1, 2), vv.transpose(1, 2)
+            outs += [kk, vv]
+        return tuple(outs)
+
+
+def packs(num_layers: int, pack: int) -> list[list[int]]:
+    return [list(range(a, min(a + pack, num_layers))) for a in range(0, num_layers, pack)]
+
+
+def pack_suffix(ids: list[int]) -> str:
+    return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+
+
+def _kv_dims(kv, layout: str, seq) -> list:
+    return [1, seq, kv.num_kv_heads, kv.head_dim] if layout == "bshd" else [1, kv.num_kv_heads, seq, kv.head_dim]
+
+
+def split_plan(recipe, model, kv, hidden: int, vocab: int, cfg, split: SplitConfig) -> list[dict]:
+    """The manifest's graph entries (role, file, I/O, layers) for a split export."""
+    dt = cfg.dtype
+    seq = split.prefill_len if split.static else "sequence_length"
+    graphs = []
+    emb_in = {"name": "input_ids", "dtype": "int64", "dims": [1, seq]}
+    emb_out = {"name": "hidden_states", "dtype": dt, "dims": [1, seq, hidden]}
+    graphs.append({"role": "embedding", "file": "embedding.onnx", "inputs": [emb_in], "outputs": [emb_out]})
+    if split.static:
+        graphs.append({"role": "embedding_cache", "file": "embedding_cache.onnx",
+                       "inputs": [{**emb_in, "dims": [1, 1]}], "outputs": [{**emb_out, "dims": [1, 1, hidden]}]})
+    for ids in packs(kv.num_layers, split.pack):
+        windows = [recipe.sliding_window(model, i) for i in ids]
+        for decode in (False, True):
+            s = 1 if decode else seq
+            total = (split.max_len + 1 if split.static else "total_sequence_length") if decode else seq
+            past_len = split.max_len if split.static else "past_sequence_length"
+            ins = [
+                {"name": "hidden_states", "dtype": dt, "dims": [1, s, hidden]},
+                {"name": "position_ids", "dtype": "int64", "dims": [1, s]},
+                {"name": "attention_mask", "dtype": dt, "dims": [1, 1, s, total]},
+            ]
+            if any(w is not None for w in windows):
+                ins.append({"name": "sliding_attention_mask", "dtype": dt, "dims": [1, 1, s, total]})
+            if split.rope == "outside":
+                ins += [{"name": n, "dtype": dt, "dims": [1, s, kv.head_dim]} for n in ("cos", "sin")]
+            outs = [{"name": "hidden_states_out", "dtype": dt, "dims": [1, s, hidden]}]
+            present_len = s if (split.static or not decode) else total
+            for i in ids:
+                if decode:
+                    ins += [{"name": f"past_key_values.{i}.{t}", "dtype": dt, "dims": _kv_dims(kv, cfg.kv_layout, past_len)}
+                            for t in ("key", "value")]
+                outs += [{"name": f"present.{i}.{t}", "dtype": dt, "dims": _kv_dims(kv, cfg.kv_layout, present_len)}
+                         for t in ("key", "value")]
+            role = "block_cache" if decode else "block"
+            graphs.append({"role": role, "file": f"{role}_{pack_suffix(ids)}.onnx", "layers": ids,
+                           "sliding_windows": windows, "inputs": ins, "outputs": outs})
+    head_in = [{"name": "hidden_states", "dtype": dt, "dims": [1, hidden]}]
+    if split.head == "argmax":
+        head_out = [{"name": "token", "dtype": "int64", "dims": [1, 1]}]
+    elif split.top_k:
+        head_out = [{"name": "values", "dtype": dt, "dims": [1, split.top_k]},
+                    {"name": "indices", "dtype": "int64", "dims": [1, split.top_k]}]
+    else:
+        head_out = [{"name": "logits", "dtype": dt, "dims": [1, vocab]}]
+    graphs.append({"role": "lm_head", "file": "lm_head.onnx", "head": split.head, "inputs": head_in, "outputs": head_out})
+    return graphs
+
+
+def module_for(entry: dict, recipe, model, cfg, split: SplitConfig) -> torch.nn.Module:
+    role = entry["role"]
+    if role in ("embedding", "embedding_cache"):
+        return Embedding(recipe, model)
+    if role == "lm_head":
+        return Head(recipe, model, split.head)
+    return Block(recipe, model, entry["layers"], decode=role == "block_cache", static=split.static,
+                 kv_layout=cfg.kv_layout, rope_outside=split.rope == "outside")
+
+
+def used_by(entry: dict, recipe, model) -> set[str] | None:
+    """Parameter names (checkpoint names) a split graph is responsible for."""
+    names = {n for n, _ in model.named_parameters()}
+    if entry["role"] in ("embedding", "embedding_cache"):
+        prefix = ("model.embed_tokens.",)
+    elif entry["role"] == "lm_head":
+        prefix = ("model.norm.", "lm_head.")
+    else:
+        prefix = tuple(f"model.layers.{i}." for i in entry["layers"])
+    return {n for n in names if n.startswith(prefix)}
+
+
+def feeds_for(entry: dict, sizes: dict, rng: np.random.Generator, vocab: int, past_len: int) -> dict:
+    """Inputs for verifying one split graph: random ids/hidden/cache, real causal masks."""
+    feeds = {}
+    for inp in entry["inputs"]:
+        shape = [sizes[d] if isinstance(d, str) else d for d in inp["dims"]]
+        name = inp["name"]
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.arange(past_len, past_len + shape[1], dtype=np.int64)[None]
+        elif name.endswith("attention_mask"):
+            q, t = shape[2], shape[3]
+            window = next((w for w in entry.get("sliding_windows", []) if w), None) if name.startswith("sliding") else None
+            q_pos = np.arange(past_len, past_len + q)
+            k_pos = np.arange(t) if entry["role"] == "block" else np.concatenate([np.arange(t - 1), [past_len]])
+            valid = np.ones(t, dtype=bool)
+            if entry["role"] == "block_cache":
+                valid[past_len:t - 1] = False  # static: slots not yet written
+            feeds[name] = additive_mask(q_pos, k_pos, valid, window)[None, None]
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(inp["dtype"])
+    return feeds
+
+
+def additive_mask(q_pos: np.ndarray, k_pos: np.ndarray, valid: np.ndarray, window: int | None) -> np.ndarray:
+    """[q, k] float32: 0 where query may attend key (causal, valid, inside the window), else min."""
+    ok = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        ok &= (q_pos[:, None] - k_pos[None, :]) < window
+    return np.where(ok, 0.0, MASK_MIN).astype(np.float32)
+
+
+def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[dict], set[str] | None]:
+    """Export every graph of the split plan into `folder`; return the entries and the union of
+    parameters the traced programs read (None if any graph came from TorchScript)."""
+    from onnxport.export.compat import text_config
+    from onnxport.export.graph import check_fully_static, export_graph
+
+    text = text_config(model.config)
+    graphs = split_plan(recipe, model, kv, text.hidden_size, text.vocab_size, cfg, split)
+    rng = np.random.default_rng(0)
+    used_all: set[str] | None = set()
+    for entry in graphs:
+        module = module_for(entry, recipe, model, cfg, split).eval()
+        # trace with distinct sizes > 1 so no dynamic dim is specialised
+        sizes = {"sequence_length": 3, "past_sequence_length": 5, "total_sequence_length": 6 if entry["role"] == "block_cache" else 3}
+        if entry["role"] == "block_cache" and not split.static:
+            sizes["sequence_length"] = 1
+        past = 5 if entry["role"] == "block_cache" else 0
+        if entry["role"] == "block_cache" and split.static:
+            past = 3
+        feeds = feeds_for(entry, sizes, rng, text.vocab_size, past)
+        args = tuple(torch.from_numpy(feeds[i["name"]]) for i in entry["inputs"])
+        used = export_graph(module, args, entry["inputs"], entry["outputs"], folder / entry["file"], cfg.exporter,
+                            cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.", static=split.static)
+        if split.static:
+            check_fully_static(folder / entry["file"])
+        if used is None or used_all is None:
+            used_all = None
+        else:
+            used_all |= used
+    if split.embedding_bin:
+        weight = recipe.base_model(model).embed_tokens.weight.detach().float().numpy()
+        weight.astype(np.float32).tofile(folder / "embedding.bin")
+        graphs.insert(0, {"role": "embedding_table", "file": "embedding.bin", "dtype": "float32",
+                          "shape": list(weight.shape), "scale": recipe.embedding_scale(model),
+                          "inputs": [], "outputs": []})
+    return graphs, used_all
