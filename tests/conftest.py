@@ -50,6 +50,10 @@ def make_tiny_checkpoint(model_type: str, out: Path, **overrides) -> Path:
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # trained norms are not all ones; don't let a test rely on that
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0 if p.abs().mean() > 0.5 else 0.0, 0.1)
     model.save_pretrained(out, safe_serialization=True)
     for f in TOKENIZER_FILES:
         shutil.copy(DEMO_DIR / f, out / f)
@@ -79,11 +83,15 @@ def exported(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     cache: dict[tuple, Path] = {}
 
-    def get(model_type: str, **opts) -> Path:
-        key = (model_type, tuple(sorted(opts.items())))
+    def get(model_type: str, split: dict | None = None, **opts) -> Path:
+        from onnxport.config import SplitConfig
+
+        key = (model_type, tuple(sorted(opts.items())), tuple(sorted((split or {}).items())))
         if key not in cache:
-            out = root / ("-".join([model_type, *(f"{k}_{v}" for k, v in sorted(opts.items()))]))
-            export(tiny_checkpoints(model_type), out, ExportConfig(**opts))
+            parts = [model_type, *(f"{k}_{v}" for k, v in sorted({**opts, **(split or {})}.items()))]
+            out = root / "-".join(p.replace(":", "") for p in parts)
+            export(tiny_checkpoints(model_type), out, ExportConfig(**opts),
+                   split=SplitConfig(**split) if split is not None else None)
             cache[key] = out
         return cache[key]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from onnxport.bundle import atomic_bundle, graph_entry, read_manifest, write_manifest
 from onnxport.checkpoint import Checkpoint, open_checkpoint
-from onnxport.config import ExportConfig, VerifyConfig
-from onnxport.errors import CheckpointError, VerificationError
+from onnxport.config import ExportConfig, SplitConfig, VerifyConfig
+from onnxport.errors import CheckpointError, InputError, VerificationError
 from onnxport.recipes import get_recipe
 from onnxport.runtime import GenerationResult, Generator
 
@@ -80,23 +80,25 @@ def _graph_arrays(onnx_file: Path) -> dict:
 
 
 def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
-           verify_cfg: VerifyConfig = VerifyConfig()) -> dict:
-    """Export a local checkpoint to a verified bundle at `out`; return the manifest."""
-    from onnxport.export.decoder import FlatCacheDecoder, export_decoder
+           verify_cfg: VerifyConfig = VerifyConfig(), split: SplitConfig | None = None) -> dict:
+    """Export a local checkpoint to a verified bundle at `out`; return the manifest.
+
+    `split=None` writes one decoder graph; a SplitConfig writes the NPU split layout."""
     from onnxport.export.compat import text_config
     from onnxport.export.weights import account_weights
-    from onnxport.verify.decoder import first_failure, verify_decoder
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
     recipe = get_recipe(ckpt.model_type)
+    if split is not None and cfg.kv_naming != "optimum":
+        raise InputError("--kv-naming seed applies to the monolithic layout only",
+                         "split graphs name their cache past_key_values.{i}.key -> present.{i}.key")
     with atomic_bundle(out, cfg.force) as tmp:
         model = load_model(recipe, ckpt)
         kv = recipe.kv_spec(model.config)
         text = text_config(model.config)
-        onnx_file = tmp / "model.onnx"
-        spec, traced_used = export_decoder(model, kv, cfg, onnx_file)
-        weights = account_weights(model, set(ckpt.tensors), _graph_arrays(onnx_file), traced_used)
+        graphs, traced_used, layout = export_graphs(recipe, model, kv, cfg, split, tmp)
+        weights = account_weights(model, set(ckpt.tensors), graph_arrays(tmp, graphs), traced_used)
         copied = copy_support_files(ckpt, tmp)
         manifest = {
             "onnxport_task": recipe.task,
@@ -112,16 +114,18 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
             },
             "export": {"exporter": cfg.exporter, "opset": cfg.opset, "dtype": cfg.dtype,
                        "attn_implementation": recipe.attn_implementation},
-            "kv_cache": kv_record(kv, cfg, spec),
-            "graphs": [{"role": "decoder", "file": onnx_file.name,
-                        "external_data": [p.name for p in tmp.glob("model.onnx.data")], **spec}],
+            "layout": layout,
+            "kv_cache": kv_record(kv, cfg),
+            "graphs": graphs,
             "weights": weights,
         }
+        write_manifest(tmp, manifest)  # the split runtime reads it during verification
         if cfg.verify:
-            wrapper = FlatCacheDecoder(model, kv.num_layers, cfg.kv_layout).eval()
-            record = verify_decoder(wrapper, onnx_file, spec, text.vocab_size, verify_cfg)
+            record = run_verification(recipe, model, tmp, manifest, cfg, verify_cfg, split)
             manifest["verification"] = record
             if not record["ok"]:
+                from onnxport.verify.decoder import first_failure
+
                 raise VerificationError(f"verification failed: {first_failure(record)}",
                                         "the export is wrong for this model; nothing was written (see --debug)")
         manifest["export"]["seconds"] = round(time.perf_counter() - t0, 2)
@@ -129,9 +133,55 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     return manifest
 
 
-def kv_record(kv, cfg: ExportConfig, spec: dict) -> dict:
-    past = [i["name"] for i in spec["inputs"][3:]]
-    present = [o["name"] for o in spec["outputs"][1:]]
+def export_graphs(recipe, model, kv, cfg: ExportConfig, split: SplitConfig | None, folder: Path):
+    """(graph entries, parameters the exported graphs read, layout record)."""
+    from dataclasses import asdict
+
+    from onnxport.export.decoder import export_decoder
+    from onnxport.export.split import export_split
+
+    if split is None:
+        spec, used = export_decoder(model, kv, cfg, folder / "model.onnx")
+        graphs = [{"role": "decoder", "file": "model.onnx", **spec}]
+        layout = {"kind": "monolithic"}
+    else:
+        graphs, used = export_split(recipe, model, kv, cfg, split, folder)
+        layout = {"kind": "split", **asdict(split)}
+        if split.rope == "outside":
+            rotary = recipe.base_model(model).rotary_emb
+            layout["inv_freq"] = rotary.inv_freq.detach().float().tolist()
+            layout["attention_scaling"] = float(getattr(rotary, "attention_scaling", 1.0))
+    for g in graphs:
+        data = folder / (g["file"] + ".data")
+        g["external_data"] = [data.name] if data.exists() else []
+    return graphs, used, layout
+
+
+def graph_arrays(folder: Path, graphs: list[dict]) -> dict:
+    arrays = {}
+    for g in graphs:
+        if g["file"].endswith(".onnx"):
+            arrays.update({f"{g['file']}:{k}": v for k, v in _graph_arrays(folder / g["file"]).items()})
+    return arrays
+
+
+def run_verification(recipe, model, folder: Path, manifest: dict, cfg: ExportConfig, verify_cfg: VerifyConfig,
+                     split: SplitConfig | None) -> dict:
+    from onnxport.export.decoder import FlatCacheDecoder
+    from onnxport.verify.decoder import verify_decoder
+    from onnxport.verify.split import verify_split
+
+    if split is None:
+        entry = graph_entry(manifest, "decoder")
+        wrapper = FlatCacheDecoder(model, manifest["kv_cache"]["num_layers"], manifest["kv_cache"]["layout"]).eval()
+        return verify_decoder(wrapper, folder / entry["file"], entry, manifest["model"]["vocab_size"], verify_cfg)
+    return verify_split(recipe, model, folder, manifest, split, cfg, verify_cfg)
+
+
+def kv_record(kv, cfg: ExportConfig) -> dict:
+    from onnxport.export.decoder import kv_names
+
+    past, present = kv_names(kv.num_layers, cfg.kv_naming)
     return {
         "layout": cfg.kv_layout,
         "naming": cfg.kv_naming,
@@ -155,8 +205,7 @@ def copy_support_files(ckpt: Checkpoint, folder: Path) -> list[str]:
 def verify(bundle: str | Path, model_dir: str | Path | None = None,
            verify_cfg: VerifyConfig = VerifyConfig()) -> dict:
     """Re-run verification of a bundle against its source checkpoint; update the manifest."""
-    from onnxport.export.decoder import FlatCacheDecoder
-    from onnxport.verify.decoder import first_failure, verify_decoder
+    from onnxport.verify.decoder import first_failure
 
     folder = Path(bundle)
     manifest = read_manifest(folder)
@@ -167,10 +216,16 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None,
                               "pass --model with the checkpoint the bundle was exported from")
     recipe = get_recipe(ckpt.model_type)
     model = load_model(recipe, ckpt)
-    entry = graph_entry(manifest, "decoder")
-    kvr = manifest["kv_cache"]
-    wrapper = FlatCacheDecoder(model, kvr["num_layers"], kvr["layout"]).eval()
-    record = verify_decoder(wrapper, folder / entry["file"], entry, manifest["model"]["vocab_size"], verify_cfg)
+    layout = dict(manifest.get("layout", {"kind": "monolithic"}))
+    split = None
+    if layout.pop("kind") == "split":
+        layout.pop("inv_freq", None)
+        layout.pop("attention_scaling", None)
+        split = SplitConfig(**layout)
+    exp = manifest["export"]
+    cfg = ExportConfig(opset=exp["opset"], exporter=exp["exporter"], kv_layout=manifest["kv_cache"]["layout"],
+                       kv_naming=manifest["kv_cache"]["naming"])
+    record = run_verification(recipe, model, folder, manifest, cfg, verify_cfg, split)
     manifest["verification"] = record
     manifest.pop("schema_version", None)
     write_manifest(folder, manifest)

@@ -68,7 +68,7 @@ def _print_verification(record: dict) -> None:
     # Collapse per-layer cache rows into the worst one per shape to keep the table short.
     shown: dict[tuple[str, str], tuple] = {}
     for shape, name, diff, cos, ok in rows:
-        key = (shape, "logits" if name == "logits" else "present (all layers)")
+        key = (shape, "present (all layers)" if name.startswith(("present", "past_key")) else name)
         prev = shown.get(key)
         if prev is None or diff > prev[0] or not ok:
             shown[key] = (diff, cos, ok if prev is None else (ok and prev[2]))
@@ -82,26 +82,41 @@ def _print_verification(record: dict) -> None:
 def export_cmd(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle folder to write."),
-    opset: int = typer.Option(18, help="ONNX opset (dynamo: 18-23, torchscript: 14-20)."),
-    exporter: str = typer.Option("dynamo", help="dynamo (torch.export) or torchscript."),
-    kv_layout: str = typer.Option("bhsd", help="bhsd = [batch, heads, seq, head_dim]; bshd = [batch, seq, heads, head_dim]."),
+    opset: int = typer.Option(18, help="ONNX opset (dynamo: 18-23, torchscript: 13-20)."),
+    exporter: str = typer.Option("auto", help="dynamo (torch.export), torchscript, or auto (dynamo for opset >= 18)."),
+    kv_layout: Optional[str] = typer.Option(None, help="bhsd = [batch, heads, seq, head_dim] (default), bshd = [batch, seq, heads, head_dim] (default for --layout split)."),
     kv_naming: str = typer.Option("optimum", help="optimum: past_key_values.{i}.key -> present.{i}.key; seed: past_key_in{i} -> past_key{i}."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip ONNX Runtime vs PyTorch verification."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights. Only for trusted sources."),
+    layout: str = typer.Option("monolithic", help="monolithic (one model.onnx) or split (embedding / block_i / block_cache_i / lm_head)."),
+    pack: int = typer.Option(1, help="split: layers per block file (block_0-3.onnx)."),
+    static: bool = typer.Option(False, "--static", help="split with fully static shapes (implies --layout split)."),
+    max_len: int = typer.Option(512, "--max-len", help="static: KV cache capacity in tokens."),
+    prefill_len: int = typer.Option(128, "--prefill-len", help="static: prompt length of the prefill graphs."),
+    head: str = typer.Option("logits", help="split: lm_head output: logits, argmax or topk:K."),
+    rope: str = typer.Option("inside", help="split: compute rotary cos/sin inside each block, or take them as inputs (outside)."),
+    embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
 ):
-    """Export a decoder LM with a flat KV cache to OUTPUT/model.onnx and verify it."""
+    """Export a decoder LM with a flat KV cache (or the split NPU layout) and verify it."""
     from onnxport.api import export
-    from onnxport.config import ExportConfig
+    from onnxport.config import ExportConfig, SplitConfig
+    from onnxport.errors import InputError
 
-    cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout, kv_naming=kv_naming,
-                       verify=not no_verify, force=force, allow_pickle=allow_pickle)
-    with console.status(f"exporting {model_dir} with torch.onnx ({exporter}) ..."):
-        manifest = export(model_dir, output, cfg)
+    if layout not in ("monolithic", "split"):
+        raise InputError(f"unknown layout {layout!r}", "use --layout monolithic or --layout split")
+    is_split = layout == "split" or static
+    cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split else "bhsd"),
+                       kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle)
+    split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
+                        embedding_bin=embedding_bin) if is_split else None
+    with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):
+        manifest = export(model_dir, output, cfg, split=split)
     if "verification" in manifest:
         _print_verification(manifest["verification"])
     w = manifest["weights"]
-    out.print(f"wrote {output}/ ({manifest['model']['model_type']}, {manifest['kv_cache']['num_layers']} layers, "
+    files = ", ".join(g["file"] for g in manifest["graphs"][:4]) + (" ..." if len(manifest["graphs"]) > 4 else "")
+    out.print(f"wrote {output}/: {files} ({manifest['model']['model_type']}, {manifest['kv_cache']['num_layers']} layers, "
               f"{w['in_graph']} weights in graph, {len(w['skipped'])} skipped: {w['skipped'] or 'none'}) "
               f"in {manifest['export']['seconds']:.1f}s")
 

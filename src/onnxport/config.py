@@ -15,7 +15,7 @@ DTYPES = ("float32",)
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 18
-    exporter: str = "dynamo"
+    exporter: str = "dynamo"  # "auto" picks dynamo for opset >= 18, else torchscript
     kv_layout: str = "bhsd"
     kv_naming: str = "optimum"
     dtype: str = "float32"
@@ -26,6 +26,8 @@ class ExportConfig:
     external_data_threshold_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
+        if self.exporter == "auto":
+            object.__setattr__(self, "exporter", "dynamo" if self.opset >= 18 else "torchscript")
         if self.exporter not in EXPORTERS:
             raise InputError(f"unknown exporter {self.exporter!r}", f"use one of: {', '.join(EXPORTERS)}")
         if self.kv_layout not in KV_LAYOUTS:
@@ -36,12 +38,12 @@ class ExportConfig:
             raise InputError(
                 f"dtype {self.dtype!r} is not supported yet", "export in float32 (the default)"
             )
-        lo, hi = (18, 23) if self.exporter == "dynamo" else (14, 20)
+        lo, hi = (18, 23) if self.exporter == "dynamo" else (13, 20)
         if not lo <= self.opset <= hi:
             raise InputError(
                 f"opset {self.opset} is not supported by the {self.exporter} exporter",
                 f"use an opset between {lo} and {hi}"
-                + (" (or --exporter torchscript for opset 14-17)" if self.exporter == "dynamo" else ""),
+                + (" (or --exporter torchscript for opset 13-17)" if self.exporter == "dynamo" else ""),
             )
 
 
@@ -58,3 +60,32 @@ class VerifyConfig:
     def __post_init__(self) -> None:
         if not (self.atol > 0 and 0 < self.min_cosine <= 1):
             raise InputError("verify tolerances must be atol > 0 and 0 < min_cosine <= 1")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    pack: int = 1
+    static: bool = False
+    max_len: int = 512
+    prefill_len: int = 128
+    head: str = "logits"  # logits | argmax | topk:K
+    rope: str = "inside"  # inside | outside
+    embedding_bin: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pack < 1:
+            raise InputError(f"--pack must be >= 1, got {self.pack}")
+        if self.rope not in ("inside", "outside"):
+            raise InputError(f"--rope must be inside or outside, got {self.rope!r}")
+        if not (self.head in ("logits", "argmax") or (self.head.startswith("topk:") and self.head[5:].isdigit()
+                                                       and int(self.head[5:]) > 0)):
+            raise InputError(f"--head must be logits, argmax or topk:K, got {self.head!r}", "e.g. --head topk:8")
+        if self.static and not (1 <= self.prefill_len <= self.max_len):
+            raise InputError(
+                f"--prefill-len {self.prefill_len} must be between 1 and --max-len {self.max_len}",
+                "the prompt is prefilled into the same cache",
+            )
+
+    @property
+    def top_k(self) -> int:
+        return int(self.head[5:]) if self.head.startswith("topk:") else 0

@@ -16,14 +16,13 @@ uses past_key_in{i} / past_value_in{i} -> past_key{i} / past_value{i}.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import torch
 
 from onnxport.config import ExportConfig
-from onnxport.errors import ExportError
 from onnxport.export.compat import build_dynamic_cache, cache_pairs, text_config
+from onnxport.export.graph import export_graph
 from onnxport.recipes.base import KVSpec
 from onnxport.verify.inputs import ShapeCase, decoder_feeds
 
@@ -106,150 +105,16 @@ class FlatCacheDecoder(torch.nn.Module):
         return tuple(flat)
 
 
-def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tuple[dict, set[str] | None]:
+def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tuple[dict, set[str]]:
     """Export `model` to `out_file` (+ `model.onnx.data` when large).
 
-    Returns the I/O spec and, for the dynamo exporter, the names of the model parameters the
-    traced program consumes (None for TorchScript, whose trace does not say)."""
+    Returns the I/O spec and the names of the model parameters the exported graph consumes."""
     vocab = text_config(model.config).vocab_size
     spec = io_spec(kv, vocab, cfg)
     wrapper = FlatCacheDecoder(model, kv.num_layers, cfg.kv_layout).eval()
     feeds = decoder_feeds(spec, ShapeCase(EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST), vocab)
-    tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    past_names = [i["name"] for i in spec["inputs"][3:]]
-    args = (
-        tensors["input_ids"],
-        tensors["attention_mask"],
-        tensors["position_ids"],
-        [tensors[n] for n in past_names],
-    )
-    input_names = [i["name"] for i in spec["inputs"]]
-    output_names = [o["name"] for o in spec["outputs"]]
-    tmp_file = out_file.with_suffix(".raw.onnx")
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if cfg.exporter == "dynamo":
-                used = _export_dynamo(wrapper, args, spec, input_names, output_names, cfg.opset, tmp_file)
-            else:
-                _export_torchscript(wrapper, args, spec, input_names, output_names, cfg.opset, tmp_file)
-                used = None
-    except ExportError:
-        raise
-    except Exception as e:  # the exporters raise many types; name the exporter and the op
-        msg = str(e).strip().splitlines()
-        first = next((line for line in msg if line.strip()), type(e).__name__)
-        raise ExportError(
-            f"torch.onnx ({cfg.exporter}) failed: {first[:300]}",
-            "run with --debug for the full trace; try --exporter "
-            + ("torchscript" if cfg.exporter == "dynamo" else "dynamo"),
-        ) from e
-    finalize_graph(tmp_file, out_file, spec, cfg.external_data_threshold_bytes)
+    tensors = [torch.from_numpy(feeds[i["name"]]) for i in spec["inputs"]]
+    args = (tensors[0], tensors[1], tensors[2], tensors[3:])
+    used = export_graph(wrapper, args, spec["inputs"], spec["outputs"], out_file, cfg.exporter, cfg.opset,
+                        cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX)
     return spec, used
-
-
-def _dims_by_axis(dims: list) -> dict[int, str]:
-    return {ax: d for ax, d in enumerate(dims) if isinstance(d, str)}
-
-
-def _export_dynamo(wrapper, args, spec, input_names, output_names, opset, path: Path) -> set[str]:
-    from torch.export import Dim
-
-    # torch.onnx warns about torchvision ops it cannot register; irrelevant for LLMs.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    def dyn(dims):
-        return {ax: Dim.DYNAMIC for ax in _dims_by_axis(dims)}
-
-    ins = spec["inputs"]
-    dynamic_shapes = (dyn(ins[0]["dims"]), dyn(ins[1]["dims"]), dyn(ins[2]["dims"]), [dyn(i["dims"]) for i in ins[3:]])
-    prog = torch.onnx.export(
-        wrapper,
-        args,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_shapes=dynamic_shapes,
-        opset_version=opset,
-        dynamo=True,
-        external_data=True,
-        verbose=False,
-    )
-    prog.save(str(path), external_data=True)
-    return used_parameters(prog.exported_program, prefix=WRAPPER_PREFIX)
-
-
-def used_parameters(ep, prefix: str = "") -> set[str]:
-    """Parameters that at least one op of the exported program reads (names without `prefix`)."""
-    to_param = ep.graph_signature.inputs_to_parameters
-    used = set()
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in to_param and node.users:
-            name = to_param[node.name]
-            used.add(name[len(prefix):] if name.startswith(prefix) else name)
-    return used
-
-
-def _export_torchscript(wrapper, args, spec, input_names, output_names, opset, path: Path) -> None:
-    dynamic_axes = {io["name"]: _dims_by_axis(io["dims"]) for io in spec["inputs"] + spec["outputs"]}
-    torch.onnx.export(
-        wrapper,
-        args,
-        str(path),
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_axes=dynamic_axes,
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
-
-
-def finalize_graph(raw: Path, out_file: Path, spec: dict, external_threshold: int) -> None:
-    """Give every dynamic dim its field name, drop the exporter's stale shape guesses, and save
-    with all weights in one `<name>.data` file when the model is large."""
-    import onnx_ir as ir
-
-    model = ir.load(str(raw))
-    graph = model.graph
-    by_name = {v.name: v for v in list(graph.inputs) + list(graph.outputs)}
-    for io in spec["inputs"] + spec["outputs"]:
-        v = by_name.get(io["name"])
-        if v is None:
-            raise ExportError(
-                f"exported graph has no {io['name']!r}; it has {sorted(by_name)}",
-                "this is an onnxport bug for this model family; please report it",
-            )
-        old = v.shape
-        if old is not None and len(old) != len(io["dims"]):
-            raise ExportError(f"{io['name']}: exported rank {len(old)} != expected {len(io['dims'])}")
-        v.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in io["dims"]])
-    # Intermediate value_info carries exporter symbols (s10, s43 + s53...). They are hints
-    # only; clear them so no reader sees leftover names.
-    # Initializers traced through FlatCacheDecoder are named `model.<hf name>`; give them back
-    # the checkpoint's names.
-    for name, init in list(graph.initializers.items()):
-        if name.startswith(WRAPPER_PREFIX) and name[len(WRAPPER_PREFIX):] not in graph.initializers:
-            graph.initializers.pop(name)
-            init.name = name[len(WRAPPER_PREFIX):]
-            graph.initializers[init.name] = init
-    io_values = set(by_name.values())
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        for out in node.outputs:
-            if out not in io_values and out.shape is not None and any(
-                isinstance(d, ir.SymbolicDim) for d in out.shape
-            ):
-                out.shape = None
-    nbytes = sum(
-        (t.const_value.nbytes if t.const_value is not None else 0) for t in graph.initializers.values()
-    )
-    data_name = out_file.name + ".data"
-    # Load every external tensor into memory before the raw files are removed.
-    for init in graph.initializers.values():
-        if init.const_value is not None and isinstance(init.const_value, ir.ExternalTensor):
-            init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
-    if nbytes > external_threshold:
-        ir.save(model, str(out_file), external_data=data_name)
-    else:
-        ir.save(model, str(out_file))
-    for f in (raw, raw.with_name(raw.name + ".data")):
-        if f.exists():
-            f.unlink()

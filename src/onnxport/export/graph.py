@@ -8,6 +8,7 @@ exporter symbols are cleared, and the structural checks a target asks for are ru
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -38,8 +39,8 @@ def export_graph(
     external_threshold: int,
     param_prefix: str = "",
     static: bool = False,
-) -> set[str] | None:
-    """Export `module(*args)`; return the parameters the traced program reads (dynamo) or None."""
+) -> set[str]:
+    """Export `module(*args)`; return the names of the parameters the exported graph reads."""
     tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")
     input_names = [i["name"] for i in inputs]
     output_names = [o["name"] for o in outputs]
@@ -49,8 +50,8 @@ def export_graph(
             if exporter == "dynamo":
                 used = _export_dynamo(module, args, inputs, input_names, output_names, opset, tmp_file, param_prefix)
             else:
-                _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, tmp_file)
-                used = None
+                used = _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, tmp_file,
+                                           param_prefix)
     except ExportError:
         raise
     except Exception as e:  # the exporters raise many types; name the exporter and the op
@@ -72,12 +73,16 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, path:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     flat_shapes = [{ax: Dim.DYNAMIC for ax in dims_by_axis(i["dims"])} or None for i in inputs]
     dynamic = any(s for s in flat_shapes)
+    nested = _nest_like(args, flat_shapes)
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        nested = (nested,)  # torch.export sees forward(*inputs) as one argument
     prog = torch.onnx.export(
         module,
         args,
         input_names=input_names,
         output_names=output_names,
-        dynamic_shapes=_nest_like(args, flat_shapes) if dynamic else None,
+        dynamic_shapes=nested if dynamic else None,
         opset_version=opset,
         dynamo=True,
         external_data=True,
@@ -93,7 +98,11 @@ def _nest_like(args: tuple, flat: list):
     return tuple([next(it) for _ in a] if isinstance(a, (list, tuple)) else next(it) for a in args)
 
 
-def _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, path: Path) -> None:
+def _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, path: Path,
+                        prefix: str) -> set[str]:
+    # No constant folding here: folded weights (transposed, Gemma's `1 + w`) lose their names,
+    # and the names are how we prove each parameter is consumed. ONNX Runtime folds at load
+    # time; static exports are folded by onnxslim afterwards.
     dynamic_axes = {io["name"]: dims_by_axis(io["dims"]) for io in inputs + outputs if dims_by_axis(io["dims"])}
     torch.onnx.export(
         module,
@@ -103,9 +112,18 @@ def _export_torchscript(module, args, inputs, outputs, input_names, output_names
         output_names=output_names,
         dynamic_axes=dynamic_axes or None,
         opset_version=opset,
-        do_constant_folding=True,
+        do_constant_folding=False,
         dynamo=False,
     )
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    consumed = {name for node in m.graph.node for name in node.input}
+    return {
+        i.name[len(prefix):] if i.name.startswith(prefix) else i.name
+        for i in m.graph.initializer
+        if i.name in consumed
+    }
 
 
 def used_parameters(ep, prefix: str = "") -> set[str]:
@@ -181,6 +199,21 @@ def finalize_graph(raw: Path, out_file: Path, inputs: list[dict], outputs: list[
     for f in (raw, raw.with_name(raw.name + ".data")):
         if f.exists():
             f.unlink()
+
+
+def slim_static(path: Path) -> None:
+    """Fold shape computations with onnxslim. With every input shape fixed, the TorchScript
+    exporter still leaves Shape->Gather->Expand chains (e.g. transformers' repeat_kv) that NPU
+    compilers and the static check see as dynamic; constant folding removes them."""
+    import onnx
+    import onnxslim
+
+    model = onnx.load(str(path))
+    slimmed = onnxslim.slim(model)
+    large = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer) or (
+        slimmed.ByteSize() > 1 << 30 if hasattr(slimmed, "ByteSize") else False
+    )
+    onnx.save(slimmed, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
 
 
 def check_fully_static(path: Path) -> None:

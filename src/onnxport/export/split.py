@@ -24,44 +24,13 @@ Contracts (batch is always 1, as NPU runtimes drive one sequence; kv layout per 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from onnxport.errors import InputError
-
-MASK_MIN = float(np.finfo(np.float32).min)
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    pack: int = 1
-    static: bool = False
-    max_len: int = 512
-    prefill_len: int = 128
-    head: str = "logits"  # logits | argmax | topk:K
-    rope: str = "inside"  # inside | outside
-    embedding_bin: bool = False
-
-    def __post_init__(self) -> None:
-        if self.pack < 1:
-            raise InputError(f"--pack must be >= 1, got {self.pack}")
-        if self.rope not in ("inside", "outside"):
-            raise InputError(f"--rope must be inside or outside, got {self.rope!r}")
-        if not (self.head in ("logits", "argmax") or (self.head.startswith("topk:") and self.head[5:].isdigit()
-                                                       and int(self.head[5:]) > 0)):
-            raise InputError(f"--head must be logits, argmax or topk:K, got {self.head!r}", "e.g. --head topk:8")
-        if self.static and not (1 <= self.prefill_len <= self.max_len):
-            raise InputError(
-                f"--prefill-len {self.prefill_len} must be between 1 and --max-len {self.max_len}",
-                "the prompt is prefilled into the same cache",
-            )
-
-    @property
-    def top_k(self) -> int:
-        return int(self.head[5:]) if self.head.startswith("topk:") else 0
+from onnxport.config import SplitConfig
+from onnxport.runtime.split import MASK_MIN, additive_mask
 
 
 class KVCapture:
@@ -245,18 +214,6 @@ def module_for(entry: dict, recipe, model, cfg, split: SplitConfig) -> torch.nn.
                  kv_layout=cfg.kv_layout, rope_outside=split.rope == "outside")
 
 
-def used_by(entry: dict, recipe, model) -> set[str] | None:
-    """Parameter names (checkpoint names) a split graph is responsible for."""
-    names = {n for n, _ in model.named_parameters()}
-    if entry["role"] in ("embedding", "embedding_cache"):
-        prefix = ("model.embed_tokens.",)
-    elif entry["role"] == "lm_head":
-        prefix = ("model.norm.", "lm_head.")
-    else:
-        prefix = tuple(f"model.layers.{i}." for i in entry["layers"])
-    return {n for n in names if n.startswith(prefix)}
-
-
 def feeds_for(entry: dict, sizes: dict, rng: np.random.Generator, vocab: int, past_len: int) -> dict:
     """Inputs for verifying one split graph: random ids/hidden/cache, real causal masks."""
     feeds = {}
@@ -275,36 +232,26 @@ def feeds_for(entry: dict, sizes: dict, rng: np.random.Generator, vocab: int, pa
             valid = np.ones(t, dtype=bool)
             if entry["role"] == "block_cache":
                 valid[past_len:t - 1] = False  # static: slots not yet written
-            feeds[name] = additive_mask(q_pos, k_pos, valid, window)[None, None]
+            feeds[name] = additive_mask(q_pos, k_pos, valid, window)
         else:
             feeds[name] = rng.standard_normal(shape).astype(inp["dtype"])
     return feeds
 
 
-def additive_mask(q_pos: np.ndarray, k_pos: np.ndarray, valid: np.ndarray, window: int | None) -> np.ndarray:
-    """[q, k] float32: 0 where query may attend key (causal, valid, inside the window), else min."""
-    ok = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
-    if window is not None:
-        ok &= (q_pos[:, None] - k_pos[None, :]) < window
-    return np.where(ok, 0.0, MASK_MIN).astype(np.float32)
-
-
-def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[dict], set[str] | None]:
+def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[dict], set[str]]:
     """Export every graph of the split plan into `folder`; return the entries and the union of
-    parameters the traced programs read (None if any graph came from TorchScript)."""
+    parameters the exported graphs read."""
     from onnxport.export.compat import text_config
-    from onnxport.export.graph import check_fully_static, export_graph
+    from onnxport.export.graph import check_fully_static, export_graph, slim_static
 
     text = text_config(model.config)
     graphs = split_plan(recipe, model, kv, text.hidden_size, text.vocab_size, cfg, split)
     rng = np.random.default_rng(0)
-    used_all: set[str] | None = set()
+    used_all: set[str] = set()
     for entry in graphs:
         module = module_for(entry, recipe, model, cfg, split).eval()
         # trace with distinct sizes > 1 so no dynamic dim is specialised
         sizes = {"sequence_length": 3, "past_sequence_length": 5, "total_sequence_length": 6 if entry["role"] == "block_cache" else 3}
-        if entry["role"] == "block_cache" and not split.static:
-            sizes["sequence_length"] = 1
         past = 5 if entry["role"] == "block_cache" else 0
         if entry["role"] == "block_cache" and split.static:
             past = 3
@@ -313,11 +260,9 @@ def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tu
         used = export_graph(module, args, entry["inputs"], entry["outputs"], folder / entry["file"], cfg.exporter,
                             cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.", static=split.static)
         if split.static:
+            slim_static(folder / entry["file"])
             check_fully_static(folder / entry["file"])
-        if used is None or used_all is None:
-            used_all = None
-        else:
-            used_all |= used
+        used_all |= used
     if split.embedding_bin:
         weight = recipe.base_model(model).embed_tokens.weight.detach().float().numpy()
         weight.astype(np.float32).tofile(folder / "embedding.bin")

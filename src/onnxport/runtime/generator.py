@@ -18,6 +18,7 @@ from onnxport.bundle import graph_entry, read_manifest
 from onnxport.errors import RuntimeInputError
 from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
+from onnxport.runtime.split import SplitDecoder
 from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
 
 #: called with (row, token_id) for every new token of every unfinished row
@@ -33,11 +34,12 @@ class GenerationResult:
     texts: list[str] = field(default_factory=list)
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
-    decode_steps: int = 0
+    #: tokens produced by decode steps (all rows), i.e. excluding each row's first token
+    decode_tokens: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_steps * len(self.tokens) / (self.decode_ms / 1000) if self.decode_ms else 0.0
+        return self.decode_tokens / (self.decode_ms / 1000) if self.decode_ms else 0.0
 
 
 class Generator:
@@ -50,8 +52,11 @@ class Generator:
     def __init__(self, bundle: str | Path, threads: int | None = None):
         self.folder = Path(bundle)
         self.manifest = read_manifest(self.folder)
-        entry = graph_entry(self.manifest, "decoder")
-        self.session = GraphSession(self.folder, entry, threads)
+        self.split: SplitDecoder | None = None
+        if self.manifest.get("layout", {}).get("kind") == "split":
+            self.split = SplitDecoder(self.folder, self.manifest, threads)
+        else:
+            self.session = GraphSession(self.folder, graph_entry(self.manifest, "decoder"), threads)
         kv = self.manifest["kv_cache"]
         self.past_names = [p for p, _ in kv["names"]]
         self.present_names = [q for _, q in kv["names"]]
@@ -117,6 +122,8 @@ class Generator:
         eos = self.eos_ids if eos_token_id == -1 else ([] if eos_token_id is None else
                                                         ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)))
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        if self.split is not None:
+            return self._generate_split(prompts, max_new_tokens, sampler, eos, on_token, do_sample)
         batch, longest = len(prompts), max(len(p) for p in prompts)
         input_ids = np.full((batch, longest), self.pad_id, dtype=np.int64)
         mask = np.zeros((batch, longest), dtype=np.int64)
@@ -157,9 +164,32 @@ class Generator:
             input_ids = next_tok[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             positions = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)
-        tokens = []
-        for r in range(batch):
-            row = new_tokens[r].tolist()
-            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-            tokens.append(row[:cut])
-        return GenerationResult(tokens, new_tokens, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_steps=steps)
+        tokens = [_cut_at_eos(row, eos) for row in new_tokens.tolist()]
+        return GenerationResult(tokens, new_tokens, prefill_ms=prefill_ms, decode_ms=decode_ms,
+                                decode_tokens=steps * batch)
+
+    def _generate_split(self, prompts, max_new_tokens, sampler, eos, on_token, do_sample) -> GenerationResult:
+        """Split bundles run one sequence at a time; results are laid out like the batched path
+        (rows padded with the pad token after EOS)."""
+        if do_sample and self.split.head == "argmax":
+            raise RuntimeInputError("this bundle's lm_head returns argmax tokens; it cannot sample",
+                                    "re-export with --head logits or --head topk:K to sample")
+        padded = np.full((len(prompts), max_new_tokens), self.pad_id, dtype=np.int64)
+        prefill_ms = decode_ms = 0.0
+        steps = 0
+        for r, prompt in enumerate(prompts):
+            cb = (lambda _row, tok, r=r: on_token(r, tok)) if on_token else None
+            toks, pre, dec = self.split.generate_one(prompt, max_new_tokens, sampler, eos, cb)
+            padded[r, : len(toks)] = toks
+            prefill_ms += pre
+            decode_ms += dec
+            steps += len(toks) - 1
+        longest = max(len(_cut_at_eos(row, eos)) for row in padded.tolist())
+        padded = padded[:, :longest]
+        tokens = [_cut_at_eos(row, eos) for row in padded.tolist()]
+        return GenerationResult(tokens, padded, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_tokens=steps)
+
+
+def _cut_at_eos(row: list[int], eos: list[int]) -> list[int]:
+    cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+    return row[:cut]

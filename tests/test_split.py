@@ -1,0 +1,119 @@
+"""Split and static layouts: contracts checked on the files, greedy tokens equal to the
+monolithic bundle and to transformers for every decoder recipe, runtime limits enforced."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_ARCHS, hf_greedy, make_tiny_checkpoint
+from onnxport.errors import RuntimeInputError
+from onnxport.runtime import Generator
+
+PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 250], [11, 600, 23, 8]]
+NEW = 24
+STATIC = {"static": True, "max_len": 48, "prefill_len": 16, "pack": 2, "head": "argmax"}
+STATIC_OPTS = {"opset": 13, "exporter": "torchscript", "kv_layout": "bshd"}
+
+
+@pytest.mark.parametrize("model_type", list(TINY_ARCHS))
+def test_split_dynamic_and_static_match_monolithic_and_transformers(model_type, exported, tiny_checkpoints):
+    ref = hf_greedy(tiny_checkpoints(model_type), PROMPTS, NEW)
+    mono = Generator(exported(model_type)).generate_ids(PROMPTS, max_new_tokens=NEW, eos_token_id=None).padded
+    dyn_bundle = exported(model_type, split={"pack": 1}, kv_layout="bshd")
+    dyn = Generator(dyn_bundle).generate_ids(PROMPTS, max_new_tokens=NEW, eos_token_id=None).padded
+    sta_bundle = exported(model_type, split=STATIC, **STATIC_OPTS)
+    sta = Generator(sta_bundle).generate_ids(PROMPTS, max_new_tokens=NEW, eos_token_id=None).padded
+    np.testing.assert_array_equal(mono, ref)
+    np.testing.assert_array_equal(dyn, ref)
+    np.testing.assert_array_equal(sta, ref)
+    for bundle in (dyn_bundle, sta_bundle):
+        mf = json.loads((bundle / "manifest.json").read_text())
+        assert mf["verification"]["ok"]
+        parts = {c["shape"].split(" ")[0] for c in mf["verification"]["cases"]}
+        assert {"embedding.onnx", "lm_head.onnx", "end-to-end"} <= parts
+
+
+def test_static_files_are_fully_static_opset13_without_control_flow(exported):
+    bundle = exported("llama", split=STATIC, **STATIC_OPTS)
+    mf = json.loads((bundle / "manifest.json").read_text())
+    files = [g["file"] for g in mf["graphs"]]
+    assert files == ["embedding.onnx", "embedding_cache.onnx", "block_0-1.onnx", "block_cache_0-1.onnx", "lm_head.onnx"]
+    for f in files:
+        m = onnx.load(str(bundle / f))
+        assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [13]
+        assert not {n.op_type for n in m.graph.node} & {"If", "Loop", "Scan", "SequenceConstruct"}
+        m = onnx.shape_inference.infer_shapes(m)
+        for vi in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
+            for d in vi.type.tensor_type.shape.dim:
+                assert d.HasField("dim_value"), (f, vi.name)
+    cache = next(g for g in mf["graphs"] if g["role"] == "block_cache")
+    dims = {i["name"]: i["dims"] for i in cache["inputs"] + cache["outputs"]}
+    assert dims["attention_mask"] == [1, 1, 1, 49]
+    assert dims["past_key_values.1.key"] == [1, 48, 2, 16]  # bshd, fixed MAX_LEN
+    assert dims["present.1.key"] == [1, 1, 2, 16]  # only the new token; the runtime writes slot n
+
+
+def test_static_runtime_refuses_too_long_inputs(exported):
+    gen = Generator(exported("llama", split=STATIC, **STATIC_OPTS))
+    with pytest.raises(RuntimeInputError, match="prefills at most 16"):
+        gen.generate_ids([list(range(1, 18))], max_new_tokens=2)
+    with pytest.raises(RuntimeInputError, match="exceeds this static bundle's --max-len 48"):
+        gen.generate_ids([[1, 2, 3]], max_new_tokens=47)
+    assert len(gen.generate_ids([[1, 2, 3]], max_new_tokens=46, eos_token_id=None).tokens[0]) == 46
+    with pytest.raises(RuntimeInputError, match="cannot sample"):
+        gen.generate_ids([[1, 2, 3]], do_sample=True)
+
+
+def test_rope_outside_topk_head_embedding_bin(exported, tiny_checkpoints):
+    split = {"pack": 2, "rope": "outside", "head": "topk:4", "embedding_bin": True}
+    bundle = exported("llama", split=split, kv_layout="bhsd")
+    mf = json.loads((bundle / "manifest.json").read_text())
+    table = next(g for g in mf["graphs"] if g["role"] == "embedding_table")
+    assert table["shape"] == [1024, 64] and (bundle / "embedding.bin").stat().st_size == 1024 * 64 * 4
+    block = next(g for g in mf["graphs"] if g["role"] == "block")
+    assert [i["name"] for i in block["inputs"]][:5] == ["hidden_states", "position_ids", "attention_mask", "cos", "sin"]
+    head = next(g for g in mf["graphs"] if g["role"] == "lm_head")
+    assert [o["name"] for o in head["outputs"]] == ["values", "indices"]
+    ours = Generator(bundle).generate_ids(PROMPTS, max_new_tokens=NEW, eos_token_id=None).padded
+    np.testing.assert_array_equal(ours, hf_greedy(tiny_checkpoints("llama"), PROMPTS, NEW))
+    sampled = Generator(bundle).generate_ids([[5, 6]], max_new_tokens=8, do_sample=True, seed=3, eos_token_id=None)
+    assert len(sampled.tokens[0]) == 8
+
+
+def test_pack_last_file_shorter_and_cli_verify(tmp_path):
+    from onnxport.cli import app
+
+    ck = make_tiny_checkpoint("qwen2", tmp_path / "q3", num_hidden_layers=3)
+    out = tmp_path / "b"
+    res = CliRunner().invoke(app, ["export", str(ck), "-o", str(out), "--layout", "split", "--pack", "2"])
+    assert res.exit_code == 0, res.output
+    mf = json.loads((out / "manifest.json").read_text())
+    assert [g["file"] for g in mf["graphs"]] == [
+        "embedding.onnx", "block_0-1.onnx", "block_cache_0-1.onnx", "block_2.onnx", "block_cache_2.onnx", "lm_head.onnx"]
+    assert mf["kv_cache"]["layout"] == "bshd" and mf["weights"]["skipped"] == {"lm_head.weight": "tied to model.embed_tokens.weight"}
+    res = CliRunner().invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "block_cache_2.onnx" in res.output
+    ours = Generator(out).generate_ids(PROMPTS, max_new_tokens=12, eos_token_id=None).padded
+    np.testing.assert_array_equal(ours, hf_greedy(ck, PROMPTS, 12))
+
+
+def test_split_bad_options(tmp_path, tiny_checkpoints):
+    from onnxport.cli import app
+
+    ck = tiny_checkpoints("llama")
+    for args, needle in [
+        (["--layout", "split", "--head", "top3"], "--head must be"),
+        (["--static", "--max-len", "8", "--prefill-len", "16"], "--prefill-len 16"),
+        (["--layout", "split", "--kv-naming", "seed"], "monolithic layout only"),
+        (["--layout", "tiled"], "unknown layout"),
+    ]:
+        out = tmp_path / "o"
+        res = CliRunner().invoke(app, ["export", str(ck), "-o", str(out), *args])
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, (args, res.output)
+        assert not out.exists()
