@@ -4,7 +4,7 @@ Measures, batch 1, greedy: prefill latency for a PROMPT_LEN-token prompt and dec
 for NEW_TOKENS new tokens. Median of --runs runs each, both measured in this one process, one
 after the other, with the same thread count. Prints JSON (and the ratio ORT / PyTorch).
 
-    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3]
+    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3] [--split-static]
     python bench/decode.py --make-qwen2-0.5b /tmp/qwen2-0.5b-random   # build the shaped checkpoint
 """
 
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split-static", action="store_true",
+                    help="also export the split static layout (max-len 512, prefill-len = prompt len) and time it")
     ap.add_argument("--make-qwen2-0.5b", dest="make", metavar="DIR")
     args = ap.parse_args()
     if args.make:
@@ -118,8 +120,21 @@ def main() -> None:
             export(ckpt, bundle, ExportConfig(verify=False))
             export_s = time.perf_counter() - t0
         ort_res = bench_ort(bundle, prompt, args.new_tokens, args.runs, args.threads)
+        split_res = None
+        if args.split_static:
+            from onnxport.api import export
+            from onnxport.config import ExportConfig, SplitConfig
+
+            sbundle = Path(tmp) / "split_static"
+            t0 = time.perf_counter()
+            export(ckpt, sbundle, ExportConfig(verify=False, kv_layout="bshd"),
+                   split=SplitConfig(static=True, max_len=512, prefill_len=args.prompt_len))
+            split_export_s = time.perf_counter() - t0
+            split_res = bench_ort(sbundle, prompt, args.new_tokens, args.runs, args.threads)
+            split_res["export_seconds"] = split_export_s
         torch_res = bench_torch(ckpt, prompt, args.new_tokens, args.runs, args.threads)
-    same = ort_res.pop("tokens") == torch_res.pop("tokens")
+    torch_tokens = torch_res.pop("tokens")
+    same = ort_res.pop("tokens") == torch_tokens
     result = {
         "checkpoint": str(ckpt),
         "model_type": cfg.get("model_type"),
@@ -137,6 +152,11 @@ def main() -> None:
         },
         "greedy_tokens_identical": same,
     }
+    if split_res is not None:
+        result["greedy_tokens_identical_split_static"] = split_res.pop("tokens") == torch_tokens
+        result["onnxport_ort_split_static"] = split_res
+        result["ratio_ort_over_torch"]["split_static_decode_speedup"] = (
+            split_res["decode_tokens_per_s"] / torch_res["decode_tokens_per_s"])
     json.dump(result, sys.stdout, indent=2)
     print()
 
