@@ -76,11 +76,15 @@ def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig) -> dict:
 class FlatCacheDecoder(torch.nn.Module):
     """Wraps a causal LM so its cache crosses the graph boundary as flat tensors."""
 
-    def __init__(self, model: torch.nn.Module, num_layers: int, kv_layout: str = "bhsd"):
+    def __init__(self, model: torch.nn.Module, num_layers: int, kv_layout: str = "bhsd", mask_4d: bool = False):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
         self.bshd = kv_layout == "bshd"
+        #: build the additive [B, 1, S, T] mask here instead of in transformers. transformers
+        #: 4.5x builds it with torch.vmap, which the TorchScript exporter cannot trace; both
+        #: majors use a 4D mask as given.
+        self.mask_4d = mask_4d
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
         pairs = []
@@ -89,6 +93,8 @@ class FlatCacheDecoder(torch.nn.Module):
             if self.bshd:
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
             pairs.append((k, v))
+        if self.mask_4d:
+            attention_mask = additive_causal_mask(attention_mask, input_ids.shape[1], self.model.dtype)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -105,13 +111,34 @@ class FlatCacheDecoder(torch.nn.Module):
         return tuple(flat)
 
 
+def additive_causal_mask(mask_2d: torch.Tensor, seq_len, dtype) -> torch.Tensor:
+    """[B, T] 0/1 padding mask -> [B, 1, S, T] additive mask for the last S query positions."""
+    total = mask_2d.shape[1]
+    k = torch.arange(total, device=mask_2d.device)
+    q = k[-seq_len:] if isinstance(seq_len, int) else torch.arange(total - seq_len, total, device=mask_2d.device)
+    allowed = (k[None, :] <= q[:, None])[None, None] & mask_2d[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+
+
+def uses_sliding_window(model) -> bool:
+    cfg = text_config(model.config)
+    types = getattr(cfg, "layer_types", None) or []
+    return any("sliding" in t for t in types) or (
+        getattr(cfg, "sliding_window", None) is not None and cfg.model_type in ("gemma2", "gemma3_text")
+    )
+
+
 def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tuple[dict, set[str]]:
     """Export `model` to `out_file` (+ `model.onnx.data` when large).
 
     Returns the I/O spec and the names of the model parameters the exported graph consumes."""
     vocab = text_config(model.config).vocab_size
     spec = io_spec(kv, vocab, cfg)
-    wrapper = FlatCacheDecoder(model, kv.num_layers, cfg.kv_layout).eval()
+    # TorchScript cannot trace transformers 4.5x's vmap mask builder; build the mask in the
+    # wrapper (sliding-window models keep transformers' per-layer masks: not needed on 5.x).
+    mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model)
+    wrapper = FlatCacheDecoder(model, kv.num_layers, cfg.kv_layout, mask_4d=mask_4d).eval()
     feeds = decoder_feeds(spec, ShapeCase(EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST), vocab)
     tensors = [torch.from_numpy(feeds[i["name"]]) for i in spec["inputs"]]
     args = (tensors[0], tensors[1], tensors[2], tensors[3:])

@@ -41,11 +41,15 @@ def export_graph(
     static: bool = False,
 ) -> set[str]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads."""
+    from onnxport.patches import apply_patches
+
     tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")
     input_names = [i["name"] for i in inputs]
     output_names = [o["name"] for o in outputs]
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), apply_patches(module, exporter) as applied:
+            if applied:
+                log.info("%s: applied rewrites %s", out_file.name, applied)
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 used = _export_dynamo(module, args, inputs, input_names, output_names, opset, tmp_file, param_prefix)
