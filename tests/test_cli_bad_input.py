@@ -71,6 +71,19 @@ def test_pickle_only_refused(tmp_path, ckpt_copy):
     assert_clean_failure(run("export", ckpt_copy, "-o", out), out, "pickle", "--allow-pickle")
 
 
+def test_allow_pickle_opt_in_exports(tmp_path, ckpt_copy):
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(ckpt_copy / "model.safetensors")
+    (ckpt_copy / "model.safetensors").unlink()
+    torch.save(sd, ckpt_copy / "pytorch_model.bin")
+    out = tmp_path / "out"
+    res = run("export", ckpt_copy, "-o", out, "--allow-pickle", "--no-verify")
+    assert res.exit_code == 0, res.output
+    assert (out / "model.onnx").is_file()
+
+
 def test_truncated_safetensors(tmp_path, ckpt_copy):
     f = ckpt_copy / "model.safetensors"
     data = f.read_bytes()

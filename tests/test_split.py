@@ -67,6 +67,10 @@ def test_static_runtime_refuses_too_long_inputs(exported):
     assert len(gen.generate_ids([[1, 2, 3]], max_new_tokens=46, eos_token_id=None).tokens[0]) == 46
     with pytest.raises(RuntimeInputError, match="cannot sample"):
         gen.generate_ids([[1, 2, 3]], do_sample=True)
+    from onnxport.cli import app
+
+    res = CliRunner().invoke(app, ["generate", str(gen.folder), "-p", "The assert statement", "-n", "60"])
+    assert res.exit_code == 2 and "--max-len 48" in res.output and "Traceback" not in res.output, res.output
 
 
 def test_rope_outside_topk_head_embedding_bin(exported, tiny_checkpoints):

@@ -193,6 +193,16 @@ def recipes_cmd():
         out.print(f"{mt:12s} {cls.__name__:10s} {cls.task}")
 
 
+@app.command("patches")
+@_guard
+def patches_cmd():
+    """List the export-compat rewrites and the exporters they are applied for."""
+    from onnxport.patches import all_patches
+
+    for name, cls in all_patches().items():
+        out.print(f"{name:26s} ({', '.join(cls.exporters)}) {cls.description}", soft_wrap=True)
+
+
 @app.command("demo")
 @_guard
 def demo_cmd(

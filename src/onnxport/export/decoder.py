@@ -142,6 +142,6 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tupl
     feeds = decoder_feeds(spec, ShapeCase(EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST), vocab)
     tensors = [torch.from_numpy(feeds[i["name"]]) for i in spec["inputs"]]
     args = (tensors[0], tensors[1], tensors[2], tensors[3:])
-    used = export_graph(wrapper, args, spec["inputs"], spec["outputs"], out_file, cfg.exporter, cfg.opset,
-                        cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX)
-    return spec, used
+    used, applied = export_graph(wrapper, args, spec["inputs"], spec["outputs"], out_file, cfg.exporter, cfg.opset,
+                                 cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX)
+    return {**spec, "patches": applied}, used

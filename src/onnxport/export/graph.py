@@ -39,8 +39,9 @@ def export_graph(
     external_threshold: int,
     param_prefix: str = "",
     static: bool = False,
-) -> set[str]:
-    """Export `module(*args)`; return the names of the parameters the exported graph reads."""
+) -> tuple[set[str], list[str]]:
+    """Export `module(*args)`; return the names of the parameters the exported graph reads and
+    the rewrites (patches) that were applied."""
     from onnxport.patches import apply_patches
 
     tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")
@@ -67,7 +68,7 @@ def export_graph(
             + ("torchscript" if exporter == "dynamo" else "dynamo"),
         ) from e
     finalize_graph(tmp_file, out_file, inputs, outputs, external_threshold, param_prefix, static)
-    return used
+    return used, applied
 
 
 def _export_dynamo(module, args, inputs, input_names, output_names, opset, path: Path, prefix: str) -> set[str]:

@@ -257,7 +257,7 @@ def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tu
             past = 3
         feeds = feeds_for(entry, sizes, rng, text.vocab_size, past)
         args = tuple(torch.from_numpy(feeds[i["name"]]) for i in entry["inputs"])
-        used = export_graph(module, args, entry["inputs"], entry["outputs"], folder / entry["file"], cfg.exporter,
+        used, entry["patches"] = export_graph(module, args, entry["inputs"], entry["outputs"], folder / entry["file"], cfg.exporter,
                             cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.", static=split.static)
         if split.static:
             slim_static(folder / entry["file"])
