@@ -10,13 +10,17 @@ import numpy as np
 from onnxport.errors import RuntimeInputError
 
 
-def make_session(path: Path, threads: int | None = None):
+def make_session(path: Path, threads: int | None = None, spinning: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:
+        # Split bundles run dozens of sessions one after another; each owns a thread pool whose
+        # workers busy-wait after a run by default, starving the next session of cores.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
@@ -25,12 +29,12 @@ class GraphSession:
     """Runs one manifest graph; checks names, dtypes, ranks and named-dim consistency first,
     so a wrong feed gives one line instead of an onnxruntime stack."""
 
-    def __init__(self, bundle: Path, entry: dict, threads: int | None = None):
+    def __init__(self, bundle: Path, entry: dict, threads: int | None = None, spinning: bool = True):
         self.entry = entry
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.output_names = [o["name"] for o in entry["outputs"]]
         threads = threads or int(os.environ.get("ONNXPORT_THREADS", "0")) or None
-        self.session = make_session(bundle / entry["file"], threads)
+        self.session = make_session(bundle / entry["file"], threads, spinning)
 
     def check(self, feeds: dict[str, np.ndarray]) -> None:
         missing = [n for n in self.inputs if n not in feeds]

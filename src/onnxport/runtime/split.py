@@ -49,11 +49,11 @@ class SplitDecoder:
                 self.table = np.fromfile(folder / g["file"], dtype=g["dtype"]).reshape(g["shape"])
                 self.table_scale = np.float32(g["scale"])
             elif role == "block":
-                self.blocks.append((g, GraphSession(folder, g, threads)))
+                self.blocks.append((g, GraphSession(folder, g, threads, spinning=False)))
             elif role == "block_cache":
-                self.block_caches.append((g, GraphSession(folder, g, threads)))
+                self.block_caches.append((g, GraphSession(folder, g, threads, spinning=False)))
             elif self.table is None or role not in ("embedding", "embedding_cache"):
-                self.sessions[role] = GraphSession(folder, g, threads)
+                self.sessions[role] = GraphSession(folder, g, threads, spinning=False)
 
     # --- pieces -----------------------------------------------------------------------------
 
