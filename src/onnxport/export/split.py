@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from onnxport.config import SplitConfig
-from onnxport.runtime.split import MASK_MIN, additive_mask
+from onnxport.runtime.split import additive_mask
 
 
 class KVCapture:
