@@ -98,7 +98,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
         kv = recipe.kv_spec(model.config)
         text = text_config(model.config)
         graphs, traced_used, layout = export_graphs(recipe, model, kv, cfg, split, tmp)
-        weights = account_weights(model, set(ckpt.tensors), graph_arrays(tmp, graphs), traced_used)
+        weights = account_weights(model, set(ckpt.tensors), lambda: graph_arrays(tmp, graphs), traced_used)
         copied = copy_support_files(ckpt, tmp)
         manifest = {
             "onnxport_task": recipe.task,

@@ -36,14 +36,16 @@ def _fingerprint(a: np.ndarray) -> tuple:
 
 
 def account_weights(
-    model: torch.nn.Module, ckpt_names: set[str], graph_initializers: dict, traced_used: set[str] | None = None
+    model: torch.nn.Module, ckpt_names: set[str], graph_initializers, traced_used: set[str] | None = None
 ) -> dict:
     """Return {"in_graph": n, "skipped": {name: reason}}; raise if anything is unaccounted.
 
     A parameter counts as in the graph when the traced program reads it (`traced_used`, from
     torch.export: exact even when the exporter folds it, e.g. Gemma's `1 + weight`), or when a
     graph initializer carries its name or its content fingerprint (TorchScript path).
-    `graph_initializers` maps initializer/constant name -> numpy array."""
+    `graph_initializers` maps initializer/constant name -> numpy array, or is a callable that
+    builds that map; it is only called when a parameter is missing from `traced_used`, so a
+    normal export does not read every weight back from disk."""
     params = dict(model.named_parameters(remove_duplicate=False))
     unused = sorted(n for n in ckpt_names if n not in params)
     if unused:
@@ -61,9 +63,10 @@ def account_weights(
         if first != name:
             skipped[name] = f"tied to {first}"
             continue
-        hit = (traced_used is not None and name in traced_used) or any(
-            iname == name or iname.endswith("." + name) for iname in graph_initializers
-        )
+        hit = traced_used is not None and name in traced_used
+        if not hit and callable(graph_initializers):
+            graph_initializers = graph_initializers()
+        hit = hit or any(iname == name or iname.endswith("." + name) for iname in graph_initializers)
         if not hit:
             if not fingerprints:
                 fingerprints = {
