@@ -39,6 +39,7 @@ def export_graph(
     external_threshold: int,
     param_prefix: str = "",
     static: bool = False,
+    skip_patches: tuple[str, ...] = (),
 ) -> tuple[set[str], list[str]]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
     the rewrites (patches) that were applied."""
@@ -48,7 +49,7 @@ def export_graph(
     input_names = [i["name"] for i in inputs]
     output_names = [o["name"] for o in outputs]
     try:
-        with torch.no_grad(), warnings.catch_warnings(), apply_patches(module, exporter) as applied:
+        with torch.no_grad(), warnings.catch_warnings(), apply_patches(module, exporter, skip_patches) as applied:
             if applied:
                 log.info("%s: applied rewrites %s", out_file.name, applied)
             warnings.simplefilter("ignore")

@@ -23,8 +23,9 @@ class Patch:
     def applies(self, module) -> bool:
         raise NotImplementedError
 
-    def patched(self):
-        """Context manager: swap the op in, restore the original on exit (also on error)."""
+    def patched(self, module=None):
+        """Context manager: swap the op in for `module`'s export, restore the original on exit (also
+        on error)."""
         raise NotImplementedError
 
 
@@ -49,13 +50,13 @@ def all_patches() -> dict[str, type[Patch]]:
 
 
 @contextlib.contextmanager
-def apply_patches(module, exporter: str) -> Iterator[list[str]]:
+def apply_patches(module, exporter: str, skip: tuple[str, ...] = ()) -> Iterator[list[str]]:
     applied: list[str] = []
     with contextlib.ExitStack() as stack:
         for name, cls in all_patches().items():
             patch = cls()
-            if exporter in patch.exporters and patch.applies(module):
-                stack.enter_context(patch.patched())
+            if name not in skip and exporter in patch.exporters and patch.applies(module):
+                stack.enter_context(patch.patched(module))
                 applied.append(name)
         yield applied
 

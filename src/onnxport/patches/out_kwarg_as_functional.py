@@ -42,7 +42,7 @@ class OutKwargAsFunctional(Patch):
         return source_matches(module, r"torch\.(" + "|".join(OPS) + r")\([^)]*\bout\s*=")
 
     @contextlib.contextmanager
-    def patched(self):
+    def patched(self, module=None):
         originals = {name: getattr(torch, name) for name in OPS}
         for name, op in originals.items():
             setattr(torch, name, _functional(op))

@@ -35,7 +35,7 @@ class PadSequenceAsStack(Patch):
     def applies(self, module) -> bool:
         return bool(globals_bound_to(module, ORIGINAL)) or _uses_rnn_module(module)
 
-    def patched(self):
+    def patched(self, module=None):
         return swap_everywhere(ORIGINAL, pad_sequence_as_stack)
 
 

@@ -45,5 +45,5 @@ class SdpaAsMatmul(Patch):
     def applies(self, module) -> bool:
         return source_matches(module, r"scaled_dot_product_attention\(")
 
-    def patched(self):
+    def patched(self, module=None):
         return swap_everywhere(ORIGINAL, sdpa_as_matmul)

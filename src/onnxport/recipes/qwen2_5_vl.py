@@ -1,0 +1,76 @@
+"""Qwen2.5-VL vision encoder: patch embed, 2D rotary, window attention with a few full-attention
+blocks, patch merger. Everything that depends on the image grid (rotary position ids, the window
+order, the packed-attention masks) is computed outside the graph by
+`onnxport.runtime.preprocess.qwen2_5_vl_vision` and fed in; `varlen_attention_as_mask` makes the
+`cu_seqlens` attention one masked attention. Dims: `num_patches` (after patchify) and
+`num_merged_patches` (= num_patches / spatial_merge_size**2, the image tokens the LLM sees)."""
+
+from __future__ import annotations
+
+import torch
+
+from onnxport.recipes import register_recipe
+from onnxport.recipes.encoder import EncoderRecipe
+
+
+class QwenVisionGraph(torch.nn.Module):
+    """The visual tower with its grid-dependent tensors as inputs (transformers 5.x pops
+    precomputed `position_ids`, `cu_seqlens`, `window_index`, `cu_window_seqlens` from kwargs)."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixel_values, position_ids, window_index, attention_mask, window_attention_mask):
+        out = self.visual(pixel_values, grid_thw=None, position_ids=position_ids, cu_seqlens=attention_mask,
+                          max_seqlen=0, window_index=window_index, cu_window_seqlens=window_attention_mask,
+                          max_window_seqlen=0)
+        return out.pooler_output
+
+
+@register_recipe("qwen2_5_vl")
+class Qwen25VLVision(EncoderRecipe):
+    family = "qwen2_5_vl"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    #: (t, h, w) patch grids to verify at: two image sizes, and two images packed together
+    grids = ([[1, 8, 8]], [[1, 12, 16]], [[1, 8, 8], [1, 4, 12]])
+
+    def visual(self, model):
+        return model.model.visual
+
+    def parts(self, model):
+        from onnxport.export.module import ModulePart, TensorSpec
+        from onnxport.runtime.preprocess import qwen2_5_vl_vision
+
+        visual = self.visual(model)
+        cfg = visual.config
+        meta = {"spatial_merge_size": cfg.spatial_merge_size, "window_size": cfg.window_size,
+                "patch_size": cfg.patch_size, "temporal_patch_size": cfg.temporal_patch_size,
+                "in_channels": cfg.in_channels}
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        inputs = [
+            TensorSpec("pixel_values", "float32", ("num_patches", patch_dim)),
+            TensorSpec("position_ids", "int64", ("num_patches", 2)),
+            TensorSpec("window_index", "int64", ("num_merged_patches",)),
+            TensorSpec("attention_mask", "float32", (1, 1, "num_patches", "num_patches")),
+            TensorSpec("window_attention_mask", "float32", (1, 1, "num_patches", "num_patches")),
+        ]
+        unit = cfg.spatial_merge_size ** 2
+
+        def make_case(sizes):
+            grid = torch.tensor(sizes["grid_thw"])
+            n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+            g = torch.Generator().manual_seed(n)
+            pixels = torch.randn(n, patch_dim, generator=g)
+            feeds = qwen2_5_vl_vision(pixels.numpy(), grid.numpy(), meta)
+            with torch.no_grad():
+                expected = visual(pixels, grid_thw=grid).pooler_output
+            return [torch.from_numpy(feeds[i.name]) for i in inputs], [expected]
+
+        sizes = []
+        for grid in self.grids:
+            n = sum(t * h * w for t, h, w in grid)
+            sizes.append({"grid_thw": grid, "num_patches": n, "num_merged_patches": n // unit})
+        return [ModulePart("vision", QwenVisionGraph(visual), inputs, ["image_embeds"], sizes,
+                           output_dims={"image_embeds": ["num_merged_patches", cfg.out_hidden_size]},
+                           make_case=make_case, preprocess="qwen2_5_vl_vision", meta=meta)]
