@@ -19,9 +19,12 @@ def compare(actual: np.ndarray, expected: np.ndarray, atol: float, min_cosine: f
         cos = 1.0
     else:
         cos = float(a @ e / max(na * ne, 1e-30))
+    noise = float(np.sum((a - e) ** 2))
+    snr = float("inf") if noise == 0 else 10 * np.log10(max(float(e @ e), 1e-300) / noise)
     return {
         "ok": bool(diff <= atol and cos >= min_cosine),
         "max_abs_diff": diff,
         "cosine": cos,
+        "snr_db": round(snr, 2) if np.isfinite(snr) else None,
         "max_abs_ref": float(np.max(np.abs(e))) if e.size else 0.0,
     }
