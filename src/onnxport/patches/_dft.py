@@ -176,7 +176,7 @@ def _fit_last(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
     """frames [B, n_fft, num_frames] -> signal [B, (num_frames - 1) * hop + n_fft]."""
-    n_fft = frames.shape[1]
+    n_fft = int(frames.shape[1])  # static, or TorchScript sees a kernel of unknown shape
     eye = torch.eye(n_fft, dtype=frames.dtype, device=frames.device).unsqueeze(1)  # [n_fft, 1, n_fft]
     return F.conv_transpose1d(frames, eye, stride=hop).squeeze(1)
 
