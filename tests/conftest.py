@@ -121,3 +121,90 @@ def hf_greedy(checkpoint: Path, prompts: list[list[int]], max_new_tokens: int, p
             eos_token_id=eos_id,
         )
     return out[:, longest:].numpy()
+
+
+def _tiny_encoder_model(kind: str):
+    """(model, transformers-loadable) for the encoder families; configs follow each model's
+    real structure at hidden 32-64, 1-2 layers."""
+    import transformers as T
+
+    audio_feat = dict(conv_dim=(32, 32, 32), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128)
+    if kind == "siglip":
+        return T.SiglipVisionModel(T.SiglipVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                        intermediate_size=128, image_size=32, patch_size=8))
+    if kind == "whisper":
+        return T.WhisperModel(T.WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                                              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                              num_mel_bins=16, max_source_positions=50, max_target_positions=32,
+                                              vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                              decoder_start_token_id=1))
+    if kind == "hubert":
+        return T.HubertModel(T.HubertConfig(feat_extract_norm="layer", do_stable_layer_norm=True, **audio_feat))
+    if kind == "wav2vec2-conformer":
+        return T.Wav2Vec2ConformerModel(T.Wav2Vec2ConformerConfig(conv_depthwise_kernel_size=7,
+                                                                  position_embeddings_type="relative", **audio_feat))
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=16, out_hidden_size=48, fullatt_block_indexes=[1])
+        text = dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=96, vocab_size=300,
+                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+        return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=text))
+    if kind == "qwen2_5_omni_audio_encoder":
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+        return Qwen2_5OmniAudioEncoder(T.Qwen2_5OmniAudioEncoderConfig(
+            num_mel_bins=16, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
+            output_dim=48, n_window=10, max_source_positions=200))
+    if kind == "xcodec2":
+        semantic = T.Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, output_hidden_size=32)
+        return T.Xcodec2Model(T.Xcodec2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            head_dim=16, encoder_hidden_size=8, downsampling_ratios=[2, 2], semantic_model_config=semantic.to_dict(),
+            quantization_dim=96, quantization_levels=[4, 4, 4]))
+    raise KeyError(kind)
+
+
+ENCODER_KINDS = ("siglip", "whisper", "hubert", "wav2vec2-conformer", "qwen2_5_vl", "qwen2_5_omni_audio_encoder",
+                 "xcodec2")
+
+
+def make_tiny_encoder_checkpoint(kind: str, out: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    model = _tiny_encoder_model(kind).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def encoder_checkpoints(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = make_tiny_encoder_checkpoint(kind, tmp_path_factory.mktemp(f"ckpt-{kind}"))
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported_encoder(encoder_checkpoints, tmp_path_factory):
+    """kind -> (bundle folder, manifest); each exported once per session."""
+    from onnxport.api import export_encoder
+    from onnxport.config import ExportConfig
+
+    made: dict[str, tuple] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            out = tmp_path_factory.mktemp(f"bundle-{kind}") / "bundle"
+            made[kind] = (out, export_encoder(encoder_checkpoints(kind), out, ExportConfig(exporter="auto")))
+        return made[kind]
+
+    return get

@@ -20,7 +20,7 @@ from onnxport.runtime import GenerationResult, Generator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationResult", "Generator", "export", "verify", "versions"]
+__all__ = ["GenerationResult", "Generator", "export", "export_encoder", "export_module", "verify", "versions"]
 
 
 def versions() -> dict:
@@ -87,9 +87,16 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     from onnxport.export.compat import text_config
     from onnxport.export.weights import account_weights
 
+    from onnxport.recipes.encoder import EncoderRecipe
+
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
     recipe = get_recipe(ckpt.model_type)
+    if isinstance(recipe, EncoderRecipe):
+        if split is not None:
+            raise InputError(f"--layout split applies to decoder LMs; {ckpt.model_type!r} is an encoder",
+                             "drop --layout/--static")
+        return export_encoder(model_dir, out, cfg, verify_cfg)
     if split is not None and cfg.kv_naming != "optimum":
         raise InputError("--kv-naming seed applies to the monolithic layout only",
                          "split graphs name their cache past_key_values.{i}.key -> present.{i}.key")
@@ -214,6 +221,8 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None,
     if model_dir is None and ckpt.sha256() != manifest["source"]["sha256"]:
         raise CheckpointError(f"the checkpoint at {src} changed since the export (sha256 differs)",
                               "pass --model with the checkpoint the bundle was exported from")
+    if manifest.get("layout", {}).get("kind") == "modules":
+        return _verify_modules(folder, manifest, ckpt, verify_cfg)
     recipe = get_recipe(ckpt.model_type)
     model = load_model(recipe, ckpt)
     layout = dict(manifest.get("layout", {"kind": "monolithic"}))
@@ -233,3 +242,191 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None,
         raise VerificationError(f"verification failed: {first_failure(record)}",
                                 "ONNX Runtime disagrees with PyTorch; re-export or report the model")
     return record
+
+
+# --- encoders and arbitrary modules -------------------------------------------------------------
+
+def _exporters(cfg: ExportConfig) -> list[str]:
+    return ["dynamo", "torchscript"] if cfg.fallback else [cfg.exporter]
+
+
+def export_parts(parts: list, folder: Path, cfg: ExportConfig, verify_cfg: VerifyConfig) -> list[dict]:
+    """Export and verify each ModulePart into `folder`; return the manifest graph entries."""
+    from onnxport.export.module import export_part
+
+    if not cfg.verify:
+        log.warning("module exports are always verified (the check is what proves the rewrites)")
+    return [export_part(p, folder, _exporters(cfg), cfg.opset, verify_cfg.atol, verify_cfg.min_cosine,
+                        cfg.external_data_threshold_bytes, cfg.skip_patches) for p in parts]
+
+
+def _module_manifest(task: str, ckpt: Checkpoint, model, recipe_name: str, graphs: list[dict], cfg: ExportConfig,
+                     copied: list[str], t0: float, extra: dict | None = None) -> dict:
+    return {
+        "onnxport_task": task,
+        "versions": versions(),
+        "source": {"path": str(ckpt.path.resolve()), "sha256": ckpt.sha256(), "files": copied},
+        "model": {"model_type": ckpt.model_type, "recipe": recipe_name,
+                  "architectures": getattr(model.config, "architectures", None), **(extra or {})},
+        "export": {"opset": cfg.opset, "exporter": "auto" if cfg.fallback else cfg.exporter, "dtype": cfg.dtype,
+                   "seconds": round(time.perf_counter() - t0, 2)},
+        "layout": {"kind": "modules"},
+        "graphs": graphs,
+        "verification": {"ok": all(g["verification"]["ok"] for g in graphs),
+                         "graphs": {g["name"]: g["verification"] for g in graphs}},
+    }
+
+
+def export_encoder(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(exporter="auto"),
+                   verify_cfg: VerifyConfig = VerifyConfig()) -> dict:
+    """Export the parts an encoder recipe declares (vision tower, audio encoder, codec decoder)."""
+    from onnxport.recipes.encoder import EncoderRecipe
+
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
+    recipe = get_recipe(ckpt.model_type)
+    if not isinstance(recipe, EncoderRecipe):
+        raise InputError(f"model_type {ckpt.model_type!r} is a decoder LM", "use onnxport export")
+    with atomic_bundle(out, cfg.force) as tmp:
+        _quiet_transformers()
+        model = _load_or_explain(lambda: recipe.load_model(ckpt, _torch_dtype(cfg)))
+        graphs = export_parts(recipe.parts(model), tmp, cfg, verify_cfg)
+        copied = copy_support_files(ckpt, tmp)
+        manifest = _module_manifest(recipe.task, ckpt, model, type(recipe).__name__, graphs, cfg, copied, t0)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def export_module(model_dir: str | Path, out: str | Path, module_path: str, inputs: list[str],
+                  cfg: ExportConfig = ExportConfig(exporter="auto"), verify_cfg: VerifyConfig = VerifyConfig(),
+                  outputs: list[str] | None = None, method: str = "forward", verify_dims: list[str] | None = None,
+                  model_class: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Export the submodule at `module_path` of the checkpoint's model with the given input
+    specs (`NAME:DTYPE[DIMS]`, named dims dynamic), applying the rewrites; verified against
+    PyTorch at the example sizes and at a second set (`verify_dims`, default: each named dim
+    grown)."""
+    from onnxport.export.module import ModulePart, NamedInputs, example_sizes, parse_input_spec, resolve_module
+
+    t0 = time.perf_counter()
+    specs = [parse_input_spec(s) for s in inputs]
+    if not specs:
+        raise InputError("no --input given", "describe each forward input: --input NAME:DTYPE[DIMS]")
+    ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
+    with atomic_bundle(out, cfg.force) as tmp:
+        _quiet_transformers()
+        model = _load_or_explain(lambda: _load_any(ckpt, _torch_dtype(cfg), model_class, trust_remote_code))
+        target = resolve_module(model, module_path)
+        if not callable(getattr(target, method, None)):
+            raise InputError(f"{module_path or type(model).__name__} has no method {method!r}",
+                             "pass --method with one of its methods, e.g. forward")
+        base = example_sizes(specs)
+        sizes = [base, _second_sizes(base, verify_dims)]
+        module = NamedInputs(target, [s.name for s in specs], method=method, keep=outputs or None).eval()
+        import torch
+
+        from onnxport.export.module import random_inputs
+
+        try:
+            with torch.no_grad():
+                names = module.output_names(*random_inputs(specs, base))
+        except Exception as e:  # noqa: BLE001 - the model's own error on these inputs
+            raise InputError(f"PyTorch itself fails on the example inputs: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:240]}",
+                             "check --input names, dtypes and sizes against the module's forward") from e
+        if outputs:
+            missing = [o for o in outputs if o not in names]
+            if missing:
+                raise InputError(f"--output {missing[0]!r} is not an output of {module_path}",
+                                 f"its outputs: {', '.join(names)}")
+        try:
+            with torch.no_grad():
+                module(*random_inputs(specs, sizes[1]))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"PyTorch fails when the named dims change to {sizes[1]}: "
+                             f"{str(e).strip().splitlines()[0][:200]}",
+                             "fix that dim to a number in --input, or give other sizes with --verify-dims") from e
+        name = (module_path or "model").replace(".", "_")
+        part = ModulePart(name, module, specs, names, sizes, role="module")
+        graphs = export_parts([part], tmp, cfg, verify_cfg)
+        copied = copy_support_files(ckpt, tmp)
+        manifest = _module_manifest("module", ckpt, model, "export-module", graphs, cfg, copied, t0,
+                                    {"module": module_path, "method": method})
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _second_sizes(base: dict, overrides: list[str] | None) -> dict:
+    sizes = {k: (v + 1 if "batch" in k else 2 * v) for k, v in base.items()}
+    for item in overrides or []:
+        k, _, v = item.partition("=")
+        if k not in base or not v.isdigit():
+            raise InputError(f"--verify-dims {item!r}: expected NAME=SIZE with a dim named in --input",
+                             f"named dims: {', '.join(base) or 'none'}")
+        sizes[k] = int(v)
+    return sizes
+
+
+def _torch_dtype(cfg: ExportConfig):
+    import torch
+
+    return getattr(torch, cfg.dtype)
+
+
+def _load_or_explain(load):
+    try:
+        return load()
+    except (CheckpointError, InputError):
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise CheckpointError(f"loading the model failed: {str(e).strip().splitlines()[0][:300]}",
+                              "the checkpoint does not match its config.json, or needs --model-class") from e
+
+
+def _load_any(ckpt: Checkpoint, dtype, model_class: str | None, trust_remote_code: bool):
+    """The checkpoint's own architecture class (so module paths match the checkpoint's names),
+    or `model_class`; remote code only when asked for."""
+    import transformers
+
+    from onnxport.export.compat import dtype_kwarg
+
+    archs = ckpt.config.get("architectures") or []
+    auto_map = ckpt.config.get("auto_map") or {}
+    if auto_map and not trust_remote_code:
+        raise CheckpointError("this checkpoint's model class is remote code (auto_map in config.json)",
+                              "pass --trust-remote-code if you trust its source")
+    names = [model_class] if model_class else [a for a in archs if hasattr(transformers, a)]
+    if model_class and not hasattr(transformers, model_class) and not auto_map:
+        raise InputError(f"transformers has no class {model_class!r}", "e.g. --model-class AutoModel")
+    cls = getattr(transformers, names[0]) if names else transformers.AutoModel
+    if auto_map:
+        cls = transformers.AutoModel if not model_class else getattr(transformers, model_class)
+    kwargs = dict(use_safetensors=not ckpt.pickle_weights, trust_remote_code=trust_remote_code, **dtype_kwarg(dtype))
+    try:
+        model = cls.from_pretrained(str(ckpt.path), attn_implementation="eager", **kwargs)
+    except (TypeError, ValueError):
+        model = cls.from_pretrained(str(ckpt.path), **kwargs)
+    return model.eval()
+
+
+def _verify_modules(folder: Path, manifest: dict, ckpt: Checkpoint, verify_cfg: VerifyConfig) -> dict:
+    from onnxport.export.module import verify_part
+    from onnxport.recipes.encoder import EncoderRecipe
+
+    if manifest["onnxport_task"] == "module":
+        raise InputError("export-module bundles are verified when they are written",
+                         "re-run onnxport export-module to re-check against the checkpoint")
+    recipe = get_recipe(ckpt.model_type)
+    assert isinstance(recipe, EncoderRecipe)
+    _quiet_transformers()
+    model = _load_or_explain(lambda: recipe.load_model(ckpt, _torch_dtype(ExportConfig())))
+    parts = {p.name: p for p in recipe.parts(model)}
+    records = {}
+    try:
+        for g in manifest["graphs"]:
+            records[g["name"]] = g["verification"] = verify_part(parts[g["name"]], folder / g["file"], verify_cfg.atol,
+                                                                 verify_cfg.min_cosine)
+    finally:
+        manifest["verification"] = {"ok": len(records) == len(manifest["graphs"]), "graphs": records}
+        manifest.pop("schema_version", None)
+        write_manifest(folder, manifest)
+    return manifest["verification"]

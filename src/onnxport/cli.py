@@ -98,7 +98,8 @@ def export_cmd(
     rope: str = typer.Option("inside", help="split: compute rotary cos/sin inside each block, or take them as inputs (outside)."),
     embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
 ):
-    """Export a decoder LM with a flat KV cache (or the split NPU layout) and verify it."""
+    """Export a model with a recipe and verify it: a decoder LM with a flat KV cache (or the split
+    NPU layout), or an encoder's parts (vision tower, audio encoder, codec decoder)."""
     from onnxport.api import export
     from onnxport.config import ExportConfig, SplitConfig
     from onnxport.errors import InputError
@@ -112,6 +113,9 @@ def export_cmd(
                         embedding_bin=embedding_bin) if is_split else None
     with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):
         manifest = export(model_dir, output, cfg, split=split)
+    if manifest["layout"]["kind"] == "modules":
+        _print_modules(manifest, output)
+        return
     if "verification" in manifest:
         _print_verification(manifest["verification"])
     w = manifest["weights"]
@@ -119,6 +123,65 @@ def export_cmd(
     out.print(f"wrote {output}/: {files} ({manifest['model']['model_type']}, {manifest['kv_cache']['num_layers']} layers, "
               f"{w['in_graph']} weights in graph, {len(w['skipped'])} skipped: {w['skipped'] or 'none'}) "
               f"in {manifest['export']['seconds']:.1f}s")
+
+
+def _print_modules(manifest: dict, output: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="ONNX Runtime vs PyTorch, per graph and input size")
+    for col in ("graph", "exporter", "rewrites", "sizes", "output", "max|diff|", "SNR dB", ""):
+        table.add_column(col)
+    for g in manifest["graphs"]:
+        for r in g["verification"]["results"]:
+            sizes = ",".join(f"{k}={v}" for k, v in r["sizes"].items() if isinstance(v, int))
+            table.add_row(g["file"], g["exporter"], ",".join(g["patches"]) or "-", sizes, r["output"],
+                          f"{r['max_abs_diff']:.2e}", "inf" if r.get("snr_db") is None else f"{r['snr_db']:.1f}",
+                          "[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
+    out.print(table)
+    for g in manifest["graphs"]:
+        if g.get("fallback_from"):
+            console.print(f"{g['file']}: dynamo failed ({g['fallback_from']['dynamo'][:160]}); used {g['exporter']}",
+                          soft_wrap=True)
+        dims = ", ".join(f"{io['name']}{io['dims']}" for io in g["inputs"] + g["outputs"])
+        out.print(f"{g['file']}: {dims}", soft_wrap=True)
+        if g["patches"]:
+            out.print(f"  rewrites applied: {', '.join(g['patches'])}")
+    out.print(f"wrote {output}/ ({manifest['model']['model_type']}) in {manifest['export']['seconds']:.1f}s")
+
+
+@app.command("export-module")
+@_guard
+def export_module_cmd(
+    model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Bundle folder to write."),
+    module: str = typer.Option(..., "--module", "-m", help="Dotted path of the submodule, e.g. model.visual, vpm, resampler ('.' = the whole model)."),
+    inputs: List[str] = typer.Option(..., "--input", "-i", help="NAME:DTYPE[DIMS], e.g. pixel_values:float32[batch,3,height=224,width=224]; named dims are dynamic; int inputs may end with =LO..HI."),
+    outputs: Optional[List[str]] = typer.Option(None, "--output-name", help="Keep only these outputs (default: all tensors the module returns)."),
+    method: str = typer.Option("forward", help="Method to export (e.g. get_image_features)."),
+    verify_dims: Optional[List[str]] = typer.Option(None, "--verify-dims", help="NAME=SIZE for the second verification size (default: named dims doubled, batch + 1)."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+    exporter: str = typer.Option("auto", help="auto (dynamo, TorchScript if dynamo fails), dynamo or torchscript."),
+    no_rewrite: Optional[List[str]] = typer.Option(None, "--no-rewrite", help="Do not apply this rewrite (see onnxport patches)."),
+    model_class: Optional[str] = typer.Option(None, "--model-class", help="transformers class to load with (default: the checkpoint's architecture)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the checkpoint's own Python code. Only for trusted sources."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights. Only for trusted sources."),
+):
+    """Export any submodule by dotted path with an input spec, applying the rewrites, and verify it."""
+    from onnxport.api import export_module
+    from onnxport.config import ExportConfig
+    from onnxport.errors import InputError
+    from onnxport.patches import all_patches
+
+    unknown = [n for n in no_rewrite or [] if n not in all_patches()]
+    if unknown:
+        raise InputError(f"--no-rewrite {unknown[0]!r} is not a rewrite", f"rewrites: {', '.join(all_patches())}")
+    cfg = ExportConfig(opset=opset, exporter=exporter, force=force, allow_pickle=allow_pickle,
+                       skip_patches=tuple(no_rewrite or ()))
+    with console.status(f"exporting {module} of {model_dir} ..."):
+        manifest = export_module(model_dir, output, module, inputs, cfg, outputs=outputs, method=method,
+                                 verify_dims=verify_dims, model_class=model_class, trust_remote_code=trust_remote_code)
+    _print_modules(manifest, output)
 
 
 @app.command("verify")
@@ -132,6 +195,11 @@ def verify_cmd(
 
     with console.status("verifying ..."):
         record = verify(bundle, model)
+    if "graphs" in record:  # encoder / module bundle
+        from onnxport.bundle import read_manifest
+
+        _print_modules(read_manifest(bundle), bundle)
+        return
     _print_verification(record)
 
 

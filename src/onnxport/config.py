@@ -24,10 +24,16 @@ class ExportConfig:
     allow_pickle: bool = False
     #: write weights to one `model.onnx.data` beside the graph when the model is larger than this
     external_data_threshold_bytes: int = 1 << 30
+    #: rewrites not to apply (by name; `onnxport patches` lists them)
+    skip_patches: tuple[str, ...] = ()
+    #: set when exporter="auto" resolved to dynamo: encoders/modules retry with TorchScript when
+    #: dynamo fails (decoders are exported with one exporter)
+    fallback: bool = False
 
     def __post_init__(self) -> None:
         if self.exporter == "auto":
             object.__setattr__(self, "exporter", "dynamo" if self.opset >= 18 else "torchscript")
+            object.__setattr__(self, "fallback", self.exporter == "dynamo")
         if self.exporter not in EXPORTERS:
             raise InputError(f"unknown exporter {self.exporter!r}", f"use one of: {', '.join(EXPORTERS)}")
         if self.kv_layout not in KV_LAYOUTS:

@@ -225,7 +225,7 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def export_part(part: ModulePart, folder: Path, exporter: str, opset: int, atol: float, min_cosine: float,
+def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opset: int, atol: float, min_cosine: float,
                 external_threshold: int = 1 << 30, skip_patches: tuple[str, ...] = ()) -> dict:
     """Export `part` to `folder/<name>.onnx`, check the rewrites and ORT at every size; return
     the manifest graph entry (with its verification record)."""
@@ -245,11 +245,11 @@ def export_part(part: ModulePart, folder: Path, exporter: str, opset: int, atol:
             expected = _as_tuple(part.module(*args))
     for o, t in zip(outputs, expected):
         o["dtype"] = str(t.dtype).removeprefix("torch.")
-    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    order = ["dynamo", "torchscript"] if exporters == "auto" else [exporters] if isinstance(exporters, str) else exporters
     out_file = folder / f"{part.name}.onnx"
     errors = []
     for exp in order:
-        exp_opset = opset if exp == "dynamo" else min(opset, 17)
+        exp_opset = opset if exp == "dynamo" else min(opset, 20)
         try:
             used, applied = export_graph(part.module, tuple(args), inputs, outputs, out_file, exp, exp_opset,
                                          external_threshold, skip_patches=skip_patches)

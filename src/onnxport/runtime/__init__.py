@@ -1,5 +1,6 @@
 """ONNX Runtime side. Depends on onnxruntime, numpy and tokenizers only: never imports torch."""
 
+from onnxport.runtime.encoder import EncoderRunner
 from onnxport.runtime.generator import GenerationResult, Generator
 
-__all__ = ["GenerationResult", "Generator"]
+__all__ = ["EncoderRunner", "GenerationResult", "Generator"]

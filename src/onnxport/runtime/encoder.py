@@ -1,0 +1,47 @@
+"""Run one encoder / module graph of a bundle from raw inputs (numpy + onnxruntime, no torch).
+
+When the manifest names a preprocessor for the graph (`graphs[i].preprocess`), the raw inputs
+(e.g. Qwen2.5-VL's pixel_values + grid_thw, Qwen2.5-Omni's mel features + lengths) go through it
+first; otherwise they are fed as they are, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from onnxport.bundle import read_manifest
+from onnxport.errors import BundleError, RuntimeInputError
+from onnxport.runtime.preprocess import PREPROCESSORS
+from onnxport.runtime.session import GraphSession
+
+
+class EncoderRunner:
+    def __init__(self, bundle: str | Path, name: str | None = None, threads: int | None = None):
+        self.folder = Path(bundle)
+        self.manifest = read_manifest(self.folder)
+        graphs = [g for g in self.manifest["graphs"] if "name" in g]
+        if not graphs:
+            raise BundleError(f"{bundle} has no encoder or module graphs", "export one with onnxport export / export-module")
+        by_name = {g["name"]: g for g in graphs}
+        if name is None and len(graphs) > 1:
+            raise RuntimeInputError(f"the bundle has several graphs {list(by_name)}", "pass name=")
+        if name is not None and name not in by_name:
+            raise RuntimeInputError(f"the bundle has no graph {name!r}", f"it has {list(by_name)}")
+        self.entry = by_name[name] if name else graphs[0]
+        self.session = GraphSession(self.folder, self.entry, threads)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.session.inputs)
+
+    def feeds(self, *args, **kwargs) -> dict[str, np.ndarray]:
+        pre = self.entry.get("preprocess")
+        if pre:
+            return PREPROCESSORS[pre](*args, meta=self.entry["meta"], **kwargs)
+        if args:
+            kwargs.update(zip(self.input_names, args))
+        return {k: np.asarray(v) for k, v in kwargs.items()}
+
+    def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
+        return self.session.run(self.feeds(*args, **kwargs))
