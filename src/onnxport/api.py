@@ -319,6 +319,7 @@ def export_module(model_dir: str | Path, out: str | Path, module_path: str, inpu
         if not callable(getattr(target, method, None)):
             raise InputError(f"{module_path or type(model).__name__} has no method {method!r}",
                              "pass --method with one of its methods, e.g. forward")
+        _check_arg_names(target, method, [s.name for s in specs], module_path)
         base = example_sizes(specs)
         sizes = [base, _second_sizes(base, verify_dims)]
         module = NamedInputs(target, [s.name for s in specs], method=method, keep=outputs or None).eval()
@@ -353,6 +354,18 @@ def export_module(model_dir: str | Path, out: str | Path, module_path: str, inpu
                                     {"module": module_path, "method": method})
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _check_arg_names(target, method: str, names: list[str], path: str) -> None:
+    import inspect
+
+    params = inspect.signature(getattr(target, method)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise InputError(f"{path or 'the model'}.{method} has no argument {unknown[0]!r}",
+                         f"its arguments: {', '.join(params)}")
 
 
 def _second_sizes(base: dict, overrides: list[str] | None) -> dict:

@@ -215,10 +215,28 @@ def infer_output_dims(part: ModulePart) -> dict[str, list]:
             if all(s[ax] == n for s in shapes) and len(runs) > 1:
                 out.append(int(n))
                 continue
-            same = [d for d in runs[0][0] if all(r[0].get(d) == s[ax] for r, s in zip(runs, shapes))]
-            out.append(same[0] if same else f"{name}_dim{ax}")
+            out.append(_relate(runs, shapes, ax) or f"{name}_dim{ax}")
         dims[name] = out
     return dims
+
+
+def _relate(runs, shapes, ax) -> str | None:
+    """A name for output axis `ax` from the input dims: equal (`num_patches`), an integer
+    fraction (`num_patches_div4`) or multiple (`num_codes_x320`) at every verified size."""
+    named = [d for d, v in runs[0][0].items() if isinstance(v, int)]
+    pairs = [(r[0], s[ax]) for r, s in zip(runs, shapes)]
+    for d in named:
+        if all(sz.get(d) == n for sz, n in pairs):
+            return d
+    for d in named:
+        vals = [(sz.get(d), n) for sz, n in pairs]
+        if any(v is None or n == 0 or v == 0 for v, n in vals) or len({v for v, _ in vals}) < 2:
+            continue
+        if all(v % n == 0 for v, n in vals) and len({v // n for v, n in vals}) == 1:
+            return f"{d}_div{vals[0][0] // vals[0][1]}"
+        if all(n % v == 0 for v, n in vals) and len({n // v for v, n in vals}) == 1:
+            return f"{d}_x{vals[0][1] // vals[0][0]}"
+    return None
 
 
 def _as_tuple(x):
