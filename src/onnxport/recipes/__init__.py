@@ -48,7 +48,7 @@ def get_recipe(model_type: str) -> Recipe:
     if model_type not in recipes:
         raise UnsupportedModelError(
             f"model_type {model_type!r} has no recipe; supported: {', '.join(recipes)}",
-            "use a supported checkpoint, or add a recipe file in onnxport/recipes/",
+            "use a supported checkpoint, export a submodule with onnxport export-module, or add a recipe file in onnxport/recipes/",
         )
     return recipes[model_type](model_type)
 

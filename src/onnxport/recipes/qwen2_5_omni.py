@@ -45,6 +45,9 @@ class Qwen25OmniAudio(EncoderRecipe):
 
     def parts(self, model):
         from onnxport.export.module import ModulePart, TensorSpec
+        from onnxport.recipes._compat import require_transformers
+
+        require_transformers(5, "precomputed audio chunks / indices / cu_seqlens as kwargs")
         from onnxport.runtime.preprocess import qwen2_5_omni_audio
 
         enc = self.audio_tower(model)

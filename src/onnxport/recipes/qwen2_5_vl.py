@@ -40,6 +40,9 @@ class Qwen25VLVision(EncoderRecipe):
 
     def parts(self, model):
         from onnxport.export.module import ModulePart, TensorSpec
+        from onnxport.recipes._compat import require_transformers
+
+        require_transformers(5, "precomputed vision position ids / windows / cu_seqlens as kwargs")
         from onnxport.runtime.preprocess import qwen2_5_vl_vision
 
         visual = self.visual(model)
