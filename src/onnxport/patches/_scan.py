@@ -53,3 +53,22 @@ def swap_everywhere(original, replacement):
                 setattr(mod, k, original)
 
     return cm()
+
+
+def swap_attributes(swaps):
+    """Context manager: set each `(namespace, name, replacement)` (e.g. `(torch, "istft", f)`),
+    restore the originals on exit, also on error."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        originals = [(ns, name, getattr(ns, name)) for ns, name, _ in swaps]
+        for ns, name, fn in swaps:
+            setattr(ns, name, fn)
+        try:
+            yield
+        finally:
+            for ns, name, fn in originals:
+                setattr(ns, name, fn)
+
+    return cm()

@@ -7,13 +7,11 @@ applies to TorchScript only."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from onnxport.patches import Patch, register_patch
 from onnxport.patches._dft import RealPair, irfft_frames, split_complex, stft_real
-from onnxport.patches._scan import source_matches
+from onnxport.patches._scan import source_matches, swap_attributes
 
 
 def polar(abs, angle):  # noqa: A002 - torch's argument names
@@ -60,15 +58,6 @@ class ComplexAsRealPair(Patch):
     def applies(self, module) -> bool:
         return source_matches(module, r"torch\.(polar|complex|view_as_real)\(|fft\.(irfft|rfft)\(")
 
-    @contextlib.contextmanager
     def patched(self, module=None):
-        swaps = [(torch, "polar", polar), (torch, "complex", complex_), (torch, "view_as_real", view_as_real),
-                 (torch.fft, "irfft", irfft), (torch.fft, "rfft", rfft)]
-        originals = [(ns, name, getattr(ns, name)) for ns, name, _ in swaps]
-        for ns, name, fn in swaps:
-            setattr(ns, name, fn)
-        try:
-            yield
-        finally:
-            for ns, name, fn in originals:
-                setattr(ns, name, fn)
+        return swap_attributes([(torch, "polar", polar), (torch, "complex", complex_), (torch, "view_as_real", view_as_real),
+                                (torch.fft, "irfft", irfft), (torch.fft, "rfft", rfft)])

@@ -5,13 +5,11 @@ with an identity kernel (each column scatters back to its patch, overlaps sum)."
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from onnxport.patches import Patch, register_patch
-from onnxport.patches._scan import source_matches
+from onnxport.patches._scan import source_matches, swap_attributes
 
 ORIGINAL = F.fold
 
@@ -47,10 +45,5 @@ class FoldAsConvTranspose(Patch):
     def applies(self, module) -> bool:
         return source_matches(module, r"\bfold\(")
 
-    @contextlib.contextmanager
     def patched(self, module=None):
-        F.fold = fold_as_conv_transpose
-        try:
-            yield
-        finally:
-            F.fold = ORIGINAL
+        return swap_attributes([(F, "fold", fold_as_conv_transpose)])

@@ -6,13 +6,11 @@ squared window (the NOLA envelope) and center/length trimming, exactly as torch.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from onnxport.patches import Patch, register_patch
 from onnxport.patches._dft import istft_real
-from onnxport.patches._scan import source_matches
+from onnxport.patches._scan import source_matches, swap_attributes
 
 
 @register_patch
@@ -24,11 +22,5 @@ class IstftAsConv(Patch):
     def applies(self, module) -> bool:
         return source_matches(module, r"\bistft\(")
 
-    @contextlib.contextmanager
     def patched(self, module=None):
-        original = torch.istft
-        torch.istft = istft_real
-        try:
-            yield
-        finally:
-            torch.istft = original
+        return swap_attributes([(torch, "istft", istft_real)])

@@ -4,13 +4,12 @@ write it into `out` with fill_(0).add_(result), which the exporter turns into pl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
 from onnxport.patches import Patch, register_patch
-from onnxport.patches._scan import source_matches
+from onnxport.patches._scan import source_matches, swap_attributes
 
 OPS = ("mul", "add", "sub", "div", "matmul", "bmm", "mm", "cat", "stack", "exp", "tanh", "sigmoid",
        "clamp", "sum", "mean", "cumsum", "gather", "index_select", "where")
@@ -41,13 +40,5 @@ class OutKwargAsFunctional(Patch):
     def applies(self, module) -> bool:
         return source_matches(module, r"torch\.(" + "|".join(OPS) + r")\([^)]*\bout\s*=")
 
-    @contextlib.contextmanager
     def patched(self, module=None):
-        originals = {name: getattr(torch, name) for name in OPS}
-        for name, op in originals.items():
-            setattr(torch, name, _functional(op))
-        try:
-            yield
-        finally:
-            for name, op in originals.items():
-                setattr(torch, name, op)
+        return swap_attributes([(torch, name, _functional(getattr(torch, name))) for name in OPS])

@@ -6,13 +6,11 @@ handles torch.stft itself, so this applies to TorchScript only."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from onnxport.patches import Patch, register_patch
 from onnxport.patches._dft import stft_real
-from onnxport.patches._scan import source_matches
+from onnxport.patches._scan import source_matches, swap_attributes
 
 
 def stft_as_conv(input, n_fft, hop_length=None, win_length=None, window=None, center=True, pad_mode="reflect",
@@ -32,11 +30,5 @@ class StftAsConv(Patch):
     def applies(self, module) -> bool:
         return source_matches(module, r"torch\.stft\(")
 
-    @contextlib.contextmanager
     def patched(self, module=None):
-        original = torch.stft
-        torch.stft = stft_as_conv
-        try:
-            yield
-        finally:
-            torch.stft = original
+        return swap_attributes([(torch, "stft", stft_as_conv)])
