@@ -165,11 +165,18 @@ def _tiny_encoder_model(kind: str):
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             head_dim=16, encoder_hidden_size=8, downsampling_ratios=[2, 2], semantic_model_config=semantic.to_dict(),
             quantization_dim=96, quantization_levels=[4, 4, 4]))
+    if kind == "minicpmv4_6":
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                      patch_size=4, insert_layer_id=0, window_kernel_size=[2, 2])
+        text = dict(model_type="qwen3", hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=96, vocab_size=300, head_dim=12)
+        return T.MiniCPMV4_6ForConditionalGeneration(T.MiniCPMV4_6Config(vision_config=vision, text_config=text,
+                                                                          insert_layer_id=0))
     raise KeyError(kind)
 
 
 ENCODER_KINDS = ("siglip", "whisper", "hubert", "wav2vec2-conformer", "qwen2_5_vl", "qwen2_5_omni_audio_encoder",
-                 "xcodec2")
+                 "xcodec2", "minicpmv4_6")
 
 
 def make_tiny_encoder_checkpoint(kind: str, out: Path) -> Path:

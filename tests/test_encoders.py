@@ -27,25 +27,31 @@ EXPECTED_DIMS = {
                                    "attention_mask": [1, 1, "num_frames", "num_frames"],
                                    "audio_embeds": ["num_audio_tokens", 48]},
     "xcodec2": {"audio_codes": ["batch_size", 1, "num_codes"], "audio_values": ["batch_size", 1, "audio_length"]},
+    "minicpmv4_6": {"pixel_values": [1, 3, 4, "num_patches_x_patch"], "window_index": ["num_patches"],
+                    "vision_embeds": [1, "num_patches_div4", 64], "hidden_states": ["merged_height", 2, "merged_width", 2, 64],
+                    "image_embeds": ["num_image_tokens", 48]},
 }
-EXPECTED_PATCHES = {"qwen2_5_vl": ["varlen_attention_as_mask"], "qwen2_5_omni_audio_encoder": ["varlen_attention_as_mask"]}
+EXPECTED_PATCHES = {"qwen2_5_vl": ["varlen_attention_as_mask"], "qwen2_5_omni_audio_encoder": ["varlen_attention_as_mask"],
+                    "minicpmv4_6": ["varlen_attention_as_mask"]}
 
 
 @pytest.mark.parametrize("kind", ENCODER_KINDS)
 def test_encoder_export_is_verified_at_several_sizes(kind, exported_encoder):
     bundle, manifest = exported_encoder(kind)
     assert manifest["verification"]["ok"]
-    (graph,) = manifest["graphs"]
-    assert (bundle / graph["file"]).is_file()
-    results = graph["verification"]["results"]
-    sizes = {tuple((k, str(v)) for k, v in r["sizes"].items()) for r in results}
-    assert len(sizes) >= 2
-    for r in results:
-        assert r["ok"] and r["max_abs_diff"] <= ATOL and r["cosine"] > 0.9999, r
-    dims = {io["name"]: io["dims"] for io in graph["inputs"] + graph["outputs"]}
+    dims, patches = {}, set()
+    for graph in manifest["graphs"]:
+        assert (bundle / graph["file"]).is_file()
+        results = graph["verification"]["results"]
+        sizes = {tuple((k, str(v)) for k, v in r["sizes"].items()) for r in results}
+        assert len(sizes) >= 2
+        for r in results:
+            assert r["ok"] and r["max_abs_diff"] <= ATOL and r["cosine"] > 0.9999, r
+        dims.update({io["name"]: io["dims"] for io in graph["inputs"] + graph["outputs"]})
+        patches.update(graph["patches"])
     for name, want in EXPECTED_DIMS[kind].items():
         assert dims[name] == want, (name, dims[name])
-    assert graph["patches"] == EXPECTED_PATCHES.get(kind, [])
+    assert sorted(patches) == EXPECTED_PATCHES.get(kind, [])
 
 
 def test_exported_graph_has_no_exporter_symbols(exported_encoder):
@@ -92,6 +98,41 @@ def test_qwen2_5_omni_audio_runtime_from_mel_matches_transformers(exported_encod
         with torch.no_grad():
             want = model(mel, feature_lens=lens_t).last_hidden_state.numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_minicpmv4_6_runtime_vision_then_merger_matches_transformers(exported_encoder, encoder_checkpoints):
+    """Two images of sizes not used at export: vision.onnx on the packed patches, then
+    merger.onnx once per image (tokens reshaped to its 2x2 merge grid) == get_image_features."""
+    from transformers import MiniCPMV4_6ForConditionalGeneration
+
+    bundle, _ = exported_encoder("minicpmv4_6")
+    vision, merger = EncoderRunner(bundle, "vision"), EncoderRunner(bundle, "merger")
+    model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(encoder_checkpoints("minicpmv4_6"),
+                                                                attn_implementation="eager").eval()
+    sizes = np.array([[16, 8], [4, 8]])
+    n = int((sizes[:, 0] * sizes[:, 1]).sum())
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 4, n * 4)).astype(np.float32)
+    tokens = vision(pixels, sizes)["vision_embeds"][0]
+    got, start = [], 0
+    for h, w in (sizes // 2).tolist():
+        x = tokens[start:start + h * w].reshape(h // 2, 2, w // 2, 2, -1)
+        got.append(merger(hidden_states=x)["image_embeds"])
+        start += h * w
+    with torch.no_grad():
+        want = model.model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(sizes)).pooler_output
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=ATOL)
+
+
+def test_minicpm_nearest_position_ids_equal_transformers():
+    from transformers import vision_utils as vu
+
+    from onnxport.runtime.preprocess import nearest_position_ids
+
+    for sizes in ([[8, 8]], [[12, 16], [5, 7]], [[3, 30]]):
+        t = torch.tensor(sizes)
+        np.testing.assert_array_equal(nearest_position_ids(t.numpy(), 8), vu.get_vision_nearest_position_ids(t, 8).numpy())
 
 
 @pytest.mark.parametrize("grid", [[[1, 8, 8]], [[1, 12, 16]], [[2, 4, 6], [1, 10, 4]], [[1, 16, 30]]])

@@ -127,3 +127,32 @@ def qwen2_5_omni_audio(input_features: np.ndarray, feature_lens, meta: dict) -> 
         "pool_indices": pool.astype(np.int64),
         "attention_mask": block_diagonal_mask(cu, int(cu[-1])),
     }
+
+
+# --- MiniCPM-V 4.6 vision (NaViT packing: nearest position ids, 2x2 window order) ----------------
+
+def nearest_position_ids(target_sizes, per_side: int) -> np.ndarray:
+    """transformers.vision_utils.get_vision_nearest_position_ids in numpy (bucketize, right=True)."""
+    boundaries = np.arange(1 / per_side, 1.0, 1 / per_side, dtype=np.float32)
+    out = []
+    for h, w in np.asarray(target_sizes).tolist():
+        bh = np.searchsorted(boundaries, (np.arange(h) / h).astype(np.float32), side="right")
+        bw = np.searchsorted(boundaries, (np.arange(w) / w).astype(np.float32), side="right")
+        out.append((bh[:, None] * per_side + bw).reshape(-1))
+    return np.concatenate(out).astype(np.int64)
+
+
+@preprocessor("minicpmv4_6_vision")
+def minicpmv4_6_vision(pixel_values: np.ndarray, target_sizes, meta: dict) -> dict[str, np.ndarray]:
+    """Graph feeds for the MiniCPM-V 4.6 vision tower from processor outputs (pixel_values
+    [1, C, P, num_patches*P], target_sizes [num_images, 2] in patches)."""
+    sizes = np.asarray(target_sizes, dtype=np.int64)
+    grid = np.concatenate([np.ones((len(sizes), 1), dtype=np.int64), sizes], axis=1)
+    window_index, cu_window = vision_window_index(grid, 1, meta["window_kernel_size"], 1)
+    return {
+        "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
+        "target_sizes": sizes,
+        "position_ids": nearest_position_ids(sizes, meta["num_patches_per_side"]),
+        "window_index": window_index,
+        "cu_window_seqlens": cu_window,
+    }
