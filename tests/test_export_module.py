@@ -146,3 +146,20 @@ def test_wrong_argument_name_lists_the_real_ones(encoder_checkpoints, tmp_path):
     res = run("export-module", encoder_checkpoints("qwen2_5_vl"), "-o", out, "--module", "model.visual.merger",
               "--input", "hidden_states:float32[num_patches=16,64]")
     assert_clean_failure(res, out, "no argument 'hidden_states'", "its arguments: x", code=2)
+
+
+def test_exporter_failure_names_the_cause_and_hints_the_fix(tmp_path):
+    from onnxport.errors import ExportError
+    from onnxport.export.module import ModulePart, TensorSpec, export_part
+
+    class BranchOnValue(torch.nn.Module):  # a Python branch on tensor values
+        def forward(self, x, n):
+            return x * 2 if int(n.max().item()) > 1 else x * 3
+
+    part = ModulePart("m", BranchOnValue(), [TensorSpec("x", "float32", ("rows", 3)), TensorSpec("n", "int64", (1,), low=1, high=3)],
+                      ["y"], [{"rows": 4}, {"rows": 6}])
+    with pytest.raises(ExportError) as err:
+        export_part(part, tmp_path, "dynamo", 18, 1e-4, 0.9999)
+    assert "torch.onnx (dynamo) failed on m.onnx" in err.value.message
+    assert "compute it outside the graph" in err.value.hint
+    assert not list(tmp_path.iterdir())

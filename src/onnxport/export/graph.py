@@ -63,13 +63,39 @@ def export_graph(
     except Exception as e:  # the exporters raise many types; name the exporter and the op
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         first = lines[0] if lines else type(e).__name__
-        raise ExportError(
-            f"torch.onnx ({exporter}) failed on {out_file.name}: {first[:300]}",
-            "run with --debug for the full trace; try --exporter "
-            + ("torchscript" if exporter == "dynamo" else "dynamo"),
-        ) from e
+        raise ExportError(f"torch.onnx ({exporter}) failed on {out_file.name}: {_key_line(lines, first)[:300]}",
+                          failure_hint(str(e), exporter)) from e
     finalize_graph(tmp_file, out_file, inputs, outputs, external_threshold, param_prefix, static)
     return used, applied
+
+
+def _key_line(lines: list[str], first: str) -> str:
+    """The line that names the failing op or cause (dynamo's first line is a generic banner)."""
+    for line in lines:
+        if any(k in line for k in ("Error:", "aten::", "not supported", "Unsupported", "Could not guard",
+                                   "data-dependent", "Constraints violated")):
+            return line.strip()
+    return first
+
+
+def failure_hint(message: str, exporter: str) -> str:
+    """What to do about an exporter failure: the rewrite or input change it calls for."""
+    import re
+
+    other = "torchscript" if exporter == "dynamo" else "dynamo"
+    op = re.search(r"aten::(\w+)", message)
+    if re.search(r"data.dependent|GuardOnDataDependent|\.item\(\)|tolist|Could not guard", message):
+        return ("a Python int/bool depends on tensor values (.item(), .tolist(), a branch on a size): compute it "
+                "outside the graph and pass it as an input, or add a rewrite in onnxport/patches/")
+    if re.search(r"Constraints violated|specializ|not dynamic|Dim\.DYNAMIC", message):
+        return "a dim named in --input is fixed by the model: give it a number, or name fewer dims"
+    if "complex" in message.lower() or (op and op.group(1) in ("polar", "stft", "istft", "fft_irfft", "fft_rfft", "view_as_real")):
+        return ("complex tensors: onnxport rewrites torch.stft/istft/polar/fft.rfft|irfft; another complex op "
+                f"needs a rewrite in onnxport/patches/_dft.py (or try --exporter {other})")
+    if op:
+        return (f"aten::{op.group(1)} has no ONNX export here: add a rewrite file onnxport/patches/"
+                f"{op.group(1)}_as_<strategy>.py, or try --exporter {other} / another --opset")
+    return f"run with --debug for the full trace; try --exporter {other}"
 
 
 def _export_dynamo(module, args, inputs, input_names, output_names, opset, path: Path, prefix: str) -> set[str]:

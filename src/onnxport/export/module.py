@@ -271,7 +271,7 @@ def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opse
         try:
             used, applied = export_graph(part.module, tuple(args), inputs, outputs, out_file, exp, exp_opset,
                                          external_threshold, skip_patches=skip_patches)
-            check_rewrites_eager(part, applied, exp, args, atol)
+            check_rewrites_eager(part, applied, exp, args, atol, skip_patches)
             record = verify_part(part, out_file, atol, min_cosine)
         except (ExportError, VerificationError) as e:
             errors.append((exp, e))
@@ -289,6 +289,10 @@ def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opse
         }
         if errors:
             entry["fallback_from"] = {errors[0][0]: errors[0][1].message[:300]}
+        # Submodules legitimately leave weights unread (a pooling head the caller does not use);
+        # list them so nothing is dropped silently.
+        params = {n for n, _ in part.module.named_parameters()}
+        entry["weights"] = {"in_graph": len(params & used), "not_read": sorted(params - used)}
         return entry
     exp, err = errors[-1]
     if len(errors) > 1:
@@ -296,7 +300,8 @@ def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opse
     raise err
 
 
-def check_rewrites_eager(part: ModulePart, applied: list[str], exporter: str, args, atol: float) -> None:
+def check_rewrites_eager(part: ModulePart, applied: list[str], exporter: str, args, atol: float,
+                         skip_patches: tuple[str, ...] = ()) -> None:
     """Proof 1 at export time: with the rewrites in place the module computes what it computed
     without them. A rewrite that changes numerics is named (each one is tried alone)."""
     from onnxport.patches import all_patches, apply_patches
@@ -307,7 +312,7 @@ def check_rewrites_eager(part: ModulePart, applied: list[str], exporter: str, ar
         return
     with torch.no_grad():
         ref = _as_tuple(part.module(*args))
-        with apply_patches(part.module, exporter):
+        with apply_patches(part.module, exporter, skip_patches):
             got = _as_tuple(part.module(*args))
     bad = _first_mismatch(ref, got, atol)
     if bad is None:
