@@ -31,6 +31,9 @@ EXPECTED_DIMS = {
                     "vision_embeds": [1, "num_patches_div4", 64], "hidden_states": ["merged_height", 2, "merged_width", 2, 64],
                     "image_embeds": ["num_image_tokens", 48]},
 }
+#: parameters the exported part legitimately does not read (training-only / other modality)
+EXPECTED_NOT_READ = {"siglip": [], "whisper": [], "hubert": ["target.masked_spec_embed"], "qwen2_5_vl": [],
+                     "qwen2_5_omni_audio_encoder": ["encoder.audio_bos_eos_token.weight"], "minicpmv4_6": []}
 EXPECTED_PATCHES = {"qwen2_5_vl": ["varlen_attention_as_mask"], "qwen2_5_omni_audio_encoder": ["varlen_attention_as_mask"],
                     "minicpmv4_6": ["varlen_attention_as_mask"]}
 
@@ -49,6 +52,8 @@ def test_encoder_export_is_verified_at_several_sizes(kind, exported_encoder):
             assert r["ok"] and r["max_abs_diff"] <= ATOL and r["cosine"] > 0.9999, r
         dims.update({io["name"]: io["dims"] for io in graph["inputs"] + graph["outputs"]})
         patches.update(graph["patches"])
+        if kind in EXPECTED_NOT_READ:
+            assert graph["weights"]["not_read"] == EXPECTED_NOT_READ[kind]
     for name, want in EXPECTED_DIMS[kind].items():
         assert dims[name] == want, (name, dims[name])
     assert sorted(patches) == EXPECTED_PATCHES.get(kind, [])

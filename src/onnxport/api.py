@@ -68,17 +68,6 @@ def load_model(recipe, ckpt: Checkpoint):
         ) from e
 
 
-def _graph_arrays(onnx_file: Path) -> dict:
-    import onnx_ir as ir
-
-    model = ir.load(str(onnx_file))
-    arrays = {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if v.const_value is not None}
-    for node in model.graph:
-        if node.op_type == "Constant" and "value" in node.attributes:
-            arrays[node.outputs[0].name] = node.attributes["value"].as_tensor().numpy()
-    return arrays
-
-
 def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
            verify_cfg: VerifyConfig = VerifyConfig(), split: SplitConfig | None = None) -> dict:
     """Export a local checkpoint to a verified bundle at `out`; return the manifest.
@@ -165,10 +154,12 @@ def export_graphs(recipe, model, kv, cfg: ExportConfig, split: SplitConfig | Non
 
 
 def graph_arrays(folder: Path, graphs: list[dict]) -> dict:
+    from onnxport.export.weights import onnx_arrays
+
     arrays = {}
     for g in graphs:
         if g["file"].endswith(".onnx"):
-            arrays.update({f"{g['file']}:{k}": v for k, v in _graph_arrays(folder / g["file"]).items()})
+            arrays.update({f"{g['file']}:{k}": v for k, v in onnx_arrays(folder / g["file"]).items()})
     return arrays
 
 

@@ -291,8 +291,10 @@ def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opse
             entry["fallback_from"] = {errors[0][0]: errors[0][1].message[:300]}
         # Submodules legitimately leave weights unread (a pooling head the caller does not use);
         # list them so nothing is dropped silently.
-        params = {n for n, _ in part.module.named_parameters()}
-        entry["weights"] = {"in_graph": len(params & used), "not_read": sorted(params - used)}
+        from onnxport.export.weights import unread_parameters
+
+        unread = unread_parameters(part.module, used, out_file)
+        entry["weights"] = {"in_graph": sum(1 for _ in part.module.parameters()) - len(unread), "not_read": unread}
         return entry
     exp, err = errors[-1]
     if len(errors) > 1:

@@ -80,3 +80,26 @@ def account_weights(
             )
         in_graph.append(name)
     return {"in_graph": len(in_graph), "skipped": skipped}
+
+
+def onnx_arrays(onnx_file) -> dict:
+    """Initializers and Constant-node tensors of a saved graph, by name (numpy)."""
+    import onnx_ir as ir
+
+    model = ir.load(str(onnx_file))
+    arrays = {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if v.const_value is not None}
+    for node in model.graph:
+        if node.op_type == "Constant" and "value" in node.attributes:
+            arrays[node.outputs[0].name] = node.attributes["value"].as_tensor().numpy()
+    return arrays
+
+
+def unread_parameters(module: torch.nn.Module, used: set[str], onnx_file) -> list[str]:
+    """Parameters of `module` the exported graph does not read. Beyond the traced set, a
+    parameter counts as read when an initializer has its content: the TorchScript exporter
+    deduplicates equal tensors (zero biases, unit norms) under one name."""
+    params = {n: p for n, p in module.named_parameters() if n not in used}
+    if not params:
+        return []
+    prints = {_fingerprint(v) for v in onnx_arrays(onnx_file).values() if v.dtype.kind == "f" and v.size > 1}
+    return sorted(n for n, p in params.items() if p.numel() <= 1 or _fingerprint(p.detach().float().numpy()) not in prints)
