@@ -163,3 +163,14 @@ def test_exporter_failure_names_the_cause_and_hints_the_fix(tmp_path):
     assert "torch.onnx (dynamo) failed on m.onnx" in err.value.message
     assert "compute it outside the graph" in err.value.hint
     assert not list(tmp_path.iterdir())
+
+
+def test_export_command_on_an_encoder_checkpoint(encoder_checkpoints, tmp_path):
+    out = tmp_path / "siglip"
+    res = run("export", encoder_checkpoints("siglip"), "-o", out)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnxport_task"] == "feature-extraction" and manifest["verification"]["ok"]
+    assert "vision.onnx" in res.output and "ok" in res.output
+    res = run("export", encoder_checkpoints("siglip"), "-o", tmp_path / "s2", "--layout", "split")
+    assert_clean_failure(res, tmp_path / "s2", "applies to decoder LMs", code=2)
