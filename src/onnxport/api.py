@@ -394,25 +394,25 @@ def _load_any(ckpt: Checkpoint, dtype, model_class: str | None, trust_remote_cod
     or `model_class`; remote code only when asked for."""
     import transformers
 
-    from onnxport.export.compat import dtype_kwarg
+    from onnxport.recipes.base import from_pretrained
 
-    archs = ckpt.config.get("architectures") or []
     auto_map = ckpt.config.get("auto_map") or {}
     if auto_map and not trust_remote_code:
         raise CheckpointError("this checkpoint's model class is remote code (auto_map in config.json)",
                               "pass --trust-remote-code if you trust its source")
-    names = [model_class] if model_class else [a for a in archs if hasattr(transformers, a)]
-    if model_class and not hasattr(transformers, model_class) and not auto_map:
-        raise InputError(f"transformers has no class {model_class!r}", "e.g. --model-class AutoModel")
-    cls = getattr(transformers, names[0]) if names else transformers.AutoModel
-    if auto_map:
-        cls = transformers.AutoModel if not model_class else getattr(transformers, model_class)
-    kwargs = dict(use_safetensors=not ckpt.pickle_weights, trust_remote_code=trust_remote_code, **dtype_kwarg(dtype))
+    if model_class:
+        if not hasattr(transformers, model_class):
+            raise InputError(f"transformers has no class {model_class!r}", "e.g. --model-class AutoModel")
+        cls = getattr(transformers, model_class)
+    elif auto_map:
+        cls = transformers.AutoModel
+    else:
+        archs = [a for a in ckpt.config.get("architectures") or [] if hasattr(transformers, a)]
+        cls = getattr(transformers, archs[0]) if archs else transformers.AutoModel
     try:
-        model = cls.from_pretrained(str(ckpt.path), attn_implementation="eager", **kwargs)
-    except (TypeError, ValueError):
-        model = cls.from_pretrained(str(ckpt.path), **kwargs)
-    return model.eval()
+        return from_pretrained(cls, ckpt, dtype, "eager", trust_remote_code)
+    except (TypeError, ValueError):  # remote-code classes that take no attn_implementation
+        return from_pretrained(cls, ckpt, dtype, None, trust_remote_code)
 
 
 def _verify_modules(folder: Path, manifest: dict, ckpt: Checkpoint, verify_cfg: VerifyConfig) -> dict:

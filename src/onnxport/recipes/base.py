@@ -24,6 +24,18 @@ def torch_tanh(x):
     return torch.tanh(x)
 
 
+def from_pretrained(cls, ckpt: Checkpoint, dtype, attn_implementation: str | None = "eager",
+                    trust_remote_code: bool = False):
+    """`cls.from_pretrained` on a local checkpoint, in eval mode: safetensors unless the
+    checkpoint only has (explicitly allowed) pickle weights, no remote code unless asked."""
+    from onnxport.export.compat import dtype_kwarg
+
+    kwargs = dict(use_safetensors=not ckpt.pickle_weights, trust_remote_code=trust_remote_code, **dtype_kwarg(dtype))
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return cls.from_pretrained(str(ckpt.path), **kwargs).eval()
+
+
 @dataclass(frozen=True)
 class KVSpec:
     num_layers: int
@@ -58,17 +70,7 @@ class DecoderLM(Recipe):
     def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
         import transformers
 
-        from onnxport.export.compat import dtype_kwarg
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(ckpt.path),
-            attn_implementation=self.attn_implementation,
-            use_safetensors=not ckpt.pickle_weights,
-            trust_remote_code=False,
-            **dtype_kwarg(dtype),
-        )
-        model.eval()
-        return model
+        return from_pretrained(transformers.AutoModelForCausalLM, ckpt, dtype, self.attn_implementation)
 
     def kv_spec(self, config) -> KVSpec:
         from onnxport.export.compat import text_config

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from onnxport.recipes.base import Recipe
+from onnxport.recipes.base import Recipe, from_pretrained
 
 if TYPE_CHECKING:
     import torch
@@ -24,12 +24,7 @@ class EncoderRecipe(Recipe):
     def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
         import transformers
 
-        from onnxport.export.compat import dtype_kwarg
-
-        cls = getattr(transformers, self.model_class)
-        model = cls.from_pretrained(str(ckpt.path), attn_implementation=self.attn_implementation,
-                                    use_safetensors=True, trust_remote_code=False, **dtype_kwarg(dtype))
-        return model.eval()
+        return from_pretrained(getattr(transformers, self.model_class), ckpt, dtype, self.attn_implementation)
 
     def parts(self, model) -> list[ModulePart]:
         raise NotImplementedError

@@ -35,10 +35,9 @@ class Qwen25OmniAudio(EncoderRecipe):
     def load_model(self, ckpt, dtype):
         from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
-        from onnxport.export.compat import dtype_kwarg
+        from onnxport.recipes.base import from_pretrained
 
-        return Qwen2_5OmniAudioEncoder.from_pretrained(str(ckpt.path), attn_implementation=self.attn_implementation,
-                                                       use_safetensors=True, **dtype_kwarg(dtype)).eval()
+        return from_pretrained(Qwen2_5OmniAudioEncoder, ckpt, dtype, self.attn_implementation)
 
     def audio_tower(self, model):
         return model
