@@ -86,7 +86,7 @@ def test_wrong_runtime_inputs_are_one_line_errors(exported):
         "input_ids": np.zeros((1, 2), np.int64),
         "attention_mask": np.ones((1, 2), np.int64),
         "position_ids": np.arange(2, dtype=np.int64)[None],
-        **{n: gen._empty_past(1) for n in gen.past_names},
+        **{n: gen._empty_past(n, 1) for n in gen.past_names},
     }
     sess.check(ok)
     bad = dict(ok)

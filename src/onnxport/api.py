@@ -15,7 +15,7 @@ from onnxport.bundle import atomic_bundle, graph_entry, read_manifest, write_man
 from onnxport.checkpoint import Checkpoint, open_checkpoint
 from onnxport.config import ExportConfig, SplitConfig, VerifyConfig
 from onnxport.errors import CheckpointError, InputError, VerificationError
-from onnxport.recipes import get_recipe
+from onnxport.recipes import encoder_recipe, get_recipe
 from onnxport.runtime import GenerationResult, Generator
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def load_model(recipe, ckpt: Checkpoint):
         raise CheckpointError(f"transformers cannot read config.json: {str(e).splitlines()[0][:200]}",
                               "check config.json against the model's documentation") from e
     if not ckpt.pickle_weights:
-        check_checkpoint_shapes(ckpt, lambda: transformers.AutoModelForCausalLM.from_config(config))
+        check_checkpoint_shapes(ckpt, lambda: recipe.model_cls().from_config(config))
     try:
         return recipe.load_model(ckpt, torch.float32)
     except CheckpointError:
@@ -73,13 +73,13 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     """Export a local checkpoint to a verified bundle at `out`; return the manifest.
 
     `split=None` writes one decoder graph; a SplitConfig writes the NPU split layout."""
-    from onnxport.export.compat import text_config
+    from onnxport.hf.compat import text_config
     from onnxport.export.weights import account_weights
     from onnxport.recipes.encoder import EncoderRecipe
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
-    recipe = get_recipe(ckpt.model_type)
+    recipe = get_recipe(ckpt.model_type, config=ckpt.config)
     if isinstance(recipe, EncoderRecipe):
         if split is not None:
             raise InputError(f"--layout split applies to decoder LMs; {ckpt.model_type!r} is an encoder",
@@ -90,10 +90,11 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                          "split graphs name their cache past_key_values.{i}.key -> present.{i}.key")
     with atomic_bundle(out, cfg.force) as tmp:
         model = load_model(recipe, ckpt)
-        kv = recipe.kv_spec(model.config)
+        kv = recipe.kv_spec(model)
         text = text_config(model.config)
         graphs, traced_used, layout = export_graphs(recipe, model, kv, cfg, split, tmp)
-        weights = account_weights(model, set(ckpt.tensors), lambda: graph_arrays(tmp, graphs), traced_used)
+        weights = account_weights(model, set(ckpt.tensors), lambda: graph_arrays(tmp, graphs), traced_used,
+                                  lambda unread: recipe.skipped_weights(model, unread))
         copied = copy_support_files(ckpt, tmp)
         manifest = {
             "onnxport_task": recipe.task,
@@ -116,7 +117,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
         }
         write_manifest(tmp, manifest)  # the split runtime reads it during verification
         if cfg.verify:
-            record = run_verification(recipe, model, tmp, manifest, cfg, verify_cfg, split)
+            record = run_verification(recipe, model, kv, tmp, manifest, cfg, verify_cfg, split)
             manifest["verification"] = record
             if not record["ok"]:
                 from onnxport.verify.decoder import first_failure
@@ -162,24 +163,24 @@ def graph_arrays(folder: Path, graphs: list[dict]) -> dict:
     return arrays
 
 
-def run_verification(recipe, model, folder: Path, manifest: dict, cfg: ExportConfig, verify_cfg: VerifyConfig,
+def run_verification(recipe, model, kv, folder: Path, manifest: dict, cfg: ExportConfig, verify_cfg: VerifyConfig,
                      split: SplitConfig | None) -> dict:
-    from onnxport.export.decoder import FlatCacheDecoder
+    from onnxport.export.decoder import flat_cache_wrapper
     from onnxport.verify.decoder import verify_decoder
     from onnxport.verify.split import verify_split
 
     if split is None:
         entry = graph_entry(manifest, "decoder")
-        wrapper = FlatCacheDecoder(model, manifest["kv_cache"]["num_layers"], manifest["kv_cache"]["layout"]).eval()
+        wrapper = flat_cache_wrapper(model, kv, manifest["kv_cache"]["layout"])
         return verify_decoder(wrapper, folder / entry["file"], entry, manifest["model"]["vocab_size"], verify_cfg)
     return verify_split(recipe, model, folder, manifest, split, cfg, verify_cfg)
 
 
 def kv_record(kv, cfg: ExportConfig) -> dict:
-    from onnxport.export.decoder import kv_names
+    from onnxport.spec import kv_names
 
     past, present = kv_names(kv.num_layers, cfg.kv_naming)
-    return {
+    record = {
         "layout": cfg.kv_layout,
         "naming": cfg.kv_naming,
         "num_layers": kv.num_layers,
@@ -188,6 +189,9 @@ def kv_record(kv, cfg: ExportConfig) -> dict:
         "dtype": cfg.dtype,
         "names": [list(p) for p in zip(past, present)],
     }
+    if not kv.is_uniform:
+        record["layers"] = [[x.key_heads, x.key_dim, x.value_heads, x.value_dim] for x in kv.layers]
+    return record
 
 
 def copy_support_files(ckpt: Checkpoint, folder: Path) -> list[str]:
@@ -213,7 +217,7 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None,
                               "pass --model with the checkpoint the bundle was exported from")
     if manifest.get("layout", {}).get("kind") == "modules":
         return _verify_modules(folder, manifest, ckpt, verify_cfg)
-    recipe = get_recipe(ckpt.model_type)
+    recipe = get_recipe(ckpt.model_type, config=ckpt.config)
     model = load_model(recipe, ckpt)
     layout = dict(manifest.get("layout", {"kind": "monolithic"}))
     split = None
@@ -224,7 +228,7 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None,
     exp = manifest["export"]
     cfg = ExportConfig(opset=exp["opset"], exporter=exp["exporter"], kv_layout=manifest["kv_cache"]["layout"],
                        kv_naming=manifest["kv_cache"]["naming"])
-    record = run_verification(recipe, model, folder, manifest, cfg, verify_cfg, split)
+    record = run_verification(recipe, model, recipe.kv_spec(model), folder, manifest, cfg, verify_cfg, split)
     manifest["verification"] = record
     manifest.pop("schema_version", None)
     write_manifest(folder, manifest)
@@ -270,12 +274,12 @@ def _module_manifest(task: str, ckpt: Checkpoint, model, recipe_name: str, graph
 def export_encoder(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(exporter="auto"),
                    verify_cfg: VerifyConfig = VerifyConfig()) -> dict:
     """Export the parts an encoder recipe declares (vision tower, audio encoder, codec decoder)."""
-    from onnxport.recipes.encoder import EncoderRecipe
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
-    recipe = get_recipe(ckpt.model_type)
-    if not isinstance(recipe, EncoderRecipe):
+    recipe = encoder_recipe(ckpt.model_type, ckpt.config)
+    if recipe is None:
+        get_recipe(ckpt.model_type, config=ckpt.config)  # unknown types: the registry's error
         raise InputError(f"model_type {ckpt.model_type!r} is a decoder LM", "use onnxport export")
     return _export_encoder(ckpt, recipe, out, cfg, verify_cfg, t0)
 
@@ -422,7 +426,7 @@ def _verify_modules(folder: Path, manifest: dict, ckpt: Checkpoint, verify_cfg: 
     if manifest["onnxport_task"] == "module":
         raise InputError("export-module bundles are verified when they are written",
                          "re-run onnxport export-module to re-check against the checkpoint")
-    recipe = get_recipe(ckpt.model_type)
+    recipe = encoder_recipe(ckpt.model_type, ckpt.config)
     assert isinstance(recipe, EncoderRecipe)
     _quiet_transformers()
     model = _load_or_explain(lambda: recipe.load_model(ckpt, _torch_dtype(ExportConfig())))

@@ -253,12 +253,19 @@ def generate_cmd(
 
 @app.command("recipes")
 @_guard
-def recipes_cmd():
-    """List supported model types and the recipe that handles each."""
-    from onnxport.recipes import all_recipes
+def recipes_cmd(all_types: bool = typer.Option(False, "--all", help="Also list every causal-LM type the generic decoder covers.")):
+    """List model types and the parts onnxport exports for each (one checkpoint, several parts)."""
+    from onnxport.recipes import causal_lm_types, parts_for, registered
 
-    for mt, cls in all_recipes().items():
-        out.print(f"{mt:12s} {cls.__name__:10s} {cls.task}")
+    family = sorted({mt for mt, _ in registered()})
+    for mt in family:
+        parts = ", ".join(f"{p} ({cls.__name__})" for p, cls in parts_for(mt).items())
+        out.print(f"{mt:28s} {parts}", soft_wrap=True, markup=False)
+    lms = [t for t in causal_lm_types() if t not in family]
+    out.print(f"decoder (GenericDecoder): {len(lms)} more transformers causal-LM types"
+              + ("" if all_types else " (--all lists them)"), markup=False)
+    if all_types:
+        out.print(" ".join(lms), soft_wrap=True, markup=False)
 
 
 @app.command("patches")

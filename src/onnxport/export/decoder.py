@@ -15,61 +15,37 @@ uses past_key_in{i} / past_value_in{i} -> past_key{i} / past_value{i}.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
 import torch
 
 from onnxport.config import ExportConfig
-from onnxport.export.compat import build_dynamic_cache, cache_pairs, text_config
 from onnxport.export.graph import export_graph
-from onnxport.recipes.base import KVSpec
-from onnxport.verify.inputs import ShapeCase, decoder_feeds
+from onnxport.hf.compat import build_dynamic_cache, cache_kwarg, cache_pairs, output_cache, text_config
+from onnxport.spec import BATCH, PAST, SEQ, TOTAL, TRACE_CASE, KVSpec, feeds, kv_dims, kv_names
 
 log = logging.getLogger(__name__)
 
-# Example sizes for tracing: all distinct and > 1 so that no dynamic dim is specialised or
-# unified with another by the exporter (torch.export specialises sizes 0 and 1).
-EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 WRAPPER_PREFIX = "model."  # FlatCacheDecoder.model
 
 
-def kv_names(num_layers: int, naming: str) -> tuple[list[str], list[str]]:
-    """Flat past (input) and present (output) names, key before value, layer by layer."""
-    past, present = [], []
-    for i in range(num_layers):
-        if naming == "seed":
-            past += [f"past_key_in{i}", f"past_value_in{i}"]
-            present += [f"past_key{i}", f"past_value{i}"]
-        else:
-            past += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-            present += [f"present.{i}.key", f"present.{i}.value"]
-    return past, present
-
-
-def kv_dims(kv: KVSpec, layout: str, seq_dim: str) -> list:
-    if layout == "bshd":
-        return ["batch_size", seq_dim, kv.num_kv_heads, kv.head_dim]
-    return ["batch_size", kv.num_kv_heads, seq_dim, kv.head_dim]
-
-
-def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig) -> dict:
+def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: bool = True) -> dict:
     """The manifest's description of the graph's inputs and outputs."""
     past, present = kv_names(kv.num_layers, cfg.kv_naming)
     inputs = [
-        {"name": "input_ids", "dtype": "int64", "dims": ["batch_size", "sequence_length"]},
-        {"name": "attention_mask", "dtype": "int64", "dims": ["batch_size", "total_sequence_length"]},
-        {"name": "position_ids", "dtype": "int64", "dims": ["batch_size", "sequence_length"]},
-    ] + [
-        {"name": n, "dtype": cfg.dtype, "dims": kv_dims(kv, cfg.kv_layout, "past_sequence_length")}
-        for n in past
+        {"name": "input_ids", "dtype": "int64", "dims": [BATCH, SEQ]},
+        {"name": "attention_mask", "dtype": "int64", "dims": [BATCH, TOTAL]},
     ]
-    outputs = [
-        {"name": "logits", "dtype": cfg.dtype, "dims": ["batch_size", "sequence_length", vocab_size]}
-    ] + [
-        {"name": n, "dtype": cfg.dtype, "dims": kv_dims(kv, cfg.kv_layout, "total_sequence_length")}
-        for n in present
-    ]
+    if takes_position_ids:
+        inputs.append({"name": "position_ids", "dtype": "int64", "dims": [BATCH, SEQ]})
+    outputs = [{"name": "logits", "dtype": cfg.dtype, "dims": [BATCH, SEQ, vocab_size]}]
+    for i, layer in enumerate(kv.layers):
+        for j, which in enumerate(("key", "value")):
+            inputs.append({"name": past[2 * i + j], "dtype": cfg.dtype, "dims": kv_dims(layer, which, cfg.kv_layout, PAST)})
+            outputs.append({"name": present[2 * i + j], "dtype": cfg.dtype,
+                            "dims": kv_dims(layer, which, cfg.kv_layout, TOTAL)})
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -85,8 +61,12 @@ class FlatCacheDecoder(torch.nn.Module):
         #: 4.5x builds it with torch.vmap, which the TorchScript exporter cannot trace; both
         #: majors use a 4D mask as given.
         self.mask_4d = mask_4d
+        self.cache_kwarg = cache_kwarg(model.forward)
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
+        return self.run(input_ids, attention_mask, position_ids, past_key_values)
+
+    def run(self, input_ids, attention_mask, position_ids, past_key_values):
         pairs = []
         for i in range(self.num_layers):
             k, v = past_key_values[2 * i], past_key_values[2 * i + 1]
@@ -95,20 +75,46 @@ class FlatCacheDecoder(torch.nn.Module):
             pairs.append((k, v))
         if self.mask_4d:
             attention_mask = additive_causal_mask(attention_mask, input_ids.shape[1], self.model.dtype)
+        positions = {} if position_ids is None else {"position_ids": position_ids}
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=build_dynamic_cache(pairs),
             use_cache=True,
+            **positions,
             return_dict=True,
+            **{self.cache_kwarg: build_dynamic_cache(pairs)},
         )
         flat = [out.logits]
-        for k, v in cache_pairs(out.past_key_values):
+        for k, v in cache_pairs(output_cache(out)):
             if self.bshd:
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
             flat += [k, v]
         return tuple(flat)
+
+
+class FlatCacheDecoderNoPositions(FlatCacheDecoder):
+    """For models whose forward takes no position_ids (ALiBi models such as bloom/mpt derive
+    positions from the mask)."""
+
+    def forward(self, input_ids, attention_mask, past_key_values: list[torch.Tensor]):
+        return self.run(input_ids, attention_mask, None, past_key_values)
+
+
+def takes_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False) -> FlatCacheDecoder:
+    cls = FlatCacheDecoder if takes_position_ids(model) else FlatCacheDecoderNoPositions
+    return cls(model, kv.num_layers, kv_layout, mask_4d=mask_4d).eval()
+
+
+def wrapper_args(spec: dict, tensors: dict) -> tuple:
+    """Positional arguments of the wrapper from named tensors: the leading inputs, then the
+    flat cache as one list."""
+    names = [i["name"] for i in spec["inputs"]]
+    lead = 3 if "position_ids" in names else 2
+    return (*[tensors[n] for n in names[:lead]], [tensors[n] for n in names[lead:]])
 
 
 def additive_causal_mask(mask_2d: torch.Tensor, seq_len, dtype) -> torch.Tensor:
@@ -134,14 +140,13 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tupl
 
     Returns the I/O spec and the names of the model parameters the exported graph consumes."""
     vocab = text_config(model.config).vocab_size
-    spec = io_spec(kv, vocab, cfg)
+    spec = io_spec(kv, vocab, cfg, takes_position_ids(model))
     # TorchScript cannot trace transformers 4.5x's vmap mask builder; build the mask in the
     # wrapper (sliding-window models keep transformers' per-layer masks: not needed on 5.x).
-    mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model)
-    wrapper = FlatCacheDecoder(model, kv.num_layers, cfg.kv_layout, mask_4d=mask_4d).eval()
-    feeds = decoder_feeds(spec, ShapeCase(EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST), vocab)
-    tensors = [torch.from_numpy(feeds[i["name"]]) for i in spec["inputs"]]
-    args = (tensors[0], tensors[1], tensors[2], tensors[3:])
+    mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model) and takes_position_ids(model)
+    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d)
+    example = feeds(spec["inputs"], TRACE_CASE.sizes, vocab_size=vocab)
+    args = wrapper_args(spec, {k: torch.from_numpy(v) for k, v in example.items()})
     used, applied = export_graph(wrapper, args, spec["inputs"], spec["outputs"], out_file, cfg.exporter, cfg.opset,
                                  cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX)
     return {**spec, "patches": applied}, used

@@ -23,14 +23,14 @@ Contracts (batch is always 1, as NPU runtimes drive one sequence; kv layout per 
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from onnxport.config import SplitConfig
-from onnxport.runtime.split import additive_mask
+from onnxport.hf.compat import cache_kwarg
+from onnxport.spec import KVSpec, feeds, kv_dims
 
 
 class KVCapture:
@@ -55,12 +55,6 @@ class KVCapture:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.past[layer_idx][0].shape[-2] if layer_idx in self.past else 0
-
-
-def _cache_kwarg(layer) -> str:
-    # transformers < 4.56 names the decoder layer's cache argument `past_key_value`
-    params = inspect.signature(layer.forward).parameters
-    return "past_key_values" if "past_key_values" in params else "past_key_value"
 
 
 class Embedding(torch.nn.Module):
@@ -104,7 +98,7 @@ class Block(torch.nn.Module):
         self.windows = [recipe.sliding_window(model, i) for i in layer_ids]
         self.has_sliding = any(w is not None for w in self.windows)
         self.decode, self.static, self.bshd, self.rope_outside = decode, static, kv_layout == "bshd", rope_outside
-        self.cache_kwarg = _cache_kwarg(self.layers[0])
+        self.cache_kwarg = cache_kwarg(self.layers[0].forward)
 
     def forward(self, *inputs):
         hidden, position_ids, mask = inputs[0], inputs[1], inputs[2]
@@ -151,11 +145,7 @@ def pack_suffix(ids: list[int]) -> str:
     return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
 
 
-def _kv_dims(kv, layout: str, seq) -> list:
-    return [1, seq, kv.num_kv_heads, kv.head_dim] if layout == "bshd" else [1, kv.num_kv_heads, seq, kv.head_dim]
-
-
-def split_plan(recipe, model, kv, hidden: int, vocab: int, cfg, split: SplitConfig) -> list[dict]:
+def split_plan(recipe, model, kv: KVSpec, hidden: int, vocab: int, cfg, split: SplitConfig) -> list[dict]:
     """The manifest's graph entries (role, file, I/O, layers) for a split export."""
     dt = cfg.dtype
     seq = split.prefill_len if split.static else "sequence_length"
@@ -185,10 +175,10 @@ def split_plan(recipe, model, kv, hidden: int, vocab: int, cfg, split: SplitConf
             present_len = s if (split.static or not decode) else total
             for i in ids:
                 if decode:
-                    ins += [{"name": f"past_key_values.{i}.{t}", "dtype": dt, "dims": _kv_dims(kv, cfg.kv_layout, past_len)}
-                            for t in ("key", "value")]
-                outs += [{"name": f"present.{i}.{t}", "dtype": dt, "dims": _kv_dims(kv, cfg.kv_layout, present_len)}
-                         for t in ("key", "value")]
+                    ins += [{"name": f"past_key_values.{i}.{t}", "dtype": dt,
+                             "dims": kv_dims(kv.layers[i], t, cfg.kv_layout, past_len, batch=1)} for t in ("key", "value")]
+                outs += [{"name": f"present.{i}.{t}", "dtype": dt,
+                          "dims": kv_dims(kv.layers[i], t, cfg.kv_layout, present_len, batch=1)} for t in ("key", "value")]
             role = "block_cache" if decode else "block"
             graphs.append({"role": role, "file": f"{role}_{pack_suffix(ids)}.onnx", "layers": ids,
                            "sliding_windows": windows, "inputs": ins, "outputs": outs})
@@ -214,49 +204,32 @@ def module_for(entry: dict, recipe, model, cfg, split: SplitConfig) -> torch.nn.
                  kv_layout=cfg.kv_layout, rope_outside=split.rope == "outside")
 
 
-def feeds_for(entry: dict, sizes: dict, rng: np.random.Generator, vocab: int, past_len: int) -> dict:
-    """Inputs for verifying one split graph: random ids/hidden/cache, real causal masks."""
-    feeds = {}
-    for inp in entry["inputs"]:
-        shape = [sizes[d] if isinstance(d, str) else d for d in inp["dims"]]
-        name = inp["name"]
-        if name == "input_ids":
-            feeds[name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
-        elif name == "position_ids":
-            feeds[name] = np.arange(past_len, past_len + shape[1], dtype=np.int64)[None]
-        elif name.endswith("attention_mask"):
-            q, t = shape[2], shape[3]
-            window = next((w for w in entry.get("sliding_windows", []) if w), None) if name.startswith("sliding") else None
-            q_pos = np.arange(past_len, past_len + q)
-            k_pos = np.arange(t) if entry["role"] == "block" else np.concatenate([np.arange(t - 1), [past_len]])
-            valid = np.ones(t, dtype=bool)
-            if entry["role"] == "block_cache":
-                valid[past_len:t - 1] = False  # static: slots not yet written
-            feeds[name] = additive_mask(q_pos, k_pos, valid, window)
-        else:
-            feeds[name] = rng.standard_normal(shape).astype(inp["dtype"])
-    return feeds
+def example_feeds(entry: dict, sizes: dict, seed: int, vocab: int, past_len: int) -> dict:
+    """Inputs for tracing or verifying one split graph: random ids/hidden/cache, real causal
+    masks (the decode cache's new key sits in the last slot)."""
+    window = next((w for w in entry.get("sliding_windows", []) if w), None)
+    return feeds(entry["inputs"], sizes, seed, vocab, past=past_len, window=window,
+                 static_cache=entry["role"] == "block_cache")
 
 
 def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[dict], set[str]]:
     """Export every graph of the split plan into `folder`; return the entries and the union of
     parameters the exported graphs read."""
-    from onnxport.export.compat import text_config
+    from onnxport.hf.compat import text_config
     from onnxport.export.graph import check_fully_static, export_graph, slim_static
 
     text = text_config(model.config)
     graphs = split_plan(recipe, model, kv, text.hidden_size, text.vocab_size, cfg, split)
-    rng = np.random.default_rng(0)
     used_all: set[str] = set()
-    for entry in graphs:
+    for n, entry in enumerate(graphs):
         module = module_for(entry, recipe, model, cfg, split).eval()
         # trace with distinct sizes > 1 so no dynamic dim is specialised
         sizes = {"sequence_length": 3, "past_sequence_length": 5, "total_sequence_length": 6 if entry["role"] == "block_cache" else 3}
         past = 5 if entry["role"] == "block_cache" else 0
         if entry["role"] == "block_cache" and split.static:
             past = 3
-        feeds = feeds_for(entry, sizes, rng, text.vocab_size, past)
-        args = tuple(torch.from_numpy(feeds[i["name"]]) for i in entry["inputs"])
+        example = example_feeds(entry, sizes, n, text.vocab_size, past)
+        args = tuple(torch.from_numpy(example[i["name"]]) for i in entry["inputs"])
         used, entry["patches"] = export_graph(module, args, entry["inputs"], entry["outputs"], folder / entry["file"], cfg.exporter,
                             cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.", static=split.static)
         if split.static:

@@ -36,7 +36,8 @@ def _fingerprint(a: np.ndarray) -> tuple:
 
 
 def account_weights(
-    model: torch.nn.Module, ckpt_names: set[str], graph_initializers, traced_used: set[str] | None = None
+    model: torch.nn.Module, ckpt_names: set[str], graph_initializers, traced_used: set[str] | None = None,
+    declared_skips=None,
 ) -> dict:
     """Return {"in_graph": n, "skipped": {name: reason}}; raise if anything is unaccounted.
 
@@ -45,7 +46,8 @@ def account_weights(
     graph initializer carries its name or its content fingerprint (TorchScript path).
     `graph_initializers` maps initializer/constant name -> numpy array, or is a callable that
     builds that map; it is only called when a parameter is missing from `traced_used`, so a
-    normal export does not read every weight back from disk."""
+    normal export does not read every weight back from disk. `declared_skips(unread)` returns
+    the unread parameters the recipe leaves out on purpose, with the reason."""
     params = dict(model.named_parameters(remove_duplicate=False))
     unused = sorted(n for n in ckpt_names if n not in params)
     if unused:
@@ -57,7 +59,7 @@ def account_weights(
     for name, p in model.named_parameters():  # first name of each storage
         owner.setdefault(p.data_ptr(), name)
     fingerprints = {}
-    in_graph, skipped = [], {}
+    in_graph, skipped, unread = [], {}, []
     for name, p in params.items():
         first = owner[p.data_ptr()]
         if first != name:
@@ -74,11 +76,18 @@ def account_weights(
                 }
             hit = _fingerprint(p.detach().float().numpy()) in fingerprints
         if not hit:
-            raise ExportError(
-                f"weight {name!r} is not in the exported graph",
-                "the export dropped a parameter (dead code path?); report it with --debug output",
-            )
+            unread.append(name)
+            continue
         in_graph.append(name)
+    declared = declared_skips(set(unread)) if (unread and declared_skips) else {}
+    missing = [n for n in unread if n not in declared]
+    if missing:
+        raise ExportError(
+            f"weight {missing[0]!r} is not in the exported graph"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            "the export dropped a parameter (dead code path?); report it with --debug output",
+        )
+    skipped.update(declared)
     return {"in_graph": len(in_graph), "skipped": skipped}
 
 

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
+
+from onnxport.spec import KVSpec
 
 if TYPE_CHECKING:
     import torch
@@ -25,30 +26,41 @@ def torch_tanh(x):
 
 
 def from_pretrained(cls, ckpt: Checkpoint, dtype, attn_implementation: str | None = "eager",
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, **extra):
     """`cls.from_pretrained` on a local checkpoint, in eval mode: safetensors unless the
-    checkpoint only has (explicitly allowed) pickle weights, no remote code unless asked."""
-    from onnxport.export.compat import dtype_kwarg
+    checkpoint only has (explicitly allowed) pickle weights, no remote code unless asked.
 
-    kwargs = dict(use_safetensors=not ckpt.pickle_weights, trust_remote_code=trust_remote_code, **dtype_kwarg(dtype))
+    Every parameter must come from the checkpoint: transformers fills a tensor the checkpoint
+    lacks with random values and only logs it, so two exports of one checkpoint would differ
+    and verification (PyTorch has the same random tensor) could not notice. Missing tensors
+    fail here, by name; tied weights are not missing (transformers ties them itself)."""
+    from onnxport.errors import CheckpointError
+    from onnxport.hf.compat import dtype_kwarg
+
+    kwargs = dict(use_safetensors=not ckpt.pickle_weights, trust_remote_code=trust_remote_code, **dtype_kwarg(dtype),
+                  **extra)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return cls.from_pretrained(str(ckpt.path), **kwargs).eval()
-
-
-@dataclass(frozen=True)
-class KVSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    model, info = cls.from_pretrained(str(ckpt.path), output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} weight(s) the model needs are not in the checkpoint: {', '.join(missing[:4])}"
+            + (" ..." if len(missing) > 4 else ""),
+            "the checkpoint is incomplete or belongs to another config; onnxport never exports random weights")
+    return model.eval()
 
 
 class Recipe:
     """What to export for one model family."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: which part of a checkpoint this recipe exports (decoder, vision, audio, codec, ...)
+    part: ClassVar[str] = "decoder"
     task: ClassVar[str] = ""
     family: ClassVar[str] = ""
+    #: the oldest transformers major whose model code this recipe's hooks rely on
+    min_transformers_major: ClassVar[int] = 4
 
     def __init__(self, model_type: str):
         self.model_type = model_type
@@ -59,27 +71,44 @@ class Recipe:
 
 
 class DecoderLM(Recipe):
-    """A transformers causal LM whose forward takes input_ids, attention_mask, position_ids and a
-    DynamicCache (llama-like code path). Exported as one graph with a flat KV cache."""
+    """A transformers causal LM exported through its own forward with a flat KV cache. The base
+    class is the generic decoder: it needs no file per model_type. Family files override only
+    the hook that differs (the model class, embedding scale, which weights a part leaves out)."""
 
     task: ClassVar[str] = "text-generation"
     #: attention implementation used for export and for the PyTorch reference. "eager" is the
     #: most exporter-friendly and matches every family; override when a family needs another.
     attn_implementation: ClassVar[str] = "eager"
+    #: transformers class that loads the checkpoint ("" = AutoModelForCausalLM)
+    model_class: ClassVar[str] = ""
 
-    def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
+    def model_cls(self):
         import transformers
 
-        return from_pretrained(transformers.AutoModelForCausalLM, ckpt, dtype, self.attn_implementation)
+        return getattr(transformers, self.model_class or "AutoModelForCausalLM")
 
-    def kv_spec(self, config) -> KVSpec:
-        from onnxport.export.compat import text_config
+    def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
+        cls = self.model_cls()
+        extra = {}
+        if ckpt.config.get("num_local_experts") or ckpt.config.get("num_experts") or ckpt.config.get("n_routed_experts"):
+            # transformers' default MoE dispatch loops over the experts a batch hits
+            # (`nonzero`, data-dependent); `batched_mm` gathers each token's expert weights
+            # instead, which the exporters trace (same math, one op order)
+            extra["experts_implementation"] = "batched_mm"
+        try:
+            return from_pretrained(cls, ckpt, dtype, self.attn_implementation, **extra)
+        except (TypeError, ValueError) as e:
+            if not extra or "experts_implementation" not in str(e):
+                raise
+            return from_pretrained(cls, ckpt, dtype, self.attn_implementation)
 
-        text = text_config(config)
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return KVSpec(text.num_hidden_layers, kv_heads, head_dim)
+    def kv_spec(self, model) -> KVSpec:
+        """Per-layer cache shapes, read from what the model itself returns for a short input
+        (so MLA's different key/value widths, per-layer head counts and skipped layers are
+        whatever the model does, not what a config field suggests)."""
+        from onnxport.hf.compat import probe_cache
+
+        return probe_cache(model)
 
     # --- hooks for split layouts: the pieces of the model's forward, one by one -----------------
 
@@ -94,7 +123,7 @@ class DecoderLM(Recipe):
         return 1.0
 
     def embed(self, model, input_ids):
-        emb = self.base_model(model).embed_tokens(input_ids)
+        emb = model.get_input_embeddings()(input_ids)
         scale = self.embedding_scale(model)
         return emb if scale == 1.0 else emb * torch_scalar(scale, emb.dtype)
 
@@ -110,17 +139,30 @@ class DecoderLM(Recipe):
 
     def final_logits(self, model, hidden_states):
         """Final norm and LM head (and any logit post-processing the model applies)."""
-        logits = model.lm_head(self.base_model(model).norm(hidden_states))
+        logits = model.get_output_embeddings()(self.base_model(model).norm(hidden_states))
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch_tanh(logits / cap) * cap
         return logits
 
-    def tied_weights(self, model) -> dict[str, str]:
-        """Checkpoint weights that are legitimately absent from the graph, with the reason."""
-        from onnxport.export.compat import text_config
-
-        cfg = text_config(model.config)
-        if getattr(cfg, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False):
-            return {"lm_head.weight": "tied to model.embed_tokens.weight"}
-        return {}
+    def skipped_weights(self, model, unread: set[str]) -> dict[str, str]:
+        """Of the parameters the decoder graph does not read (`unread`), those that are
+        legitimately left out, with the reason. Anything unread and not returned here fails
+        the export. The generic rules: cross-attention of a decoder used without an encoder,
+        and modules outside the text path (another part of the checkpoint, a multi-token
+        prediction head) when the model keeps them beside the decoder."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        inside = set()
+        if decoder is not None:
+            inside = {id(p) for p in decoder.parameters()}
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None:
+                inside |= {id(p) for p in emb.parameters()}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        out = {}
+        for name in unread:
+            if any(k in name for k in ("encoder_attn", "crossattention", "cross_attn")):
+                out[name] = "cross-attention: reads encoder states, which a decoder-only graph has none of"
+            elif decoder is not None and id(params[name]) not in inside:
+                out[name] = f"outside the text decoder ({name.split('.')[0]}...): not used to generate text"
+        return out

@@ -2,7 +2,7 @@ from onnxport.recipes import register_recipe
 from onnxport.recipes.base import DecoderLM, torch_scalar
 
 
-@register_recipe("gemma", "gemma2")
+@register_recipe("gemma", "gemma2", part="decoder")
 class Gemma(DecoderLM):
     """Gemma / Gemma-2: scaled embeddings, (1 + w) RMSNorm, attention logit soft-capping and
     alternating sliding-window layers. Soft-capping is only implemented by the eager attention."""

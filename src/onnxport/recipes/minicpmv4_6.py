@@ -42,7 +42,7 @@ class MergerGraph(torch.nn.Module):
         return self.merger.mlp[0](x)
 
 
-@register_recipe("minicpmv4_6")
+@register_recipe("minicpmv4_6", part="vision")
 class MiniCPMV46Vision(EncoderRecipe):
     family = "minicpmv4_6"
     model_class = "MiniCPMV4_6ForConditionalGeneration"
@@ -51,7 +51,7 @@ class MiniCPMV46Vision(EncoderRecipe):
 
     def parts(self, model):
         from onnxport.export.module import ModulePart, TensorSpec
-        from onnxport.recipes._compat import require_transformers
+        from onnxport.hf.compat import require_transformers
         from onnxport.runtime.preprocess import minicpmv4_6_vision
 
         require_transformers(5, "precomputed vision position ids / window order as kwargs")

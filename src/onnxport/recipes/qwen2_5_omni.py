@@ -26,7 +26,7 @@ class OmniAudioGraph(torch.nn.Module):
         return out.last_hidden_state
 
 
-@register_recipe("qwen2_5_omni_audio_encoder")
+@register_recipe("qwen2_5_omni_audio_encoder", part="audio")
 class Qwen25OmniAudio(EncoderRecipe):
     family = "qwen2_5_omni_audio"
     #: per-clip mel frame counts to verify at: one clip, two clips with ragged tail chunks
@@ -44,7 +44,7 @@ class Qwen25OmniAudio(EncoderRecipe):
 
     def parts(self, model):
         from onnxport.export.module import ModulePart, TensorSpec
-        from onnxport.recipes._compat import require_transformers
+        from onnxport.hf.compat import require_transformers
 
         require_transformers(5, "precomputed audio chunks / indices / cu_seqlens as kwargs")
         from onnxport.runtime.preprocess import qwen2_5_omni_audio

@@ -28,7 +28,7 @@ class QwenVisionGraph(torch.nn.Module):
         return out.pooler_output
 
 
-@register_recipe("qwen2_5_vl")
+@register_recipe("qwen2_5_vl", part="vision")
 class Qwen25VLVision(EncoderRecipe):
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
@@ -40,7 +40,7 @@ class Qwen25VLVision(EncoderRecipe):
 
     def parts(self, model):
         from onnxport.export.module import ModulePart, TensorSpec
-        from onnxport.recipes._compat import require_transformers
+        from onnxport.hf.compat import require_transformers
 
         require_transformers(5, "precomputed vision position ids / windows / cu_seqlens as kwargs")
         from onnxport.runtime.preprocess import qwen2_5_vl_vision

@@ -8,7 +8,7 @@ from onnxport.recipes import register_recipe
 from onnxport.recipes.encoder import EncoderRecipe
 
 
-@register_recipe("siglip", "siglip_vision_model")
+@register_recipe("siglip", "siglip_vision_model", part="vision")
 class SiglipVision(EncoderRecipe):
     family = "siglip"
 

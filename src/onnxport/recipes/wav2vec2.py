@@ -13,7 +13,7 @@ CLASSES = {"hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model", "wav2vec2-confo
            "data2vec-audio": "Data2VecAudioModel"}
 
 
-@register_recipe(*CLASSES)
+@register_recipe(*CLASSES, part="audio")
 class Wav2Vec2Like(EncoderRecipe):
     family = "wav2vec2"
 

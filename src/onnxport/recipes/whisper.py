@@ -7,7 +7,7 @@ from onnxport.recipes import register_recipe
 from onnxport.recipes.encoder import EncoderRecipe
 
 
-@register_recipe("whisper")
+@register_recipe("whisper", part="audio")
 class WhisperEncoder(EncoderRecipe):
     family = "whisper"
     model_class = "WhisperModel"

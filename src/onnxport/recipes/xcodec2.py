@@ -22,7 +22,7 @@ class CodesToAudio(torch.nn.Module):
         return self.model.decode(audio_codes=audio_codes).audio_values
 
 
-@register_recipe("xcodec2")
+@register_recipe("xcodec2", part="codec")
 class Xcodec2Decoder(EncoderRecipe):
     family = "xcodec2"
     task = "audio-decoding"

@@ -61,7 +61,10 @@ class Generator:
         self.past_names = [p for p, _ in kv["names"]]
         self.present_names = [q for _, q in kv["names"]]
         self.kv_layout = kv["layout"]
-        self.kv_shape = (kv["num_kv_heads"], kv["head_dim"])
+        if self.split is None:
+            #: each past input's dims (MLA keys and values differ; heads can differ per layer)
+            self.past_dims = {n: self.session.inputs[n]["dims"] for n in self.past_names}
+            self.takes_positions = "position_ids" in self.session.inputs
         self.kv_dtype = np.dtype(kv["dtype"])
         self.vocab_size = int(self.manifest["model"]["vocab_size"])
         self.eos_ids, pad = special_ids(self.folder)
@@ -74,9 +77,8 @@ class Generator:
             self._tokenizer = BundleTokenizer(self.folder)
         return self._tokenizer
 
-    def _empty_past(self, batch: int) -> np.ndarray:
-        h, d = self.kv_shape
-        shape = (batch, 0, h, d) if self.kv_layout == "bshd" else (batch, h, 0, d)
+    def _empty_past(self, name: str, batch: int) -> np.ndarray:
+        shape = [d if isinstance(d, int) else (batch if d == "batch_size" else 0) for d in self.past_dims[name]]
         return np.zeros(shape, dtype=self.kv_dtype)
 
     def generate(
@@ -132,7 +134,7 @@ class Generator:
             mask[r, longest - len(p):] = 1
         positions = np.cumsum(mask, axis=-1) - 1
         positions[mask == 0] = 1
-        past = {n: self._empty_past(batch) for n in self.past_names}
+        past = {n: self._empty_past(n, batch) for n in self.past_names}
 
         unfinished = np.ones(batch, dtype=bool)
         new_tokens = np.full((batch, max_new_tokens), self.pad_id, dtype=np.int64)
@@ -141,7 +143,9 @@ class Generator:
         steps = 0
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
-            feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **past}
+            feeds = {"input_ids": input_ids, "attention_mask": mask, **past}
+            if self.takes_positions:
+                feeds["position_ids"] = positions
             outs = self.session.run(feeds, check=step == 0)
             next_tok = sampler(outs["logits"][:, -1, :])
             dt = (time.perf_counter() - t0) * 1000

@@ -14,17 +14,7 @@ import numpy as np
 
 from onnxport.errors import RuntimeInputError
 from onnxport.runtime.session import GraphSession
-
-MASK_MIN = float(np.finfo(np.float32).min)
-
-
-def additive_mask(q_pos: np.ndarray, k_pos: np.ndarray, valid: np.ndarray, window: int | None) -> np.ndarray:
-    """[1, 1, q, k] float32: 0 where a query may attend a key (causal, valid, inside the window)."""
-    ok = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
-    if window is not None:
-        ok &= (q_pos[:, None] - k_pos[None, :]) < window
-    return np.where(ok, 0.0, MASK_MIN).astype(np.float32)[None, None]
-
+from onnxport.spec import additive_mask
 
 class SplitDecoder:
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):

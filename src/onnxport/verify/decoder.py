@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from onnxport.config import VerifyConfig
+from onnxport.export.decoder import wrapper_args
+from onnxport.spec import DECODER_CASES, ShapeCase, feeds
 from onnxport.verify.compare import compare
-from onnxport.verify.inputs import DECODER_CASES, ShapeCase, decoder_feeds
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,11 @@ def verify_decoder(
     out_names = [o["name"] for o in spec["outputs"]]
     results = []
     for i, case in enumerate(cases):
-        feeds = decoder_feeds(spec, case, vocab_size, seed=cfg.seed + i)
-        got = sess.run(out_names, feeds)
-        t = {k: torch.from_numpy(v) for k, v in feeds.items()}
-        past = [t[n["name"]] for n in spec["inputs"][3:]]
+        x = feeds(spec["inputs"], case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad)
+        got = sess.run(out_names, x)
+        t = {k: torch.from_numpy(v) for k, v in x.items()}
         with torch.no_grad():
-            ref = wrapper(t["input_ids"], t["attention_mask"], t["position_ids"], past)
+            ref = wrapper(*wrapper_args(spec, t))
         outputs = {}
         for name, a, e in zip(out_names, got, ref):
             outputs[name] = compare(a, e.numpy(), cfg.atol, cfg.min_cosine)

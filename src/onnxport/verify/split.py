@@ -33,7 +33,7 @@ def _verify_head(entry, module, feeds, got: dict, atol: float) -> dict:
 def verify_split(recipe, model, folder, manifest: dict, split, export_cfg, cfg: VerifyConfig) -> dict:
     import torch
 
-    from onnxport.export.split import feeds_for, module_for
+    from onnxport.export.split import example_feeds, module_for
     from onnxport.runtime import Generator
     from onnxport.runtime.session import make_session
 
@@ -48,7 +48,7 @@ def verify_split(recipe, model, folder, manifest: dict, split, export_cfg, cfg: 
         sizes = {"sequence_length": 7, "past_sequence_length": past, "total_sequence_length": past + 1}
         if entry["role"] == "block":
             sizes["total_sequence_length"] = 7
-        feeds = feeds_for(entry, sizes, rng, vocab, past if entry["role"] == "block_cache" else 0)
+        feeds = example_feeds(entry, sizes, cfg.seed + len(cases), vocab, past if entry["role"] == "block_cache" else 0)
         sess = make_session(folder / entry["file"])
         names = [o["name"] for o in entry["outputs"]]
         got = dict(zip(names, sess.run(names, feeds)))

@@ -1,0 +1,1 @@
+"""transformers, in one room: loading and every version shim (see `compat`)."""

@@ -1,0 +1,193 @@
+"""The shared vocabulary, torch-free: tensor specs, KV-cache specs with their names and dims,
+attention masks, and the one feed generator that export (example inputs) and verify (inputs
+at several shapes) both use. Every stage may import this module; it imports no stage.
+
+A tensor's dims are ints (static) or names (dynamic): `batch_size`, `sequence_length`,
+`past_sequence_length`, `total_sequence_length`, or a part's own (`num_patches`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: named dims of decoder graphs
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+#: the additive mask's "blocked" value (float32 min, as transformers uses)
+MASK_MIN = float(np.finfo(np.float32).min)
+KV_LAYOUTS = ("bhsd", "bshd")
+KV_NAMINGS = ("optimum", "seed")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input/output: name, dtype (numpy/ONNX name), dims (int or dim name).
+    `sizes` gives example sizes of named dims; `low`/`high` the value range of int inputs."""
+
+    name: str
+    dtype: str
+    dims: tuple
+    sizes: tuple = ()  # ((dim name, example size), ...)
+    low: int = 0
+    high: int = 2
+
+    def io(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+
+# --- KV cache ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's cache tensors: heads and head widths of key and value (they differ for MLA)."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    layers: tuple[LayerKV, ...]
+
+    @classmethod
+    def uniform(cls, num_layers: int, num_kv_heads: int, head_dim: int) -> KVSpec:
+        return cls(tuple(LayerKV(num_kv_heads, head_dim, num_kv_heads, head_dim) for _ in range(num_layers)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layers[0].key_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].key_dim
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.layers)) == 1 and self.layers[0].key_dim == self.layers[0].value_dim
+
+
+def kv_names(num_layers: int, naming: str = "optimum") -> tuple[list[str], list[str]]:
+    """Flat past (input) and present (output) names, key before value, layer by layer."""
+    past, present = [], []
+    for i in range(num_layers):
+        if naming == "seed":
+            past += [f"past_key_in{i}", f"past_value_in{i}"]
+            present += [f"past_key{i}", f"past_value{i}"]
+        else:
+            past += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+            present += [f"present.{i}.key", f"present.{i}.value"]
+    return past, present
+
+
+def kv_dims(layer: LayerKV, which: str, layout: str, seq, batch=BATCH) -> list:
+    """Dims of one cache tensor (`which` = key | value) in `layout` with sequence dim `seq`."""
+    heads, dim = (layer.key_heads, layer.key_dim) if which == "key" else (layer.value_heads, layer.value_dim)
+    return [batch, seq, heads, dim] if layout == "bshd" else [batch, heads, seq, dim]
+
+
+def seq_axis(layout: str) -> int:
+    return 1 if layout == "bshd" else 2
+
+
+# --- masks ------------------------------------------------------------------------------------
+
+def additive_mask(q_pos: np.ndarray, k_pos: np.ndarray, valid: np.ndarray, window: int | None) -> np.ndarray:
+    """[1, 1, q, k] float32: 0 where a query may attend a key (causal, valid, inside the window)."""
+    ok = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        ok &= (q_pos[:, None] - k_pos[None, :]) < window
+    return np.where(ok, 0.0, MASK_MIN).astype(np.float32)[None, None]
+
+
+def padded_positions(mask: np.ndarray) -> np.ndarray:
+    """transformers' generate: positions count real tokens; padded slots get position 1."""
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos[mask == 0] = 1
+    return pos.astype(np.int64)
+
+
+# --- the one feed generator -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShapeCase:
+    """Sizes for one verification (or tracing) run of a decoder graph."""
+
+    batch: int
+    seq: int
+    past: int
+    #: left padding in row 0: this many leading positions of attention_mask are 0
+    left_pad: int = 0
+
+    @property
+    def label(self) -> str:
+        s = f"batch={self.batch},seq={self.seq},past={self.past}"
+        return s + (f",left_pad={self.left_pad}" if self.left_pad else "")
+
+    @property
+    def sizes(self) -> dict:
+        return {BATCH: self.batch, SEQ: self.seq, PAST: self.past, TOTAL: self.past + self.seq}
+
+
+#: The shapes every decoder export is checked on: first decode step with an empty cache, a
+#: batched prefill-after-cache with left padding (row 0 padded across its whole past and into
+#: the new tokens), and a single-token decode after a longer cache.
+DECODER_CASES = (
+    ShapeCase(1, 1, 0),
+    ShapeCase(2, 7, 5, left_pad=7),
+    ShapeCase(1, 1, 33),
+)
+#: example sizes for tracing: all distinct and > 1 so that no dynamic dim is specialised or
+#: unified with another by the exporter (torch.export specialises sizes 0 and 1)
+TRACE_CASE = ShapeCase(2, 3, 5)
+
+
+def feeds(inputs: list[dict], sizes: dict, seed: int = 0, vocab_size: int = 2, *, past: int = 0,
+          left_pad: int = 0, window: int | None = None, static_cache: bool = False) -> dict[str, np.ndarray]:
+    """Inputs for the graph inputs `inputs` (manifest I/O dicts) at `sizes` (named dim -> size).
+
+    Token ids are random in [0, vocab_size); a 2-D `attention_mask` is a 0/1 padding mask with
+    `left_pad` zeros in row 0; a 4-D one (split layouts) is the additive causal mask for queries
+    at positions `past`.., keys over the whole cache (`static_cache`: slots past the written
+    ones are blocked, the new token's key sits in the last slot), `sliding_attention_mask`
+    also windowed; `position_ids` follow the mask; everything else is standard normal."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    total = sizes.get(TOTAL)
+    mask2d = None
+    if total is not None and BATCH in sizes:
+        mask2d = np.ones((sizes[BATCH], total), dtype=np.int64)
+        mask2d[0, :left_pad] = 0
+    for inp in inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in inp["dims"]]
+        name, dtype = inp["name"], np.dtype(inp["dtype"])
+        if name == "input_ids":
+            out[name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+        elif name == "attention_mask" and len(shape) == 2:
+            out[name] = mask2d if mask2d is not None else np.ones(shape, dtype=np.int64)
+        elif name.endswith("attention_mask") and len(shape) == 4:
+            q, t = shape[2], shape[3]
+            q_pos = np.arange(past, past + q)
+            if static_cache:
+                k_pos = np.concatenate([np.arange(t - 1), [past]])
+                valid = np.ones(t, dtype=bool)
+                valid[past:t - 1] = False
+            else:
+                k_pos, valid = np.arange(t), np.ones(t, dtype=bool)
+            out[name] = additive_mask(q_pos, k_pos, valid, window if name.startswith("sliding") else None)
+        elif name == "position_ids":
+            if mask2d is not None and shape[0] == mask2d.shape[0]:
+                out[name] = padded_positions(mask2d)[:, total - shape[-1]:]
+            else:
+                out[name] = np.arange(past, past + shape[-1], dtype=np.int64)[None]
+        elif dtype.kind in "iub":
+            out[name] = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            out[name] = rng.standard_normal(shape).astype(dtype)
+    return out
