@@ -150,7 +150,7 @@ def _tiny_encoder_model(kind: str):
                       temporal_patch_size=2, window_size=16, out_hidden_size=48, fullatt_block_indexes=[1])
         text = dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=96, vocab_size=300,
-                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+                    rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0})
         return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=text))
     if kind == "qwen2_5_omni_audio_encoder":
         from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
@@ -211,7 +211,7 @@ def exported_encoder(encoder_checkpoints, tmp_path_factory):
     def get(kind: str):
         if kind not in made:
             out = tmp_path_factory.mktemp(f"bundle-{kind}") / "bundle"
-            made[kind] = (out, export_encoder(encoder_checkpoints(kind), out, ExportConfig(exporter="auto")))
+            made[kind] = (out, export_encoder(encoder_checkpoints(kind), out, ExportConfig(exporter="auto")).to_dict())
         return made[kind]
 
     return get

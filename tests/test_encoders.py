@@ -180,7 +180,7 @@ def test_xcodec2_torchscript_opset17_needs_and_records_the_complex_rewrites(enco
     from onnxport.config import ExportConfig
 
     manifest = export_encoder(encoder_checkpoints("xcodec2"), tmp_path / "b",
-                              ExportConfig(exporter="torchscript", opset=17))
+                              ExportConfig(exporter="torchscript", opset=17)).to_dict()
     (g,) = manifest["graphs"]
     assert g["exporter"] == "torchscript" and g["opset"] == 17
     assert set(g["patches"]) == {"complex_as_real_pair", "fold_as_conv_transpose"}
@@ -219,7 +219,9 @@ class ChatTTSLikeDecoder(torch.nn.Module):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_chattts_like_gfsq_istft_decoder_waveform(exporter, tmp_path):
-    from onnxport.export.module import ModulePart, TensorSpec, export_part
+    from onnxport.export.module import export_part
+    from onnxport.recipes.parts import ModulePart, TensorSpec
+    from onnxport.verify.module import part_check
 
     torch.manual_seed(0)
     module = ChatTTSLikeDecoder().eval()
@@ -227,7 +229,7 @@ def test_chattts_like_gfsq_istft_decoder_waveform(exporter, tmp_path):
     part = ModulePart("dvae_vocoder", module, [spec], ["waveform"], [{"batch_size": 2, "num_codes": 20},
                                                                    {"batch_size": 1, "num_codes": 37}],
                       output_dims={"waveform": ["batch_size", "audio_length"]}, role="vocoder")
-    entry = export_part(part, tmp_path, exporter, 18, 1e-3, 0.9999)
-    assert "get_at_as_gather" in entry["patches"] and "istft_as_conv" in entry["patches"]
-    for r in entry["verification"]["results"]:
+    entry = export_part(part, tmp_path, exporter, 18, part_check(1e-3, 0.9999))
+    assert "get_at_as_gather" in entry.patches and "istft_as_conv" in entry.patches
+    for r in entry.verification["results"]:
         assert r["snr_db"] is None or r["snr_db"] > 60, r  # DFT as matmul vs FFT in fp32

@@ -11,7 +11,7 @@ import torch
 from test_cli_bad_input import assert_clean_failure, run
 
 from onnxport.errors import InputError
-from onnxport.export.module import parse_input_spec
+from onnxport.recipes.parts import parse_input_spec
 
 
 def test_export_module_whisper_encoder(encoder_checkpoints, tmp_path):
@@ -111,7 +111,9 @@ def test_a_rewrite_that_changes_numerics_is_named(monkeypatch, tmp_path):
 
     from onnxport import patches
     from onnxport.errors import VerificationError
-    from onnxport.export.module import ModulePart, TensorSpec, export_part
+    from onnxport.export.module import export_part
+    from onnxport.recipes.parts import ModulePart, TensorSpec
+    from onnxport.verify.module import part_check
 
     class Tanh(torch.nn.Module):
         def forward(self, x):
@@ -137,7 +139,7 @@ def test_a_rewrite_that_changes_numerics_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(patches._REGISTRY, "tanh_as_wrong", WrongTanh)
     part = ModulePart("t", Tanh(), [TensorSpec("x", "float32", ("batch", 4))], ["y"], [{"batch": 2}, {"batch": 3}])
     with pytest.raises(VerificationError, match="rewrite tanh_as_wrong changes t's output y"):
-        export_part(part, tmp_path, "dynamo", 18, 1e-4, 0.9999)
+        export_part(part, tmp_path, "dynamo", 18, part_check(1e-4, 0.9999))
     assert not list(tmp_path.iterdir())
 
 
@@ -150,7 +152,9 @@ def test_wrong_argument_name_lists_the_real_ones(encoder_checkpoints, tmp_path):
 
 def test_exporter_failure_names_the_cause_and_hints_the_fix(tmp_path):
     from onnxport.errors import ExportError
-    from onnxport.export.module import ModulePart, TensorSpec, export_part
+    from onnxport.export.module import export_part
+    from onnxport.recipes.parts import ModulePart, TensorSpec
+    from onnxport.verify.module import part_check
 
     class BranchOnValue(torch.nn.Module):  # a Python branch on tensor values
         def forward(self, x, n):
@@ -159,7 +163,7 @@ def test_exporter_failure_names_the_cause_and_hints_the_fix(tmp_path):
     part = ModulePart("m", BranchOnValue(), [TensorSpec("x", "float32", ("rows", 3)), TensorSpec("n", "int64", (1,), low=1, high=3)],
                       ["y"], [{"rows": 4}, {"rows": 6}])
     with pytest.raises(ExportError) as err:
-        export_part(part, tmp_path, "dynamo", 18, 1e-4, 0.9999)
+        export_part(part, tmp_path, "dynamo", 18, part_check(1e-4, 0.9999))
     assert "torch.onnx (dynamo) failed on m.onnx" in err.value.message
     assert "compute it outside the graph" in err.value.hint
     assert not list(tmp_path.iterdir())

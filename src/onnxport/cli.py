@@ -12,33 +12,58 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from onnxport.errors import OnnxportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text is printed as written ("[batch, seq, heads, head_dim]" stays)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Export Hugging Face models to ONNX that deploys, verify it, generate with ONNX Runtime.")
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 _state = {"debug": False}
+
+
+def _os_error(e: OSError) -> OnnxportError:
+    """A filesystem failure as one line with the cause users can act on."""
+    import errno
+
+    from onnxport.errors import BundleError
+
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return BundleError(f"the disk is full{where}", "free space or write the bundle elsewhere with -o; nothing was kept")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return BundleError(f"cannot write: {e.strerror}{where}", "choose a writable folder for -o")
+    return BundleError(f"file system error: {e.strerror or e}{where}", "check the paths and free space")
+
+
+def _report(e: OnnxportError) -> None:
+    console.print(Text.assemble(("error:", "red"), " ", e.message))
+    if e.hint:
+        console.print(Text.assemble(("hint:", "yellow"), " ", e.hint))
 
 
 def _guard(fn):
     """One line per error (`error: ...` / `hint: ...`), exit code from the error, no traceback
-    unless --debug."""
+    unless --debug (which prints it and keeps the error's exit code)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                raise _os_error(e) from e
         except OnnxportError as e:
             if _state["debug"]:
-                raise
-            console.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
-            if e.hint:
-                console.print(f"[yellow]hint:[/yellow] {e.hint}", soft_wrap=True)
+                import traceback
+
+                traceback.print_exc()
+            _report(e)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]: nothing was written")
+            console.print("interrupted: nothing was written", style="red")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -55,26 +80,18 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
         logging.getLogger("torch").setLevel(logging.ERROR)
 
 
-def _print_verification(record: dict) -> None:
-    from rich.table import Table
+def _print_bundle(manifest, output: Path, verbose_modules: bool = True) -> None:
+    """Verification tables of every part, then the one-line summary."""
+    from onnxport.report.console import decoder_table, module_lines, modules_table, summary
 
-    from onnxport.verify.decoder import summary_rows
-
-    tol = record["tolerance"]
-    table = Table(title=f"ONNX Runtime vs PyTorch ({tol['dtype']}: atol {tol['atol']:g}, cosine >= {tol['min_cosine']})")
-    for col in ("shape", "output", "max|diff|", "cosine", ""):
-        table.add_column(col)
-    rows = summary_rows(record)
-    # Collapse per-layer cache rows into the worst one per shape to keep the table short.
-    shown: dict[tuple[str, str], tuple] = {}
-    for shape, name, diff, cos, ok in rows:
-        key = (shape, "present (all layers)" if name.startswith(("present", "past_key")) else name)
-        prev = shown.get(key)
-        if prev is None or diff > prev[0] or not ok:
-            shown[key] = (diff, cos, ok if prev is None else (ok and prev[2]))
-    for (shape, name), (diff, cos, ok) in shown.items():
-        table.add_row(shape, name, f"{diff:.2e}", f"{cos:.7f}", "[green]ok[/green]" if ok else "[red]FAIL[/red]")
-    out.print(table)
+    if manifest.kv_cache is not None and manifest.verification and "cases" in manifest.verification:
+        out.print(decoder_table(manifest.verification))
+    if manifest.named_graphs():
+        out.print(modules_table(manifest))
+        if verbose_modules:
+            for line in module_lines(manifest):
+                out.print(line, soft_wrap=True, markup=False)
+    out.print(summary(manifest, output), soft_wrap=True, markup=False)
 
 
 @app.command("export")
@@ -97,6 +114,7 @@ def export_cmd(
     head: str = typer.Option("logits", help="split: lm_head output: logits, argmax or topk:K."),
     rope: str = typer.Option("inside", help="split: compute rotary cos/sin inside each block, or take them as inputs (outside)."),
     embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
+    part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
 ):
     """Export a model with a recipe and verify it: a decoder LM with a flat KV cache (or the split
     NPU layout), or an encoder's parts (vision tower, audio encoder, codec decoder)."""
@@ -112,41 +130,8 @@ def export_cmd(
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin) if is_split else None
     with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):
-        manifest = export(model_dir, output, cfg, split=split)
-    if manifest["layout"]["kind"] == "modules":
-        _print_modules(manifest, output)
-        return
-    if "verification" in manifest:
-        _print_verification(manifest["verification"])
-    w = manifest["weights"]
-    files = ", ".join(g["file"] for g in manifest["graphs"][:4]) + (" ..." if len(manifest["graphs"]) > 4 else "")
-    out.print(f"wrote {output}/: {files} ({manifest['model']['model_type']}, {manifest['kv_cache']['num_layers']} layers, "
-              f"{w['in_graph']} weights in graph, {len(w['skipped'])} skipped: {w['skipped'] or 'none'}) "
-              f"in {manifest['export']['seconds']:.1f}s")
-
-
-def _print_modules(manifest: dict, output: Path) -> None:
-    from rich.table import Table
-
-    table = Table(title="ONNX Runtime vs PyTorch, per graph and input size")
-    for col in ("graph", "exporter", "rewrites", "sizes", "output", "max|diff|", "SNR dB", ""):
-        table.add_column(col)
-    for g in manifest["graphs"]:
-        for r in g["verification"]["results"]:
-            sizes = ",".join(f"{k}={v}" for k, v in r["sizes"].items() if isinstance(v, int))
-            table.add_row(g["file"], g["exporter"], ",".join(g["patches"]) or "-", sizes, r["output"],
-                          f"{r['max_abs_diff']:.2e}", "inf" if r.get("snr_db") is None else f"{r['snr_db']:.1f}",
-                          "[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
-    out.print(table)
-    for g in manifest["graphs"]:
-        if g.get("fallback_from"):
-            console.print(f"{g['file']}: dynamo failed ({g['fallback_from']['dynamo'][:160]}); used {g['exporter']}",
-                          soft_wrap=True)
-        dims = ", ".join(f"{io['name']}{io['dims']}" for io in g["inputs"] + g["outputs"])
-        out.print(f"{g['file']}: {dims}", soft_wrap=True)
-        if g["patches"]:
-            out.print(f"  rewrites applied: {', '.join(g['patches'])}")
-    out.print(f"wrote {output}/ ({manifest['model']['model_type']}) in {manifest['export']['seconds']:.1f}s")
+        manifest = export(model_dir, output, cfg, split=split, parts=tuple(part) if part else None)
+    _print_bundle(manifest, output)
 
 
 @app.command("export-module")
@@ -181,7 +166,7 @@ def export_module_cmd(
     with console.status(f"exporting {module} of {model_dir} ..."):
         manifest = export_module(model_dir, output, module, inputs, cfg, outputs=outputs, method=method,
                                  verify_dims=verify_dims, model_class=model_class, trust_remote_code=trust_remote_code)
-    _print_modules(manifest, output)
+    _print_bundle(manifest, output)
 
 
 @app.command("verify")
@@ -189,33 +174,26 @@ def export_module_cmd(
 def verify_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `onnxport export`."),
     model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to compare with (default: the export's source)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights. Only for trusted sources."),
 ):
-    """Compare ONNX Runtime with PyTorch on several shapes; exit 4 on any mismatch."""
+    """Compare ONNX Runtime with PyTorch for every part; exit 4 on any mismatch."""
     from onnxport.api import verify
 
     with console.status("verifying ..."):
-        record = verify(bundle, model)
-    if "graphs" in record:  # encoder / module bundle
-        from onnxport.bundle import read_manifest
-
-        _print_modules(read_manifest(bundle), bundle)
-        return
-    _print_verification(record)
+        manifest = verify(bundle, model, allow_pickle=allow_pickle)
+    _print_bundle(manifest, bundle, verbose_modules=False)
 
 
 def _stream_printer(gen):
-    """Print new text of row 0 as tokens arrive."""
-    state = {"ids": [], "text": ""}
+    """Print new text of row 0 as tokens arrive, verbatim."""
+    from onnxport.runtime.tokenizer import StreamDecoder
+
+    stream = StreamDecoder(gen.tokenizer)
 
     def on_token(row: int, tok: int) -> None:
-        if row != 0:
-            return
-        state["ids"].append(tok)
-        text = gen.tokenizer.decode(state["ids"])
-        if text.startswith(state["text"]) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(state["text"]):])
+        if row == 0:
+            sys.stdout.write(stream.push(tok))
             sys.stdout.flush()
-            state["text"] = text
 
     return on_token
 
@@ -247,7 +225,7 @@ def generate_cmd(
         sys.stdout.write("\n")
     else:
         for p, t in zip(prompt, res.texts):
-            out.print(f"[bold]{p}[/bold]{t}")
+            sys.stdout.write(f"{p}{t}\n")
     console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
 
 
@@ -297,7 +275,7 @@ def demo_cmd(
         with console.status("exporting the demo model ..."):
             manifest = export(src, target, ExportConfig(force=output is not None))
         t_export = time.perf_counter() - t0
-        _print_verification(manifest["verification"])
+        _print_bundle(manifest, target)
         gen = Generator(target)
         sys.stdout.write(prompt)
         sys.stdout.flush()
@@ -309,7 +287,11 @@ def demo_cmd(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # during start-up imports, before a command's guard runs
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

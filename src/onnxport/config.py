@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onnxport.errors import InputError
+from onnxport.spec import KV_LAYOUTS, KV_NAMINGS
 
 EXPORTERS = ("dynamo", "torchscript")
-KV_LAYOUTS = ("bhsd", "bshd")
-KV_NAMINGS = ("optimum", "seed")
 DTYPES = ("float32",)
 
 

@@ -148,9 +148,9 @@ DECODER_CASES = (
 TRACE_CASE = ShapeCase(2, 3, 5)
 
 
-def feeds(inputs: list[dict], sizes: dict, seed: int = 0, vocab_size: int = 2, *, past: int = 0,
+def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int = 2, *, past: int = 0,
           left_pad: int = 0, window: int | None = None, static_cache: bool = False) -> dict[str, np.ndarray]:
-    """Inputs for the graph inputs `inputs` (manifest I/O dicts) at `sizes` (named dim -> size).
+    """Inputs for the graph inputs `inputs` at `sizes` (named dim -> size).
 
     Token ids are random in [0, vocab_size); a 2-D `attention_mask` is a 0/1 padding mask with
     `left_pad` zeros in row 0; a 4-D one (split layouts) is the additive causal mask for queries
@@ -165,8 +165,8 @@ def feeds(inputs: list[dict], sizes: dict, seed: int = 0, vocab_size: int = 2, *
         mask2d = np.ones((sizes[BATCH], total), dtype=np.int64)
         mask2d[0, :left_pad] = 0
     for inp in inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in inp["dims"]]
-        name, dtype = inp["name"], np.dtype(inp["dtype"])
+        shape = [sizes[d] if isinstance(d, str) else d for d in inp.dims]
+        name, dtype = inp.name, np.dtype(inp.dtype)
         if name == "input_ids":
             out[name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
         elif name == "attention_mask" and len(shape) == 2:

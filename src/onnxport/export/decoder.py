@@ -21,32 +21,30 @@ from pathlib import Path
 
 import torch
 
+from onnxport.bundle import Graph
 from onnxport.config import ExportConfig
 from onnxport.export.graph import export_graph
 from onnxport.hf.compat import build_dynamic_cache, cache_kwarg, cache_pairs, output_cache, text_config
-from onnxport.spec import BATCH, PAST, SEQ, TOTAL, TRACE_CASE, KVSpec, feeds, kv_dims, kv_names
+from onnxport.spec import BATCH, PAST, SEQ, TOTAL, TRACE_CASE, KVSpec, TensorSpec, feeds, kv_dims, kv_names
 
 log = logging.getLogger(__name__)
 
 WRAPPER_PREFIX = "model."  # FlatCacheDecoder.model
 
 
-def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: bool = True) -> dict:
-    """The manifest's description of the graph's inputs and outputs."""
+def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: bool = True
+            ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs."""
     past, present = kv_names(kv.num_layers, cfg.kv_naming)
-    inputs = [
-        {"name": "input_ids", "dtype": "int64", "dims": [BATCH, SEQ]},
-        {"name": "attention_mask", "dtype": "int64", "dims": [BATCH, TOTAL]},
-    ]
+    inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("attention_mask", "int64", (BATCH, TOTAL))]
     if takes_position_ids:
-        inputs.append({"name": "position_ids", "dtype": "int64", "dims": [BATCH, SEQ]})
-    outputs = [{"name": "logits", "dtype": cfg.dtype, "dims": [BATCH, SEQ, vocab_size]}]
+        inputs.append(TensorSpec("position_ids", "int64", (BATCH, SEQ)))
+    outputs = [TensorSpec("logits", cfg.dtype, (BATCH, SEQ, vocab_size))]
     for i, layer in enumerate(kv.layers):
         for j, which in enumerate(("key", "value")):
-            inputs.append({"name": past[2 * i + j], "dtype": cfg.dtype, "dims": kv_dims(layer, which, cfg.kv_layout, PAST)})
-            outputs.append({"name": present[2 * i + j], "dtype": cfg.dtype,
-                            "dims": kv_dims(layer, which, cfg.kv_layout, TOTAL)})
-    return {"inputs": inputs, "outputs": outputs}
+            inputs.append(TensorSpec(past[2 * i + j], cfg.dtype, tuple(kv_dims(layer, which, cfg.kv_layout, PAST))))
+            outputs.append(TensorSpec(present[2 * i + j], cfg.dtype, tuple(kv_dims(layer, which, cfg.kv_layout, TOTAL))))
+    return inputs, outputs
 
 
 class FlatCacheDecoder(torch.nn.Module):
@@ -109,10 +107,10 @@ def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False)
     return cls(model, kv.num_layers, kv_layout, mask_4d=mask_4d).eval()
 
 
-def wrapper_args(spec: dict, tensors: dict) -> tuple:
+def wrapper_args(inputs: list[TensorSpec], tensors: dict) -> tuple:
     """Positional arguments of the wrapper from named tensors: the leading inputs, then the
     flat cache as one list."""
-    names = [i["name"] for i in spec["inputs"]]
+    names = [i.name for i in inputs]
     lead = 3 if "position_ids" in names else 2
     return (*[tensors[n] for n in names[:lead]], [tensors[n] for n in names[lead:]])
 
@@ -135,18 +133,20 @@ def uses_sliding_window(model) -> bool:
     )
 
 
-def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tuple[dict, set[str]]:
+def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tuple[Graph, set[str]]:
     """Export `model` to `out_file` (+ `model.onnx.data` when large).
 
-    Returns the I/O spec and the names of the model parameters the exported graph consumes."""
+    Returns the graph entry and the names of the model parameters the exported graph reads."""
     vocab = text_config(model.config).vocab_size
-    spec = io_spec(kv, vocab, cfg, takes_position_ids(model))
+    inputs, outputs = io_spec(kv, vocab, cfg, takes_position_ids(model))
     # TorchScript cannot trace transformers 4.5x's vmap mask builder; build the mask in the
     # wrapper (sliding-window models keep transformers' per-layer masks: not needed on 5.x).
     mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model) and takes_position_ids(model)
     wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d)
-    example = feeds(spec["inputs"], TRACE_CASE.sizes, vocab_size=vocab)
-    args = wrapper_args(spec, {k: torch.from_numpy(v) for k, v in example.items()})
-    used, applied = export_graph(wrapper, args, spec["inputs"], spec["outputs"], out_file, cfg.exporter, cfg.opset,
+    example = feeds(inputs, TRACE_CASE.sizes, vocab_size=vocab)
+    args = wrapper_args(inputs, {k: torch.from_numpy(v) for k, v in example.items()})
+    used, applied = export_graph(wrapper, args, inputs, outputs, out_file, cfg.exporter, cfg.opset,
                                  cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX)
-    return {**spec, "patches": applied}, used
+    graph = Graph("decoder", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
+                  patches=applied)
+    return graph, used

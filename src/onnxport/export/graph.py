@@ -1,8 +1,8 @@
 """Export one torch module to one ONNX file with a declared I/O contract.
 
 Every graph onnxport writes (a whole decoder, one embedding, a pack of layers, a head) goes
-through `export_graph`: inputs and outputs are dicts `{"name", "dtype", "dims"}` where a dim is
-an int (static) or a field name (dynamic). After export the dims are renamed to those names,
+through `export_graph`: inputs and outputs are `spec.TensorSpec`s whose dims are ints (static)
+or names (dynamic). After export the dims are renamed to those names,
 exporter symbols are cleared, and the structural checks a target asks for are run.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from onnxport.errors import ExportError
+from onnxport.spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,15 @@ CONTROL_FLOW_OPS = {"If", "Loop", "Scan", "SequenceConstruct", "SequenceAt", "Se
                     "ConcatFromSequence", "SequenceEmpty"}
 
 
-def dims_by_axis(dims: list) -> dict[int, str]:
+def dims_by_axis(dims) -> dict[int, str]:
     return {ax: d for ax, d in enumerate(dims) if isinstance(d, str)}
 
 
 def export_graph(
     module: torch.nn.Module,
     args: tuple,
-    inputs: list[dict],
-    outputs: list[dict],
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
     out_file: Path,
     exporter: str,
     opset: int,
@@ -46,8 +47,8 @@ def export_graph(
     from onnxport.patches import apply_patches
 
     tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")
-    input_names = [i["name"] for i in inputs]
-    output_names = [o["name"] for o in outputs]
+    input_names = [i.name for i in inputs]
+    output_names = [o.name for o in outputs]
     try:
         with torch.no_grad(), warnings.catch_warnings(), apply_patches(module, exporter, skip_patches) as applied:
             if applied:
@@ -58,7 +59,7 @@ def export_graph(
             else:
                 used = _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, tmp_file,
                                            param_prefix)
-    except ExportError:
+    except (ExportError, OSError):  # OSError: a full or read-only disk is not an exporter problem
         raise
     except Exception as e:  # the exporters raise many types; name the exporter and the op
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
@@ -103,7 +104,7 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, path:
 
     # torch.onnx warns about torchvision ops it cannot register; irrelevant here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    flat_shapes = [{ax: Dim.DYNAMIC for ax in dims_by_axis(i["dims"])} or None for i in inputs]
+    flat_shapes = [{ax: Dim.DYNAMIC for ax in dims_by_axis(i.dims)} or None for i in inputs]
     dynamic = any(s for s in flat_shapes)
     nested = _nest_like(args, flat_shapes)
     params = inspect.signature(module.forward).parameters.values()
@@ -135,7 +136,7 @@ def _export_torchscript(module, args, inputs, outputs, input_names, output_names
     # No constant folding here: folded weights (transposed, Gemma's `1 + w`) lose their names,
     # and the names are how we prove each parameter is consumed. ONNX Runtime folds at load
     # time; static exports are folded by onnxslim afterwards.
-    dynamic_axes = {io["name"]: dims_by_axis(io["dims"]) for io in inputs + outputs if dims_by_axis(io["dims"])}
+    dynamic_axes = {io.name: dims_by_axis(io.dims) for io in inputs + outputs if dims_by_axis(io.dims)}
     torch.onnx.export(
         module,
         args,
@@ -169,7 +170,7 @@ def used_parameters(ep, prefix: str = "") -> set[str]:
     return used
 
 
-def finalize_graph(raw: Path, out_file: Path, inputs: list[dict], outputs: list[dict], external_threshold: int,
+def finalize_graph(raw: Path, out_file: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], external_threshold: int,
                    param_prefix: str = "", static: bool = False) -> None:
     """Give every dynamic dim its field name, drop the exporter's stale shape guesses, restore
     checkpoint names of initializers, check static graphs, and save (weights in one
@@ -180,19 +181,19 @@ def finalize_graph(raw: Path, out_file: Path, inputs: list[dict], outputs: list[
     graph = model.graph
     by_name = {v.name: v for v in list(graph.inputs) + list(graph.outputs)}
     for io in inputs + outputs:
-        v = by_name.get(io["name"])
+        v = by_name.get(io.name)
         if v is None:
             raise ExportError(
-                f"{out_file.name}: exported graph has no {io['name']!r}; it has {sorted(by_name)}",
+                f"{out_file.name}: exported graph has no {io.name!r}; it has {sorted(by_name)}",
                 "this is an onnxport bug for this model family; please report it",
             )
-        if v.shape is not None and len(v.shape) != len(io["dims"]):
-            raise ExportError(f"{out_file.name}: {io['name']} has rank {len(v.shape)}, expected {len(io['dims'])}")
+        if v.shape is not None and len(v.shape) != len(io.dims):
+            raise ExportError(f"{out_file.name}: {io.name} has rank {len(v.shape)}, expected {len(io.dims)}")
         if static and v.shape is not None:
             got = [d if isinstance(d, int) else None for d in v.shape]
-            if got != list(io["dims"]):
-                raise ExportError(f"{out_file.name}: {io['name']} exported with shape {v.shape}, expected {io['dims']}")
-        v.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in io["dims"]])
+            if got != list(io.dims):
+                raise ExportError(f"{out_file.name}: {io.name} exported with shape {v.shape}, expected {list(io.dims)}")
+        v.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in io.dims])
     if param_prefix:
         # Initializers traced through a wrapper are named `<prefix><hf name>`; restore the
         # checkpoint's names.

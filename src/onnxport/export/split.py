@@ -30,7 +30,8 @@ import torch
 
 from onnxport.config import SplitConfig
 from onnxport.hf.compat import cache_kwarg
-from onnxport.spec import KVSpec, feeds, kv_dims
+from onnxport.bundle import Graph
+from onnxport.spec import PAST, SEQ, TOTAL, KVSpec, TensorSpec, feeds, kv_dims
 
 
 class KVCapture:
@@ -145,78 +146,72 @@ def pack_suffix(ids: list[int]) -> str:
     return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
 
 
-def split_plan(recipe, model, kv: KVSpec, hidden: int, vocab: int, cfg, split: SplitConfig) -> list[dict]:
-    """The manifest's graph entries (role, file, I/O, layers) for a split export."""
+def split_plan(recipe, model, kv: KVSpec, hidden: int, vocab: int, cfg, split: SplitConfig) -> list[Graph]:
+    """The graph entries (role, file, I/O, layers) of a split export."""
     dt = cfg.dtype
-    seq = split.prefill_len if split.static else "sequence_length"
-    graphs = []
-    emb_in = {"name": "input_ids", "dtype": "int64", "dims": [1, seq]}
-    emb_out = {"name": "hidden_states", "dtype": dt, "dims": [1, seq, hidden]}
-    graphs.append({"role": "embedding", "file": "embedding.onnx", "inputs": [emb_in], "outputs": [emb_out]})
+    seq = split.prefill_len if split.static else SEQ
+    T = TensorSpec
+    graphs = [Graph("embedding", "embedding.onnx", [T("input_ids", "int64", (1, seq))],
+                    [T("hidden_states", dt, (1, seq, hidden))])]
     if split.static:
-        graphs.append({"role": "embedding_cache", "file": "embedding_cache.onnx",
-                       "inputs": [{**emb_in, "dims": [1, 1]}], "outputs": [{**emb_out, "dims": [1, 1, hidden]}]})
+        graphs.append(Graph("embedding_cache", "embedding_cache.onnx", [T("input_ids", "int64", (1, 1))],
+                            [T("hidden_states", dt, (1, 1, hidden))]))
     for ids in packs(kv.num_layers, split.pack):
         windows = [recipe.sliding_window(model, i) for i in ids]
         for decode in (False, True):
             s = 1 if decode else seq
-            total = (split.max_len + 1 if split.static else "total_sequence_length") if decode else seq
-            past_len = split.max_len if split.static else "past_sequence_length"
-            ins = [
-                {"name": "hidden_states", "dtype": dt, "dims": [1, s, hidden]},
-                {"name": "position_ids", "dtype": "int64", "dims": [1, s]},
-                {"name": "attention_mask", "dtype": dt, "dims": [1, 1, s, total]},
-            ]
+            total = (split.max_len + 1 if split.static else TOTAL) if decode else seq
+            past_len = split.max_len if split.static else PAST
+            ins = [T("hidden_states", dt, (1, s, hidden)), T("position_ids", "int64", (1, s)),
+                   T("attention_mask", dt, (1, 1, s, total))]
             if any(w is not None for w in windows):
-                ins.append({"name": "sliding_attention_mask", "dtype": dt, "dims": [1, 1, s, total]})
+                ins.append(T("sliding_attention_mask", dt, (1, 1, s, total)))
             if split.rope == "outside":
-                ins += [{"name": n, "dtype": dt, "dims": [1, s, kv.head_dim]} for n in ("cos", "sin")]
-            outs = [{"name": "hidden_states_out", "dtype": dt, "dims": [1, s, hidden]}]
+                ins += [T(n, dt, (1, s, kv.head_dim)) for n in ("cos", "sin")]
+            outs = [T("hidden_states_out", dt, (1, s, hidden))]
             present_len = s if (split.static or not decode) else total
             for i in ids:
                 if decode:
-                    ins += [{"name": f"past_key_values.{i}.{t}", "dtype": dt,
-                             "dims": kv_dims(kv.layers[i], t, cfg.kv_layout, past_len, batch=1)} for t in ("key", "value")]
-                outs += [{"name": f"present.{i}.{t}", "dtype": dt,
-                          "dims": kv_dims(kv.layers[i], t, cfg.kv_layout, present_len, batch=1)} for t in ("key", "value")]
+                    ins += [T(f"past_key_values.{i}.{t}", dt, tuple(kv_dims(kv.layers[i], t, cfg.kv_layout, past_len, batch=1)))
+                            for t in ("key", "value")]
+                outs += [T(f"present.{i}.{t}", dt, tuple(kv_dims(kv.layers[i], t, cfg.kv_layout, present_len, batch=1)))
+                         for t in ("key", "value")]
             role = "block_cache" if decode else "block"
-            graphs.append({"role": role, "file": f"{role}_{pack_suffix(ids)}.onnx", "layers": ids,
-                           "sliding_windows": windows, "inputs": ins, "outputs": outs})
-    head_in = [{"name": "hidden_states", "dtype": dt, "dims": [1, hidden]}]
+            graphs.append(Graph(role, f"{role}_{pack_suffix(ids)}.onnx", ins, outs, layers=ids, sliding_windows=windows))
+    head_in = [T("hidden_states", dt, (1, hidden))]
     if split.head == "argmax":
-        head_out = [{"name": "token", "dtype": "int64", "dims": [1, 1]}]
+        head_out = [T("token", "int64", (1, 1))]
     elif split.top_k:
-        head_out = [{"name": "values", "dtype": dt, "dims": [1, split.top_k]},
-                    {"name": "indices", "dtype": "int64", "dims": [1, split.top_k]}]
+        head_out = [T("values", dt, (1, split.top_k)), T("indices", "int64", (1, split.top_k))]
     else:
-        head_out = [{"name": "logits", "dtype": dt, "dims": [1, vocab]}]
-    graphs.append({"role": "lm_head", "file": "lm_head.onnx", "head": split.head, "inputs": head_in, "outputs": head_out})
+        head_out = [T("logits", dt, (1, vocab))]
+    graphs.append(Graph("lm_head", "lm_head.onnx", head_in, head_out, head=split.head))
     return graphs
 
 
-def module_for(entry: dict, recipe, model, cfg, split: SplitConfig) -> torch.nn.Module:
-    role = entry["role"]
+def module_for(entry: Graph, recipe, model, cfg, split: SplitConfig) -> torch.nn.Module:
+    role = entry.role
     if role in ("embedding", "embedding_cache"):
         return Embedding(recipe, model)
     if role == "lm_head":
         return Head(recipe, model, split.head)
-    return Block(recipe, model, entry["layers"], decode=role == "block_cache", static=split.static,
+    return Block(recipe, model, entry.layers, decode=role == "block_cache", static=split.static,
                  kv_layout=cfg.kv_layout, rope_outside=split.rope == "outside")
 
 
-def example_feeds(entry: dict, sizes: dict, seed: int, vocab: int, past_len: int) -> dict:
+def example_feeds(entry: Graph, sizes: dict, seed: int, vocab: int, past_len: int) -> dict:
     """Inputs for tracing or verifying one split graph: random ids/hidden/cache, real causal
     masks (the decode cache's new key sits in the last slot)."""
-    window = next((w for w in entry.get("sliding_windows", []) if w), None)
-    return feeds(entry["inputs"], sizes, seed, vocab, past=past_len, window=window,
-                 static_cache=entry["role"] == "block_cache")
+    window = next((w for w in entry.sliding_windows or [] if w), None)
+    return feeds(entry.inputs, sizes, seed, vocab, past=past_len, window=window,
+                 static_cache=entry.role == "block_cache")
 
 
-def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[dict], set[str]]:
+def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[Graph], set[str]]:
     """Export every graph of the split plan into `folder`; return the entries and the union of
     parameters the exported graphs read."""
-    from onnxport.hf.compat import text_config
     from onnxport.export.graph import check_fully_static, export_graph, slim_static
+    from onnxport.hf.compat import text_config
 
     text = text_config(model.config)
     graphs = split_plan(recipe, model, kv, text.hidden_size, text.vocab_size, cfg, split)
@@ -224,22 +219,23 @@ def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tu
     for n, entry in enumerate(graphs):
         module = module_for(entry, recipe, model, cfg, split).eval()
         # trace with distinct sizes > 1 so no dynamic dim is specialised
-        sizes = {"sequence_length": 3, "past_sequence_length": 5, "total_sequence_length": 6 if entry["role"] == "block_cache" else 3}
-        past = 5 if entry["role"] == "block_cache" else 0
-        if entry["role"] == "block_cache" and split.static:
+        sizes = {SEQ: 3, PAST: 5, TOTAL: 6 if entry.role == "block_cache" else 3}
+        past = 5 if entry.role == "block_cache" else 0
+        if entry.role == "block_cache" and split.static:
             past = 3
         example = example_feeds(entry, sizes, n, text.vocab_size, past)
-        args = tuple(torch.from_numpy(example[i["name"]]) for i in entry["inputs"])
-        used, entry["patches"] = export_graph(module, args, entry["inputs"], entry["outputs"], folder / entry["file"], cfg.exporter,
-                            cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.", static=split.static)
+        args = tuple(torch.from_numpy(example[i.name]) for i in entry.inputs)
+        used, entry.patches = export_graph(module, args, entry.inputs, entry.outputs, folder / entry.file, cfg.exporter,
+                                           cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.",
+                                           static=split.static)
+        entry.exporter, entry.opset = cfg.exporter, cfg.opset
         if split.static:
-            slim_static(folder / entry["file"])
-            check_fully_static(folder / entry["file"])
+            slim_static(folder / entry.file)
+            check_fully_static(folder / entry.file)
         used_all |= used
     if split.embedding_bin:
-        weight = recipe.base_model(model).embed_tokens.weight.detach().float().numpy()
+        weight = model.get_input_embeddings().weight.detach().float().numpy()
         weight.astype(np.float32).tofile(folder / "embedding.bin")
-        graphs.insert(0, {"role": "embedding_table", "file": "embedding.bin", "dtype": "float32",
-                          "shape": list(weight.shape), "scale": recipe.embedding_scale(model),
-                          "inputs": [], "outputs": []})
+        graphs.insert(0, Graph("embedding_table", "embedding.bin", dtype="float32", shape=list(weight.shape),
+                               scale=recipe.embedding_scale(model)))
     return graphs, used_all

@@ -49,7 +49,9 @@ def account_weights(
     normal export does not read every weight back from disk. `declared_skips(unread)` returns
     the unread parameters the recipe leaves out on purpose, with the reason."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    unused = sorted(n for n in ckpt_names if n not in params)
+    unused = getattr(model, "_onnxport_unused_checkpoint_keys", None)
+    if unused is None:  # a model not loaded through recipes.base.from_pretrained
+        unused = sorted(n for n in ckpt_names if n not in params)
     if unused:
         raise ExportError(
             f"{len(unused)} checkpoint weight(s) are not used by the model: {', '.join(unused[:5])}",

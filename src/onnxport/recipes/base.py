@@ -48,6 +48,9 @@ def from_pretrained(cls, ckpt: Checkpoint, dtype, attn_implementation: str | Non
             f"{len(missing)} weight(s) the model needs are not in the checkpoint: {', '.join(missing[:4])}"
             + (" ..." if len(missing) > 4 else ""),
             "the checkpoint is incomplete or belongs to another config; onnxport never exports random weights")
+    # transformers renames legacy checkpoint keys on load (5.x: `model.embed_tokens` ->
+    # `model.language_model.embed_tokens`); what it did not use is only known here
+    model._onnxport_unused_checkpoint_keys = sorted(info.get("unexpected_keys") or [])
     return model.eval()
 
 
@@ -164,5 +167,6 @@ class DecoderLM(Recipe):
             if any(k in name for k in ("encoder_attn", "crossattention", "cross_attn")):
                 out[name] = "cross-attention: reads encoder states, which a decoder-only graph has none of"
             elif decoder is not None and id(params[name]) not in inside:
-                out[name] = f"outside the text decoder ({name.split('.')[0]}...): not used to generate text"
+                owner = ".".join(name.split(".")[:2])
+                out[name] = f"belongs to {owner}, not to the text decoder (another part, or unused for text)"
         return out

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import torch
 
     from onnxport.checkpoint import Checkpoint
-    from onnxport.export.module import ModulePart
+    from onnxport.recipes.parts import ModulePart
 
 
 class EncoderRecipe(Recipe):

@@ -50,7 +50,7 @@ class MiniCPMV46Vision(EncoderRecipe):
     images = ([[8, 8]], [[12, 16]], [[8, 8], [4, 12]])
 
     def parts(self, model):
-        from onnxport.export.module import ModulePart, TensorSpec
+        from onnxport.recipes.parts import ModulePart, TensorSpec
         from onnxport.hf.compat import require_transformers
         from onnxport.runtime.preprocess import minicpmv4_6_vision
 

@@ -43,7 +43,7 @@ class Qwen25OmniAudio(EncoderRecipe):
         return model
 
     def parts(self, model):
-        from onnxport.export.module import ModulePart, TensorSpec
+        from onnxport.recipes.parts import ModulePart, TensorSpec
         from onnxport.hf.compat import require_transformers
 
         require_transformers(5, "precomputed audio chunks / indices / cu_seqlens as kwargs")

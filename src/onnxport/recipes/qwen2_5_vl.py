@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from onnxport.recipes import register_recipe
+from onnxport.recipes.base import DecoderLM
 from onnxport.recipes.encoder import EncoderRecipe
 
 
@@ -39,7 +40,7 @@ class Qwen25VLVision(EncoderRecipe):
         return model.model.visual
 
     def parts(self, model):
-        from onnxport.export.module import ModulePart, TensorSpec
+        from onnxport.recipes.parts import ModulePart, TensorSpec
         from onnxport.hf.compat import require_transformers
 
         require_transformers(5, "precomputed vision position ids / windows / cu_seqlens as kwargs")
@@ -77,3 +78,14 @@ class Qwen25VLVision(EncoderRecipe):
         return [ModulePart("vision", QwenVisionGraph(visual), inputs, ["image_embeds"], sizes,
                            output_dims={"image_embeds": ["num_merged_patches", cfg.out_hidden_size]},
                            make_case=make_case, preprocess="qwen2_5_vl_vision", meta=meta)]
+
+
+@register_recipe("qwen2_5_vl", part="decoder")
+class Qwen25VLText(DecoderLM):
+    """The language model of a Qwen2.5-VL checkpoint, text in (input_ids), through the
+    conditional-generation class so checkpoint names match. Text-only mrope positions equal
+    plain positions on all three axes, so 2-D position_ids give transformers' tokens; image
+    tokens (3-D mrope ids, inputs_embeds) come with the multimodal pipeline."""
+
+    family = "qwen2_5_vl"
+    model_class = "Qwen2_5_VLForConditionalGeneration"

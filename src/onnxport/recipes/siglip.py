@@ -22,7 +22,7 @@ class SiglipVision(EncoderRecipe):
         return getattr(model, "vision_model", model)
 
     def parts(self, model):
-        from onnxport.export.module import ModulePart, NamedInputs, TensorSpec
+        from onnxport.recipes.parts import ModulePart, NamedInputs, TensorSpec
 
         cfg = self.vision(model).config
         side = cfg.image_size

@@ -22,7 +22,7 @@ class Wav2Vec2Like(EncoderRecipe):
         return CLASSES[self.model_type]
 
     def parts(self, model):
-        from onnxport.export.module import ModulePart, NamedInputs, TensorSpec
+        from onnxport.recipes.parts import ModulePart, NamedInputs, TensorSpec
 
         cfg = model.config
         # a padding mask only matters (and is only used) with layer-norm feature extractors

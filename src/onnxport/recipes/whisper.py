@@ -13,7 +13,7 @@ class WhisperEncoder(EncoderRecipe):
     model_class = "WhisperModel"
 
     def parts(self, model):
-        from onnxport.export.module import ModulePart, NamedInputs, TensorSpec
+        from onnxport.recipes.parts import ModulePart, NamedInputs, TensorSpec
 
         cfg = model.config
         frames = 2 * cfg.max_source_positions

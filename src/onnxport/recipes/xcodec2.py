@@ -30,7 +30,7 @@ class Xcodec2Decoder(EncoderRecipe):
     num_codes = (12, 29)
 
     def parts(self, model):
-        from onnxport.export.module import ModulePart, TensorSpec
+        from onnxport.recipes.parts import ModulePart, TensorSpec
 
         cfg = model.config
         codebook = math.prod(cfg.quantization_levels)

@@ -20,10 +20,10 @@ class EncoderRunner:
     def __init__(self, bundle: str | Path, name: str | None = None, threads: int | None = None):
         self.folder = Path(bundle)
         self.manifest = read_manifest(self.folder)
-        graphs = [g for g in self.manifest["graphs"] if "name" in g]
+        graphs = self.manifest.named_graphs()
         if not graphs:
             raise BundleError(f"{bundle} has no encoder or module graphs", "export one with onnxport export / export-module")
-        by_name = {g["name"]: g for g in graphs}
+        by_name = {g.name: g for g in graphs}
         if name is None and len(graphs) > 1:
             raise RuntimeInputError(f"the bundle has several graphs {list(by_name)}", "pass name=")
         if name is not None and name not in by_name:
@@ -36,9 +36,12 @@ class EncoderRunner:
         return list(self.session.inputs)
 
     def feeds(self, *args, **kwargs) -> dict[str, np.ndarray]:
-        pre = self.entry.get("preprocess")
+        pre = self.entry.preprocess
         if pre:
-            return PREPROCESSORS[pre](*args, meta=self.entry["meta"], **kwargs)
+            if pre not in PREPROCESSORS:
+                raise BundleError(f"the bundle needs preprocessor {pre!r}, which this onnxport does not have",
+                                  "upgrade onnxport to the version that wrote the bundle")
+            return PREPROCESSORS[pre](*args, meta=self.entry.meta or {}, **kwargs)
         if args:
             kwargs.update(zip(self.input_names, args))
         return {k: np.asarray(v) for k, v in kwargs.items()}

@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from onnxport.bundle import graph_entry, read_manifest
-from onnxport.errors import RuntimeInputError
+from onnxport.bundle import read_manifest
+from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
 from onnxport.runtime.split import SplitDecoder
@@ -53,22 +53,29 @@ class Generator:
         self.folder = Path(bundle)
         self.manifest = read_manifest(self.folder)
         self.split: SplitDecoder | None = None
-        if self.manifest.get("layout", {}).get("kind") == "split":
+        kv = self.manifest.kv_cache
+        if kv is None:
+            raise BundleError(f"{bundle} has no text decoder (its parts: "
+                              f"{', '.join(p.name for p in self.manifest.parts) or 'none'})",
+                              "run its graphs with onnxport.runtime.EncoderRunner")
+        if self.manifest.is_split:
             self.split = SplitDecoder(self.folder, self.manifest, threads)
         else:
-            self.session = GraphSession(self.folder, graph_entry(self.manifest, "decoder"), threads)
-        kv = self.manifest["kv_cache"]
-        self.past_names = [p for p, _ in kv["names"]]
-        self.present_names = [q for _, q in kv["names"]]
-        self.kv_layout = kv["layout"]
+            self.session = GraphSession(self.folder, self.manifest.graph("decoder"), threads)
+        self.past_names = kv.past_names
+        self.present_names = kv.present_names
+        self.kv_layout = kv.layout
         if self.split is None:
             #: each past input's dims (MLA keys and values differ; heads can differ per layer)
-            self.past_dims = {n: self.session.inputs[n]["dims"] for n in self.past_names}
+            self.past_dims = {n: self.session.inputs[n].dims for n in self.past_names}
             self.takes_positions = "position_ids" in self.session.inputs
-        self.kv_dtype = np.dtype(kv["dtype"])
-        self.vocab_size = int(self.manifest["model"]["vocab_size"])
+        self.kv_dtype = np.dtype(kv.dtype)
+        self.vocab_size = int(self.manifest.model.vocab_size)
         self.eos_ids, pad = special_ids(self.folder)
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        #: what padded / finished slots feed the graph: the pad id, unless the config names one
+        #: outside the vocabulary (its value is masked out anyway; an embedding Gather is not)
+        self.pad_feed = self.pad_id if 0 <= self.pad_id < self.vocab_size else 0
         self._tokenizer: BundleTokenizer | None = None
 
     @property
@@ -121,13 +128,20 @@ class Generator:
                 f"vocabulary [0, {self.vocab_size})",
                 "use the bundle's tokenizer to make the prompt",
             )
+        limit = self.manifest.model.max_positions
+        longest = max(len(p) for p in prompts)
+        if limit and longest + max_new_tokens > limit:
+            raise RuntimeInputError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"{limit} positions (max_position_embeddings)",
+                f"ask for at most {max(limit - longest, 0)} new tokens, or shorten the prompt")
         eos = self.eos_ids if eos_token_id == -1 else ([] if eos_token_id is None else
                                                         ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)))
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
         if self.split is not None:
             return self._generate_split(prompts, max_new_tokens, sampler, eos, on_token, do_sample)
         batch, longest = len(prompts), max(len(p) for p in prompts)
-        input_ids = np.full((batch, longest), self.pad_id, dtype=np.int64)
+        input_ids = np.full((batch, longest), self.pad_feed, dtype=np.int64)
         mask = np.zeros((batch, longest), dtype=np.int64)
         for r, p in enumerate(prompts):
             input_ids[r, longest - len(p):] = p
@@ -165,7 +179,7 @@ class Generator:
                 new_tokens = new_tokens[:, : step + 1]
                 break
             past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
-            input_ids = next_tok[:, None].astype(np.int64)
+            input_ids = np.where(unfinished, next_tok, self.pad_feed)[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             positions = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)
         tokens = [_cut_at_eos(row, eos) for row in new_tokens.tolist()]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxport.errors import RuntimeInputError
+from onnxport.bundle import Graph, resolve_inside
+from onnxport.errors import BundleError, RuntimeInputError
+from onnxport.spec import PAST, SEQ, TOTAL
 
 
 def make_session(path: Path, threads: int | None = None, spinning: bool = True):
@@ -29,19 +31,26 @@ class GraphSession:
     """Runs one manifest graph; checks names, dtypes, ranks and named-dim consistency first,
     so a wrong feed gives one line instead of an onnxruntime stack."""
 
-    def __init__(self, bundle: Path, entry: dict, threads: int | None = None, spinning: bool = True):
+    def __init__(self, bundle: Path, entry: Graph, threads: int | None = None, spinning: bool = True):
         self.entry = entry
-        self.inputs = {i["name"]: i for i in entry["inputs"]}
-        self.output_names = [o["name"] for o in entry["outputs"]]
+        self.inputs = {i.name: i for i in entry.inputs}
+        self.output_names = entry.output_names
         threads = threads or int(os.environ.get("ONNXPORT_THREADS", "0")) or None
-        self.session = make_session(bundle / entry["file"], threads, spinning)
+        path = resolve_inside(bundle, entry.file)
+        for name in entry.external_data:
+            resolve_inside(bundle, name)
+        try:
+            self.session = make_session(path, threads, spinning)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException
+            raise BundleError(f"ONNX Runtime cannot load {entry.file}: {str(e).strip().splitlines()[0][:200]}",
+                              "the file is damaged or was replaced; re-run onnxport export") from None
 
     def check(self, feeds: dict[str, np.ndarray]) -> None:
         missing = [n for n in self.inputs if n not in feeds]
         extra = [n for n in feeds if n not in self.inputs]
         if missing or extra:
             raise RuntimeInputError(
-                f"{self.entry['file']}: "
+                f"{self.entry.file}: "
                 + (f"missing inputs {missing[:4]}" if missing else "")
                 + ("; " if missing and extra else "")
                 + (f"unknown inputs {extra[:4]}" if extra else ""),
@@ -50,20 +59,20 @@ class GraphSession:
         bound: dict[str, int] = {}
         for name, arr in feeds.items():
             spec = self.inputs[name]
-            if str(arr.dtype) != spec["dtype"]:
+            if str(arr.dtype) != spec.dtype:
                 raise RuntimeInputError(
-                    f"input {name!r} has dtype {arr.dtype}, expected {spec['dtype']}",
-                    f"cast it with .astype('{spec['dtype']}')",
+                    f"input {name!r} has dtype {arr.dtype}, expected {spec.dtype}",
+                    f"cast it with .astype('{spec.dtype}')",
                 )
-            if arr.ndim != len(spec["dims"]):
+            if arr.ndim != len(spec.dims):
                 raise RuntimeInputError(
-                    f"input {name!r} has shape {list(arr.shape)}, expected rank {len(spec['dims'])} {spec['dims']}",
+                    f"input {name!r} has shape {list(arr.shape)}, expected rank {len(spec.dims)} {list(spec.dims)}",
                     "see manifest.json for the graph's input dims",
                 )
-            for size, dim in zip(arr.shape, spec["dims"]):
+            for size, dim in zip(arr.shape, spec.dims):
                 if isinstance(dim, int) and size != dim:
                     raise RuntimeInputError(
-                        f"input {name!r} has shape {list(arr.shape)}, expected {spec['dims']}",
+                        f"input {name!r} has shape {list(arr.shape)}, expected {list(spec.dims)}",
                         "see manifest.json for the graph's input dims",
                     )
                 if isinstance(dim, str):
@@ -72,11 +81,11 @@ class GraphSession:
                             f"input {name!r}: dim {dim!r} is {size} but another input has {bound[dim]}",
                             "all inputs must agree on named dims (batch_size, sequence_length, ...)",
                         )
-        if {"past_sequence_length", "sequence_length", "total_sequence_length"} <= bound.keys():
-            if bound["past_sequence_length"] + bound["sequence_length"] != bound["total_sequence_length"]:
+        if {PAST, SEQ, TOTAL} <= bound.keys():
+            if bound[PAST] + bound[SEQ] != bound[TOTAL]:
                 raise RuntimeInputError(
                     "attention_mask length must equal past_sequence_length + sequence_length "
-                    f"({bound['past_sequence_length']} + {bound['sequence_length']} != {bound['total_sequence_length']})",
+                    f"({bound[PAST]} + {bound[SEQ]} != {bound[TOTAL]})",
                     "append one mask column per new token",
                 )
 

@@ -12,32 +12,31 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxport.bundle import Manifest, resolve_inside
 from onnxport.errors import RuntimeInputError
 from onnxport.runtime.session import GraphSession
 from onnxport.spec import additive_mask
 
 class SplitDecoder:
-    def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
-        self.layout = manifest["layout"]
-        self.static = bool(self.layout["static"])
-        self.max_len = int(self.layout.get("max_len") or 0)
-        self.prefill_len = int(self.layout.get("prefill_len") or 0)
-        self.head = self.layout["head"]
-        kv = manifest["kv_cache"]
-        self.bshd = kv["layout"] == "bshd"
-        self.kv_heads, self.head_dim = kv["num_kv_heads"], kv["head_dim"]
-        self.rope = self.layout.get("rope", "inside")
-        self.inv_freq = np.asarray(self.layout.get("inv_freq") or [], dtype=np.float32)
-        self.rope_scaling = float(self.layout.get("attention_scaling", 1.0))
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None):
+        layout = manifest.layout
+        self.static = bool(layout.static)
+        self.max_len = int(layout.max_len or 0)
+        self.prefill_len = int(layout.prefill_len or 0)
+        self.head = layout.head or "logits"
+        self.bshd = manifest.kv_cache.layout == "bshd"
+        self.rope = layout.rope or "inside"
+        self.inv_freq = np.asarray(layout.inv_freq or [], dtype=np.float32)
+        self.rope_scaling = float(layout.attention_scaling if layout.attention_scaling is not None else 1.0)
         self.table = None
         self.sessions: dict[str, GraphSession] = {}
         self.blocks: list[tuple[dict, GraphSession]] = []
         self.block_caches: list[tuple[dict, GraphSession]] = []
-        for g in manifest["graphs"]:
-            role = g["role"]
+        for g in manifest.graphs:
+            role = g.role
             if role == "embedding_table":
-                self.table = np.fromfile(folder / g["file"], dtype=g["dtype"]).reshape(g["shape"])
-                self.table_scale = np.float32(g["scale"])
+                self.table = np.fromfile(resolve_inside(folder, g.file), dtype=g.dtype).reshape(g.shape)
+                self.table_scale = np.float32(g.scale)
             elif role == "block":
                 self.blocks.append((g, GraphSession(folder, g, threads, spinning=False)))
             elif role == "block_cache":
@@ -63,7 +62,7 @@ class SplitDecoder:
 
     def masks(self, entry: dict, q_pos, k_pos, valid) -> dict:
         out = {"attention_mask": additive_mask(q_pos, k_pos, valid, None)}
-        window = next((w for w in entry["sliding_windows"] if w), None)
+        window = next((w for w in entry.sliding_windows or [] if w), None)
         if window is not None:
             out["sliding_attention_mask"] = additive_mask(q_pos, k_pos, valid, window)
         return out
@@ -110,7 +109,7 @@ class SplitDecoder:
                      **self.masks(entry, pos[0], pos[0], np.ones(length, dtype=bool))}
             outs = sess.run(feeds, check=False)
             h = outs["hidden_states_out"]
-            for i in entry["layers"]:
+            for i in entry.layers:
                 for t in ("key", "value"):
                     present = outs[f"present.{i}.{t}"]
                     if self.static:
@@ -142,12 +141,12 @@ class SplitDecoder:
             for entry, sess in self.block_caches:
                 feeds = {"hidden_states": h, "position_ids": pos, **self.rope_inputs(pos),
                          **self.masks(entry, pos[0], k_pos, valid)}
-                for i in entry["layers"]:
+                for i in entry.layers:
                     for t in ("key", "value"):
                         feeds[f"past_key_values.{i}.{t}"] = cache[f"past_key_values.{i}.{t}"]
                 outs = sess.run(feeds, check=False)
                 h = outs["hidden_states_out"]
-                for i in entry["layers"]:
+                for i in entry.layers:
                     for t in ("key", "value"):
                         present = outs[f"present.{i}.{t}"]
                         name = f"past_key_values.{i}.{t}"

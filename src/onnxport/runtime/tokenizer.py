@@ -18,7 +18,11 @@ class BundleTokenizer:
                 f"{folder} has no tokenizer.json",
                 "copy the checkpoint's fast tokenizer (tokenizer.json) into the bundle, or pass token ids",
             )
-        self._tok = Tokenizer.from_file(str(f))
+        try:
+            self._tok = Tokenizer.from_file(str(f))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+            raise BundleError(f"{f.name} cannot be read: {str(e).splitlines()[0][:160]}",
+                              "copy the checkpoint's tokenizer.json into the bundle again") from None
         cfg = _read_json(folder / "tokenizer_config.json")
         self.add_special_tokens = True
         bos = cfg.get("bos_token")
@@ -37,10 +41,29 @@ class BundleTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+class StreamDecoder:
+    """Incremental detokenisation: `push(token)` returns the text that token adds, holding back
+    while the text ends in an incomplete UTF-8 sequence (byte-level BPE splits characters)."""
+
+    def __init__(self, tokenizer: BundleTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.startswith(self.text) or text.endswith("\ufffd"):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+
 def _read_json(p: Path) -> dict:
     try:
-        return json.loads(p.read_text()) if p.is_file() else {}
-    except json.JSONDecodeError:
+        data = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        return data if isinstance(data, dict) else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
 
 

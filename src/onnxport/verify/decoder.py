@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
+from onnxport.bundle import Graph
 from onnxport.config import VerifyConfig
 from onnxport.export.decoder import wrapper_args
 from onnxport.spec import DECODER_CASES, ShapeCase, feeds
@@ -16,24 +15,25 @@ log = logging.getLogger(__name__)
 
 
 def verify_decoder(
-    wrapper, onnx_file: Path, spec: dict, vocab_size: int, cfg: VerifyConfig, cases=DECODER_CASES
+    wrapper, onnx_file: Path, graph: Graph, vocab_size: int, cfg: VerifyConfig, cases=DECODER_CASES
 ) -> dict:
     """Run `wrapper` (a FlatCacheDecoder) and the ONNX graph on each case; compare every output.
 
     Returns the manifest's `verification` record; `ok` is False if any output at any shape
     breaks the tolerance. Callers decide whether that raises."""
-    import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    out_names = [o["name"] for o in spec["outputs"]]
+    from onnxport.runtime.session import make_session
+
+    sess = make_session(onnx_file)
+    out_names = graph.output_names
     results = []
     for i, case in enumerate(cases):
-        x = feeds(spec["inputs"], case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad)
+        x = feeds(graph.inputs, case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad)
         got = sess.run(out_names, x)
         t = {k: torch.from_numpy(v) for k, v in x.items()}
         with torch.no_grad():
-            ref = wrapper(*wrapper_args(spec, t))
+            ref = wrapper(*wrapper_args(graph.inputs, t))
         outputs = {}
         for name, a, e in zip(out_names, got, ref):
             outputs[name] = compare(a, e.numpy(), cfg.atol, cfg.min_cosine)
@@ -61,12 +61,4 @@ def first_failure(record: dict) -> str | None:
     return None
 
 
-def summary_rows(record: dict) -> list[tuple[str, str, float, float, bool]]:
-    rows = []
-    for case in record["cases"]:
-        for name, r in case["outputs"].items():
-            rows.append((case["shape"], name, r.get("max_abs_diff", np.nan), r.get("cosine", np.nan), r["ok"]))
-    return rows
-
-
-__all__ = ["ShapeCase", "first_failure", "summary_rows", "verify_decoder"]
+__all__ = ["ShapeCase", "first_failure", "verify_decoder"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxport.bundle import Manifest
 from onnxport.config import VerifyConfig
 from onnxport.verify.compare import compare
 
@@ -18,7 +19,7 @@ def _verify_head(entry, module, feeds, got: dict, atol: float) -> dict:
 
     with torch.no_grad():
         logits = module.logits(torch.from_numpy(feeds["hidden_states"])).numpy()[0]
-    if entry["head"] == "argmax":
+    if entry.head == "argmax":
         ref, tok = int(logits.argmax()), int(got["token"][0, 0])
         gap = float(logits[ref] - logits[tok])
         return {"token": {"ok": gap <= atol, "max_abs_diff": gap, "cosine": 1.0 if tok == ref else float("nan")}}
@@ -30,7 +31,7 @@ def _verify_head(entry, module, feeds, got: dict, atol: float) -> dict:
     return out
 
 
-def verify_split(recipe, model, folder, manifest: dict, split, export_cfg, cfg: VerifyConfig) -> dict:
+def verify_split(recipe, model, folder, manifest: Manifest, split, export_cfg, cfg: VerifyConfig) -> dict:
     import torch
 
     from onnxport.export.split import example_feeds, module_for
@@ -38,29 +39,29 @@ def verify_split(recipe, model, folder, manifest: dict, split, export_cfg, cfg: 
     from onnxport.runtime.session import make_session
 
     rng = np.random.default_rng(cfg.seed)
-    vocab = manifest["model"]["vocab_size"]
+    vocab = manifest.model.vocab_size
     cases = []
-    for entry in manifest["graphs"]:
-        if entry["role"] == "embedding_table":
+    for entry in manifest.graphs:
+        if entry.role == "embedding_table":
             continue
         module = module_for(entry, recipe, model, export_cfg, split).eval()
         past = 4 if split.static else 9
         sizes = {"sequence_length": 7, "past_sequence_length": past, "total_sequence_length": past + 1}
-        if entry["role"] == "block":
+        if entry.role == "block":
             sizes["total_sequence_length"] = 7
-        feeds = example_feeds(entry, sizes, cfg.seed + len(cases), vocab, past if entry["role"] == "block_cache" else 0)
-        sess = make_session(folder / entry["file"])
-        names = [o["name"] for o in entry["outputs"]]
+        feeds = example_feeds(entry, sizes, cfg.seed + len(cases), vocab, past if entry.role == "block_cache" else 0)
+        sess = make_session(folder / entry.file)
+        names = entry.output_names
         got = dict(zip(names, sess.run(names, feeds)))
-        if entry["role"] == "lm_head" and entry["head"] != "logits":
+        if entry.role == "lm_head" and entry.head != "logits":
             outputs = _verify_head(entry, module, feeds, got, cfg.atol)
         else:
             with torch.no_grad():
-                ref = module(*[torch.from_numpy(feeds[i["name"]]) for i in entry["inputs"]])
+                ref = module(*[torch.from_numpy(feeds[i.name]) for i in entry.inputs])
             ref = ref if isinstance(ref, tuple) else (ref,)
             outputs = {n: compare(got[n], r.numpy(), cfg.atol, cfg.min_cosine) for n, r in zip(names, ref)}
-        label = entry["file"] + ("" if split.static else
-                                 (f" (seq=7,past={past})" if entry["role"] == "block_cache" else " (seq=7)"))
+        label = entry.file + ("" if split.static else
+                              (f" (seq=7,past={past})" if entry.role == "block_cache" else " (seq=7)"))
         cases.append({"shape": label, "ok": all(o["ok"] for o in outputs.values()), "outputs": outputs})
 
     prompt = rng.integers(0, vocab, size=E2E_PROMPT).tolist()

@@ -1,0 +1,120 @@
+"""The bundle folder on disk: atomic writes, a lock per output, paths kept inside the bundle.
+
+A bundle is built in a hidden temp folder beside OUT and renamed into place only when complete;
+a failure, an interrupt or a kill leaves OUT as it was. `--force` replaces only a previous
+onnxport bundle (a folder with a manifest.json), never any other folder. Two exports to the
+same OUT at once: the second fails at the lock. Partial folders of processes that died (kill -9)
+are removed by the next export to that OUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from onnxport.errors import BundleError
+
+MANIFEST = "manifest.json"
+
+
+def resolve_inside(bundle: Path, name: str) -> Path:
+    """`bundle/name`, refusing any name that is absolute or leaves the bundle (`..`, symlinks
+    pointing out), before anything is opened."""
+    root = Path(bundle).resolve()
+    if not name or Path(name).is_absolute() or "\\" in name:
+        raise BundleError(f"the manifest names a file outside the bundle: {name!r}",
+                          "the bundle is damaged or was edited; re-run onnxport export")
+    target = (root / name).resolve()
+    if target != root and root not in target.parents:
+        raise BundleError(f"the manifest names a file outside the bundle: {name!r}",
+                          "the bundle is damaged or was edited; re-run onnxport export")
+    return target
+
+
+def check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"output {str(out)!r} exists and is not a folder", "choose another -o")
+    if out.exists() and not force:
+        raise BundleError(f"output {str(out)!r} already exists", "pass --force to replace it, or choose another -o")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise BundleError(f"output {str(out)!r} exists and is not an onnxport bundle; --force replaces only bundles",
+                          "choose another -o (onnxport never deletes a folder it did not write)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove `.OUT.partial-<pid>-*` folders left by processes that no longer run."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit(".partial-", 1)[1].split("-", 1)[0])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    import fcntl
+
+    lock_file = out.parent / f".{out.name}.lock"
+    fh = open(lock_file, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BundleError(f"another onnxport process is writing {str(out)!r}",
+                              "wait for it to finish, or choose another -o") from None
+        yield
+    finally:
+        fh.close()
+        with contextlib.suppress(OSError):
+            lock_file.unlink()
+
+
+@contextlib.contextmanager
+def atomic_bundle(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it replaces `out`, on any error it vanishes."""
+    out = Path(os.path.abspath(out))
+    if out.parent == out:
+        raise BundleError(f"cannot write a bundle at {str(out)!r}", "choose a new folder for -o")
+    check_target(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"cannot create {str(out.parent)!r}: {e.strerror}", "choose a writable -o") from None
+    with _lock(out):
+        check_target(out, force)  # another process may have finished in the meantime
+        _clean_stale(out)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        except OSError as e:
+            raise BundleError(f"cannot write in {str(out.parent)!r}: {e.strerror}", "choose a writable -o") from None
+        try:
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary folder
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -1,0 +1,346 @@
+"""The typed manifest: the only module that spells manifest.json's keys.
+
+A bundle is parts (a text decoder, a vision encoder, an audio encoder, a codec, ...) made of
+graphs. `Manifest.graphs` lists every file with its role, part and I/O (`spec.TensorSpec`);
+`Manifest.parts` says what each part is, which graphs it owns, and how it was verified;
+`kv_cache` and `layout` describe the decoder part. Records produced by verify/ (per-shape
+comparisons) and by recipes (`Graph.meta`, preprocessor constants) are kept as they are.
+
+Schema history: v1 (onnxport <= 0.1: no `parts`, `schema_version` 1) loads as v2 with the parts
+derived from the graphs; v2 adds `parts` and `Graph.part`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from onnxport.errors import BundleError
+from onnxport.spec import TensorSpec
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST = "manifest.json"
+
+# layout kinds
+MONOLITHIC, SPLIT, MODULES = "monolithic", "split", "modules"
+# part kinds
+DECODER, ENCODER = "decoder", "encoder"
+
+
+def _io(t: TensorSpec) -> dict:
+    return {"name": t.name, "dtype": t.dtype, "dims": list(t.dims)}
+
+
+def _io_from(d: dict) -> TensorSpec:
+    return TensorSpec(d["name"], d.get("dtype"), tuple(d["dims"]))
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass
+class Graph:
+    """One file of the bundle. `role`: decoder | embedding | embedding_cache | block |
+    block_cache | lm_head | embedding_table | encoder | vocoder | module ...; `name` is set for
+    encoder/module graphs (the runner picks them by name)."""
+
+    role: str
+    file: str
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    part: str = DECODER
+    name: str | None = None
+    layers: list[int] | None = None
+    sliding_windows: list | None = None
+    head: str | None = None
+    exporter: str | None = None
+    opset: int | None = None
+    patches: list[str] = field(default_factory=list)
+    preprocess: str | None = None
+    meta: dict | None = None
+    external_data: list[str] = field(default_factory=list)
+    fallback_from: dict | None = None
+    weights: dict | None = None
+    verification: dict | None = None
+    # embedding_table (raw .bin) only
+    dtype: str | None = None
+    shape: list[int] | None = None
+    scale: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["inputs"] = [_io(t) for t in self.inputs]
+        d["outputs"] = [_io(t) for t in self.outputs]
+        return _drop_none(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Graph:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["inputs"] = [_io_from(i) for i in d.get("inputs", [])]
+        kw["outputs"] = [_io_from(o) for o in d.get("outputs", [])]
+        kw.setdefault("part", DECODER if "name" not in d else d.get("role", ENCODER))
+        return cls(**kw)
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass
+class KVCache:
+    layout: str
+    naming: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    #: [past input name, present output name] per cache tensor, key before value, per layer
+    names: list[list[str]]
+    #: per layer [key_heads, key_dim, value_heads, value_dim] when layers differ (MLA, ...)
+    layers: list[list[int]] | None = None
+
+    def to_dict(self) -> dict:
+        return _drop_none({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KVCache:
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+    @property
+    def past_names(self) -> list[str]:
+        return [p for p, _ in self.names]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [q for _, q in self.names]
+
+
+@dataclass
+class Layout:
+    kind: str = MONOLITHIC
+    # split layouts (SplitConfig's fields)
+    pack: int | None = None
+    static: bool | None = None
+    max_len: int | None = None
+    prefill_len: int | None = None
+    head: str | None = None
+    rope: str | None = None
+    embedding_bin: bool | None = None
+    # --rope outside: what the runtime needs to compute cos/sin
+    inv_freq: list[float] | None = None
+    attention_scaling: float | None = None
+
+    def to_dict(self) -> dict:
+        return _drop_none({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Layout:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def split_options(self) -> dict:
+        """The SplitConfig fields, for re-verification."""
+        keys = ("pack", "static", "max_len", "prefill_len", "head", "rope", "embedding_bin")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class Part:
+    """One part of the checkpoint: which graphs it owns and how it was checked."""
+
+    name: str
+    kind: str  # decoder | encoder
+    recipe: str
+    graphs: list[str]
+    verification: dict | None = None
+    weights: dict | None = None
+
+    def to_dict(self) -> dict:
+        return _drop_none({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Part:
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+
+@dataclass
+class Source:
+    path: str
+    sha256: str
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelInfo:
+    model_type: str
+    recipe: str
+    architectures: list[str] | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    #: positions the model was trained for (max_position_embeddings); generation stops there
+    max_positions: int | None = None
+    module: str | None = None
+    method: str | None = None
+
+
+@dataclass
+class ExportInfo:
+    exporter: str
+    opset: int
+    dtype: str
+    attn_implementation: str | None = None
+    seconds: float | None = None
+
+
+def _plain(cls, d: dict):
+    return cls(**{f.name: d.get(f.name) for f in fields(cls) if f.name in d})
+
+
+@dataclass
+class Manifest:
+    task: str
+    versions: dict
+    source: Source
+    model: ModelInfo
+    export: ExportInfo
+    layout: Layout
+    graphs: list[Graph]
+    parts: list[Part] = field(default_factory=list)
+    kv_cache: KVCache | None = None
+    #: decoder weight accounting: {"in_graph": n, "skipped": {name: reason}}
+    weights: dict | None = None
+    #: the decoder part's verification (split/monolithic) or a summary for module bundles
+    verification: dict | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    # --- what kind of bundle ------------------------------------------------------------------
+
+    @property
+    def is_split(self) -> bool:
+        return self.layout.kind == SPLIT
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.kv_cache is not None
+
+    @property
+    def verified_ok(self) -> bool | None:
+        records = [p.verification for p in self.parts if p.verification is not None]
+        if not records:
+            return None
+        return all(r.get("ok") for r in records)
+
+    def graph(self, role: str) -> Graph:
+        for g in self.graphs:
+            if g.role == role:
+                return g
+        raise BundleError(f"bundle has no graph with role {role!r} (it has {[g.role for g in self.graphs]})",
+                          "re-export the model with a layout that includes it")
+
+    def named_graphs(self) -> list[Graph]:
+        """Encoder / module graphs (those the EncoderRunner drives)."""
+        return [g for g in self.graphs if g.name is not None]
+
+    def part(self, name: str) -> Part | None:
+        return next((p for p in self.parts if p.name == name), None)
+
+    def graphs_of(self, part: str) -> list[Graph]:
+        return [g for g in self.graphs if g.part == part]
+
+    # --- (de)serialisation --------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "onnxport_task": self.task,
+            "versions": self.versions,
+            "source": _drop_none(vars(self.source).copy()),
+            "model": _drop_none(vars(self.model).copy()),
+            "export": _drop_none(vars(self.export).copy()),
+            "layout": self.layout.to_dict(),
+        }
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache.to_dict()
+        d["graphs"] = [g.to_dict() for g in self.graphs]
+        d["parts"] = [p.to_dict() for p in self.parts]
+        if self.weights is not None:
+            d["weights"] = self.weights
+        if self.verification is not None:
+            d["verification"] = self.verification
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        version = d.get("schema_version")
+        if version not in READABLE_VERSIONS:
+            raise BundleError(f"manifest has schema_version {version!r}; this onnxport reads {READABLE_VERSIONS}",
+                              "re-export the bundle with this onnxport version")
+        try:
+            graphs = [Graph.from_dict(g) for g in d.get("graphs", [])]
+            layout = Layout.from_dict(d.get("layout") or {"kind": MONOLITHIC})
+            kv = KVCache.from_dict(d["kv_cache"]) if d.get("kv_cache") else None
+            m = cls(task=d.get("onnxport_task", ""), versions=d.get("versions", {}),
+                    source=_plain(Source, d.get("source", {})), model=_plain(ModelInfo, d.get("model", {})),
+                    export=_plain(ExportInfo, d.get("export", {})), layout=layout, graphs=graphs,
+                    parts=[Part.from_dict(p) for p in d.get("parts", [])], kv_cache=kv, weights=d.get("weights"),
+                    verification=d.get("verification"), schema_version=version)
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"manifest is malformed ({type(e).__name__}: {e})", "re-run onnxport export") from None
+        if version == 1:
+            m.parts = _v1_parts(m)
+        return m
+
+
+def _v1_parts(m: Manifest) -> list[Part]:
+    """v1 bundles held one part: a decoder (monolithic/split) or encoder/module graphs."""
+    if m.kv_cache is not None:
+        return [Part(DECODER, DECODER, m.model.recipe, [g.file for g in m.graphs], m.verification, m.weights)]
+    return [Part(g.name or g.file, ENCODER, m.model.recipe, [g.file], g.verification, g.weights) for g in m.graphs]
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    """Read and validate `bundle/manifest.json` (v1 or v2) and check the files it names exist
+    inside the bundle."""
+    from onnxport.bundle.folder import resolve_inside
+
+    p = Path(bundle)
+    if not p.is_dir():
+        raise BundleError(f"bundle folder {str(p)!r} does not exist",
+                          "export one first: onnxport export MODEL_DIR -o OUT")
+    mf = p / MANIFEST
+    if not mf.is_file():
+        raise BundleError(f"{str(p)!r} has no {MANIFEST}; it is not an onnxport bundle",
+                          "pass the folder written by `onnxport export`")
+    try:
+        raw = json.loads(mf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mf} is not valid JSON ({e})", "re-run onnxport export") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{mf} is not a JSON object", "re-run onnxport export")
+    manifest = Manifest.from_dict(raw)
+    for g in manifest.graphs:
+        for f in [g.file, *g.external_data]:
+            if not resolve_inside(p, f).is_file():
+                raise BundleError(f"bundle is missing {f}", "re-run onnxport export")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write atomically (a temp file renamed over the old one)."""
+    import os
+
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)

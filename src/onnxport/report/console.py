@@ -1,0 +1,71 @@
+"""Rich tables for the CLI: decoder verification per shape, module graphs per size, the
+one-line summary of a bundle. Model and user text is never interpreted as markup."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+from onnxport.bundle import Manifest
+
+
+def _ok(ok: bool) -> Text:
+    return Text("ok", style="green") if ok else Text("FAIL", style="red")
+
+
+def decoder_table(record: dict) -> Table:
+    """One row per shape and output; the per-layer cache rows collapse into the worst one."""
+    tol = record["tolerance"]
+    table = Table(title=f"ONNX Runtime vs PyTorch ({tol['dtype']}: atol {tol['atol']:g}, cosine >= {tol['min_cosine']})")
+    for col in ("shape", "output", "max|diff|", "cosine", ""):
+        table.add_column(col)
+    shown: dict[tuple[str, str], tuple] = {}
+    for case in record["cases"]:
+        for name, r in case["outputs"].items():
+            diff, cos, ok = r.get("max_abs_diff", float("nan")), r.get("cosine", float("nan")), r["ok"]
+            key = (case["shape"], "present (all layers)" if name.startswith(("present", "past_key")) else name)
+            prev = shown.get(key)
+            if prev is None or diff > prev[0] or not ok:
+                shown[key] = (diff, cos, ok if prev is None else (ok and prev[2]))
+    for (shape, name), (diff, cos, ok) in shown.items():
+        table.add_row(Text(shape), Text(name), f"{diff:.2e}", f"{cos:.7f}", _ok(ok))
+    return table
+
+
+def modules_table(manifest: Manifest) -> Table:
+    table = Table(title="ONNX Runtime vs PyTorch, per graph and input size")
+    for col in ("graph", "exporter", "rewrites", "sizes", "output", "max|diff|", "SNR dB", ""):
+        table.add_column(col)
+    for g in manifest.named_graphs():
+        for r in (g.verification or {}).get("results", []):
+            sizes = ",".join(f"{k}={v}" for k, v in r["sizes"].items() if isinstance(v, int))
+            table.add_row(Text(g.file), g.exporter or "-", ",".join(g.patches) or "-", Text(sizes), Text(r["output"]),
+                          f"{r['max_abs_diff']:.2e}", "inf" if r.get("snr_db") is None else f"{r['snr_db']:.1f}",
+                          _ok(r["ok"]))
+    return table
+
+
+def module_lines(manifest: Manifest) -> list[str]:
+    """Per module graph: fallback notes, I/O dims, rewrites."""
+    lines = []
+    for g in manifest.named_graphs():
+        if g.fallback_from:
+            lines.append(f"{g.file}: dynamo failed ({str(g.fallback_from.get('dynamo', ''))[:160]}); used {g.exporter}")
+        dims = ", ".join(f"{io.name}{list(io.dims)}" for io in g.inputs + g.outputs)
+        lines.append(f"{g.file}: {dims}")
+        if g.patches:
+            lines.append(f"  rewrites applied: {', '.join(g.patches)}")
+    return lines
+
+
+def summary(manifest: Manifest, output) -> str:
+    files = [g.file for g in manifest.graphs]
+    shown = ", ".join(files[:4]) + (" ..." if len(files) > 4 else "")
+    parts = ", ".join(p.name for p in manifest.parts)
+    line = f"wrote {output}/: {shown} ({manifest.model.model_type}: {parts}"
+    if manifest.kv_cache is not None and manifest.weights is not None:
+        w = manifest.weights
+        line += (f"; decoder {manifest.kv_cache.num_layers} layers, {w['in_graph']} weights in graph, "
+                 f"{len(w['skipped'])} skipped: {w['skipped'] or 'none'}")
+    seconds = manifest.export.seconds
+    return line + ")" + (f" in {seconds:.1f}s" if seconds is not None else "")

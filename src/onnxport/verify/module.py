@@ -1,0 +1,103 @@
+"""Verify a module graph (encoder, codec, submodule): the rewrites keep the eager numerics, and
+ONNX Runtime equals the unpatched PyTorch module (or the part's own reference outputs) at every
+size the part declares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from onnxport.errors import VerificationError
+from onnxport.export.module import _as_tuple, _fmt
+from onnxport.recipes.parts import ModulePart
+from onnxport.runtime.session import make_session
+
+
+def part_check(atol: float, min_cosine: float, skip_patches: tuple[str, ...] = ()):
+    """The `check` export_part calls on each candidate graph: rewrites first, then ORT."""
+
+    def check(part: ModulePart, onnx_file: Path, applied: list[str], exporter: str, args) -> dict:
+        check_rewrites_eager(part, applied, exporter, args, atol, skip_patches)
+        return verify_part(part, onnx_file, atol, min_cosine)
+
+    return check
+
+
+def check_rewrites_eager(part: ModulePart, applied: list[str], exporter: str, args, atol: float,
+                         skip_patches: tuple[str, ...] = ()) -> None:
+    """Proof 1 at export time: with the rewrites in place the module computes what it computed
+    without them. A rewrite that changes numerics is named (each one is tried alone)."""
+    from onnxport.patches import all_patches, apply_patches
+
+    if not applied or part.make_case is not None:
+        # parts with their own expected outputs are verified against the original model on
+        # raw inputs, which is the stronger proof (their module may only run with the rewrites)
+        return
+    with torch.no_grad():
+        ref = _as_tuple(part.module(*args))
+        with apply_patches(part.module, exporter, skip_patches):
+            got = _as_tuple(part.module(*args))
+    bad = _first_mismatch(ref, got, atol)
+    if bad is None:
+        return
+    culprits = []
+    for name in applied:
+        patch = all_patches()[name]()
+        with torch.no_grad(), patch.patched(part.module):
+            alone = _as_tuple(part.module(*args))
+        if _first_mismatch(ref, alone, atol) is not None:
+            culprits.append(name)
+    raise VerificationError(
+        f"rewrite {', '.join(culprits or applied)} changes {part.name}'s output {part.output_names[bad[0]]} "
+        f"by {bad[1]:.3g} (> atol {atol}) in PyTorch itself",
+        "report it; export without it with --no-rewrite NAME to see the exporter's own error",
+    )
+
+
+def _first_mismatch(ref, got, atol):
+    for k, (a, b) in enumerate(zip(ref, got)):
+        if a.shape != b.shape:
+            return k, float("inf")
+        d = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        if not d <= atol:
+            return k, d
+    return None
+
+
+def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: float) -> dict:
+    """ONNX Runtime vs the unpatched PyTorch module (or the part's own expected outputs) at every
+    size in `part.sizes`; raises VerificationError naming the output and the sizes."""
+    import numpy as np
+
+    from onnxport.verify.compare import compare
+
+    try:
+        sess = make_session(onnx_file)
+    except Exception as e:  # noqa: BLE001 - ORT rejects invalid graphs with several types
+        raise VerificationError(f"ONNX Runtime cannot load {onnx_file.name}: {str(e).splitlines()[0][:300]}",
+                                "the exporter produced an invalid graph; try --exporter torchscript") from e
+    names = [i.name for i in sess.get_inputs()]
+    rows = []
+    for sizes in part.sizes:
+        inputs, expected = part.case(sizes)
+        if expected is None:
+            with torch.no_grad():
+                expected = list(_as_tuple(part.module(*inputs)))
+        feeds = {s.name: t.numpy() for s, t in zip(part.inputs, inputs) if s.name in names}
+        try:
+            got = sess.run(part.output_names, feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's Fail/InvalidArgument
+            raise VerificationError(f"{part.name}: ONNX Runtime failed at {_fmt(sizes)}: {str(e).splitlines()[0][-300:]}",
+                                    "a dim was fixed during export; name it in the input spec, or try --exporter torchscript") from e
+        for name, a, e in zip(part.output_names, got, expected):
+            e = e.detach().float().numpy() if e.is_floating_point() else e.numpy()
+            r = compare(np.asarray(a, dtype=e.dtype), e, atol, min_cosine)
+            rows.append({"sizes": dict(sizes), "output": name, **r})
+            if not r["ok"]:
+                what = r.get("error") or f"max|diff| {r['max_abs_diff']:.3g} (atol {atol}), cosine {r['cosine']:.6f}"
+                raise VerificationError(f"{part.name}: {name} at {_fmt(sizes)}: {what}",
+                                        "ONNX Runtime disagrees with PyTorch; run with --debug, or try --exporter torchscript")
+    return {"ok": True, "atol": atol, "min_cosine": min_cosine, "results": rows}
+
+
