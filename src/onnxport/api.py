@@ -34,7 +34,8 @@ from onnxport.bundle import (
 )
 from onnxport.checkpoint import Checkpoint, open_checkpoint
 from onnxport.config import ExportConfig, SplitConfig, VerifyConfig
-from onnxport.errors import CheckpointError, InputError, VerificationError
+from onnxport.errors import CheckpointError, ExportError, InputError, VerificationError
+from onnxport.recipes.base import DecoderLM
 from onnxport.runtime import GenerationResult, Generator
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
         manifest = new_manifest(ckpt, recipes, cfg, split)
         for name, recipe in recipes.items():
             model = load_model(recipe, ckpt, cfg)
-            if recipe.part == DECODER and hasattr(recipe, "kv_spec"):
+            if isinstance(recipe, DecoderLM):
                 kv = export_decoder_part(recipe, model, ckpt, cfg, split, tmp, manifest)
                 # optimize/: no passes yet (fusions, fp16, int4 come as passes there)
                 write_manifest(tmp, manifest)  # the split runtime reads it during verification
@@ -125,7 +126,7 @@ def load_model(recipe, ckpt: Checkpoint, cfg: ExportConfig = ExportConfig()):
     import torch
 
     _quiet_transformers()
-    if recipe.part == DECODER and hasattr(recipe, "model_cls") and not ckpt.pickle_weights:
+    if isinstance(recipe, DecoderLM) and not ckpt.pickle_weights:
         import transformers
 
         from onnxport.export.weights import check_checkpoint_shapes
@@ -156,7 +157,7 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
                         manifest: Manifest):
     """Export the text decoder (one graph, or the split layout) into `folder`, account for
     every weight, and fill the manifest's decoder sections. Returns the KV spec."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from onnxport.export.decoder import export_decoder
     from onnxport.export.split import export_split
@@ -166,7 +167,17 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
     kv = recipe.kv_spec(model)
     text = text_config(model.config)
     if split is None:
-        graph, used = export_decoder(model, kv, cfg, folder / "model.onnx")
+        try:
+            graph, used = export_decoder(model, kv, cfg, folder / "model.onnx")
+        except ExportError as e:
+            if not cfg.fallback:
+                raise
+            # --exporter auto: some architectures (encoder families used as decoders, say) fail
+            # in torch.export but trace with TorchScript
+            log.warning("dynamo failed on the decoder (%s); trying TorchScript", e.message[:200])
+            ts = replace(cfg, exporter="torchscript", opset=min(cfg.opset, 20), fallback=False)
+            graph, used = export_decoder(model, kv, ts, folder / "model.onnx")
+            graph.fallback_from = {"dynamo": e.message[:300]}
         graphs = [graph]
     else:
         graphs, used = export_split(recipe, model, kv, cfg, split, folder)

@@ -15,7 +15,7 @@ import torch
 
 from onnxport.bundle import Graph
 from onnxport.errors import ExportError, VerificationError
-from onnxport.recipes.parts import ModulePart
+from onnxport.recipes.parts import ModulePart, as_tuple
 from onnxport.spec import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def infer_output_dims(part: ModulePart) -> dict[str, list]:
     with torch.no_grad():
         for sizes in part.sizes[:2]:
             inputs, _ = part.case(sizes)
-            runs.append((sizes, [t.shape for t in _as_tuple(part.module(*inputs))]))
+            runs.append((sizes, [t.shape for t in as_tuple(part.module(*inputs))]))
     dims = {}
     for k, name in enumerate(part.output_names):
         if name in part.output_dims:
@@ -66,10 +66,6 @@ def _relate(runs, shapes, ax) -> str | None:
     return None
 
 
-def _as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
 def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opset: int, check: Check | None = None,
                 external_threshold: int = 1 << 30, skip_patches: tuple[str, ...] = (), part_name: str | None = None
                 ) -> Graph:
@@ -91,7 +87,7 @@ def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opse
     args, expected = part.case(max(part.sizes, key=_smallest_dim))
     if expected is None:
         with torch.no_grad():
-            expected = _as_tuple(part.module(*args))
+            expected = as_tuple(part.module(*args))
     outputs = [TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(out_dims[n]))
                for n, t in zip(part.output_names, expected)]
     order = ["dynamo", "torchscript"] if exporters == "auto" else [exporters] if isinstance(exporters, str) else exporters
@@ -132,7 +128,3 @@ def export_part(part: ModulePart, folder: Path, exporters: list[str] | str, opse
 
 def _smallest_dim(sizes: dict) -> int:
     return min((v for v in sizes.values() if isinstance(v, int)), default=2)
-
-
-def _fmt(sizes: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sizes.items())

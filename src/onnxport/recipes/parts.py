@@ -27,6 +27,14 @@ DEFAULT_SIZE = 4
 DEFAULT_BATCH = 2
 
 
+def as_tuple(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def fmt_sizes(sizes: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sizes.items())
+
+
 def torch_dtype(dtype: str) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from onnxport.errors import VerificationError
-from onnxport.export.module import _as_tuple, _fmt
-from onnxport.recipes.parts import ModulePart
+from onnxport.recipes.parts import ModulePart, as_tuple, fmt_sizes
 from onnxport.runtime.session import make_session
 
 
@@ -35,9 +34,9 @@ def check_rewrites_eager(part: ModulePart, applied: list[str], exporter: str, ar
         # raw inputs, which is the stronger proof (their module may only run with the rewrites)
         return
     with torch.no_grad():
-        ref = _as_tuple(part.module(*args))
+        ref = as_tuple(part.module(*args))
         with apply_patches(part.module, exporter, skip_patches):
-            got = _as_tuple(part.module(*args))
+            got = as_tuple(part.module(*args))
     bad = _first_mismatch(ref, got, atol)
     if bad is None:
         return
@@ -45,7 +44,7 @@ def check_rewrites_eager(part: ModulePart, applied: list[str], exporter: str, ar
     for name in applied:
         patch = all_patches()[name]()
         with torch.no_grad(), patch.patched(part.module):
-            alone = _as_tuple(part.module(*args))
+            alone = as_tuple(part.module(*args))
         if _first_mismatch(ref, alone, atol) is not None:
             culprits.append(name)
     raise VerificationError(
@@ -83,12 +82,12 @@ def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: floa
         inputs, expected = part.case(sizes)
         if expected is None:
             with torch.no_grad():
-                expected = list(_as_tuple(part.module(*inputs)))
+                expected = list(as_tuple(part.module(*inputs)))
         feeds = {s.name: t.numpy() for s, t in zip(part.inputs, inputs) if s.name in names}
         try:
             got = sess.run(part.output_names, feeds)
         except Exception as e:  # noqa: BLE001 - onnxruntime's Fail/InvalidArgument
-            raise VerificationError(f"{part.name}: ONNX Runtime failed at {_fmt(sizes)}: {str(e).splitlines()[0][-300:]}",
+            raise VerificationError(f"{part.name}: ONNX Runtime failed at {fmt_sizes(sizes)}: {str(e).splitlines()[0][-300:]}",
                                     "a dim was fixed during export; name it in the input spec, or try --exporter torchscript") from e
         for name, a, e in zip(part.output_names, got, expected):
             e = e.detach().float().numpy() if e.is_floating_point() else e.numpy()
@@ -96,7 +95,7 @@ def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: floa
             rows.append({"sizes": dict(sizes), "output": name, **r})
             if not r["ok"]:
                 what = r.get("error") or f"max|diff| {r['max_abs_diff']:.3g} (atol {atol}), cosine {r['cosine']:.6f}"
-                raise VerificationError(f"{part.name}: {name} at {_fmt(sizes)}: {what}",
+                raise VerificationError(f"{part.name}: {name} at {fmt_sizes(sizes)}: {what}",
                                         "ONNX Runtime disagrees with PyTorch; run with --debug, or try --exporter torchscript")
     return {"ok": True, "atol": atol, "min_cosine": min_cosine, "results": rows}
 
