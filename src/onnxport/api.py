@@ -271,7 +271,7 @@ def export_module_parts(parts: list, folder: Path, cfg: ExportConfig, verify_cfg
     from onnxport.export.module import export_part
     from onnxport.verify.module import part_check
 
-    check = part_check(verify_cfg.atol, verify_cfg.min_cosine, cfg.skip_patches) if cfg.verify else None
+    check = part_check(verify_cfg.atol, verify_cfg.min_cosine, cfg.skip_patches, verify_cfg.rtol) if cfg.verify else None
     return [export_part(p, folder, _exporters(cfg), cfg.opset, check, cfg.external_data_threshold_bytes,
                         cfg.skip_patches, part_name=part_name) for p in parts]
 
@@ -393,7 +393,7 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
             for part in recipe.parts(model):
                 g = pending.pop(part.name, None)
                 if g is not None:
-                    g.verification = verify_part(part, folder / g.file, verify_cfg.atol, verify_cfg.min_cosine)
+                    g.verification = verify_part(part, folder / g.file, verify_cfg.atol, verify_cfg.min_cosine, verify_cfg.rtol)
                     p = manifest.part(g.part)
                     if p is not None:
                         p.verification = {"ok": True, "graphs": [x.name for x in manifest.graphs_of(g.part)]}

@@ -16,7 +16,8 @@ def _ok(ok: bool) -> Text:
 def decoder_table(record: dict) -> Table:
     """One row per shape and output; the per-layer cache rows collapse into the worst one."""
     tol = record["tolerance"]
-    table = Table(title=f"ONNX Runtime vs PyTorch ({tol['dtype']}: atol {tol['atol']:g}, cosine >= {tol['min_cosine']})")
+    table = Table(title=f"ONNX Runtime vs PyTorch ({tol['dtype']}: |diff| <= {tol['atol']:g} + {tol.get('rtol', 0):g}"
+                        f" * max|ref|, cosine >= {tol['min_cosine']})")
     for col in ("shape", "output", "max|diff|", "cosine", ""):
         table.add_column(col)
     shown: dict[tuple[str, str], tuple] = {}

@@ -36,12 +36,12 @@ def verify_decoder(
             ref = wrapper(*wrapper_args(graph.inputs, t))
         outputs = {}
         for name, a, e in zip(out_names, got, ref):
-            outputs[name] = compare(a, e.numpy(), cfg.atol, cfg.min_cosine)
+            outputs[name] = compare(a, e.numpy(), cfg.atol, cfg.min_cosine, cfg.rtol)
         results.append({"shape": case.label, "ok": all(r["ok"] for r in outputs.values()), "outputs": outputs})
         log.info("verify %s: %s", case.label, "ok" if results[-1]["ok"] else "FAILED")
     return {
         "ok": all(r["ok"] for r in results),
-        "tolerance": {"atol": cfg.atol, "min_cosine": cfg.min_cosine, "dtype": "float32"},
+        "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_cosine": cfg.min_cosine, "dtype": "float32"},
         "cases": results,
     }
 
@@ -55,7 +55,8 @@ def first_failure(record: dict) -> str | None:
                     return f"{name} at {case['shape']}: {r['error']}"
                 return (
                     f"{name} at {case['shape']}: max|diff| {r['max_abs_diff']:.3g} "
-                    f"(atol {record['tolerance']['atol']:g}), cosine {r['cosine']:.6f} "
+                    f"(bound {r.get('bound', record['tolerance']['atol']):.3g} = atol {record['tolerance']['atol']:g} "
+                    f"+ rtol * max|ref| {r.get('max_abs_ref', 0):.3g}), cosine {r['cosine']:.6f} "
                     f"(min {record['tolerance']['min_cosine']})"
                 )
     return None

@@ -13,12 +13,12 @@ from onnxport.recipes.parts import ModulePart, as_tuple, fmt_sizes
 from onnxport.runtime.session import make_session
 
 
-def part_check(atol: float, min_cosine: float, skip_patches: tuple[str, ...] = ()):
+def part_check(atol: float, min_cosine: float, skip_patches: tuple[str, ...] = (), rtol: float = 0.0):
     """The `check` export_part calls on each candidate graph: rewrites first, then ORT."""
 
     def check(part: ModulePart, onnx_file: Path, applied: list[str], exporter: str, args) -> dict:
         check_rewrites_eager(part, applied, exporter, args, atol, skip_patches)
-        return verify_part(part, onnx_file, atol, min_cosine)
+        return verify_part(part, onnx_file, atol, min_cosine, rtol)
 
     return check
 
@@ -64,7 +64,7 @@ def _first_mismatch(ref, got, atol):
     return None
 
 
-def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: float) -> dict:
+def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: float, rtol: float = 0.0) -> dict:
     """ONNX Runtime vs the unpatched PyTorch module (or the part's own expected outputs) at every
     size in `part.sizes`; raises VerificationError naming the output and the sizes."""
     import numpy as np
@@ -91,12 +91,12 @@ def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: floa
                                     "a dim was fixed during export; name it in the input spec, or try --exporter torchscript") from e
         for name, a, e in zip(part.output_names, got, expected):
             e = e.detach().float().numpy() if e.is_floating_point() else e.numpy()
-            r = compare(np.asarray(a, dtype=e.dtype), e, atol, min_cosine)
+            r = compare(np.asarray(a, dtype=e.dtype), e, atol, min_cosine, rtol)
             rows.append({"sizes": dict(sizes), "output": name, **r})
             if not r["ok"]:
-                what = r.get("error") or f"max|diff| {r['max_abs_diff']:.3g} (atol {atol}), cosine {r['cosine']:.6f}"
+                what = r.get("error") or f"max|diff| {r['max_abs_diff']:.3g} (bound {r['bound']:.3g}), cosine {r['cosine']:.6f}"
                 raise VerificationError(f"{part.name}: {name} at {fmt_sizes(sizes)}: {what}",
                                         "ONNX Runtime disagrees with PyTorch; run with --debug, or try --exporter torchscript")
-    return {"ok": True, "atol": atol, "min_cosine": min_cosine, "results": rows}
+    return {"ok": True, "atol": atol, "rtol": rtol, "min_cosine": min_cosine, "results": rows}
 
 

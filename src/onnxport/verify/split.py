@@ -59,7 +59,7 @@ def verify_split(recipe, model, folder, manifest: Manifest, split, export_cfg, c
             with torch.no_grad():
                 ref = module(*[torch.from_numpy(feeds[i.name]) for i in entry.inputs])
             ref = ref if isinstance(ref, tuple) else (ref,)
-            outputs = {n: compare(got[n], r.numpy(), cfg.atol, cfg.min_cosine) for n, r in zip(names, ref)}
+            outputs = {n: compare(got[n], r.numpy(), cfg.atol, cfg.min_cosine, cfg.rtol) for n, r in zip(names, ref)}
         label = entry.file + ("" if split.static else
                               (f" (seq=7,past={past})" if entry.role == "block_cache" else " (seq=7)"))
         cases.append({"shape": label, "ok": all(o["ok"] for o in outputs.values()), "outputs": outputs})
@@ -78,6 +78,6 @@ def verify_split(recipe, model, folder, manifest: Manifest, split, export_cfg, c
     cases.append({"shape": f"end-to-end greedy {E2E_NEW} tokens", "ok": same, "outputs": {"tokens": e2e}})
     return {
         "ok": all(c["ok"] for c in cases),
-        "tolerance": {"atol": cfg.atol, "min_cosine": cfg.min_cosine, "dtype": "float32"},
+        "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_cosine": cfg.min_cosine, "dtype": "float32"},
         "cases": cases,
     }
