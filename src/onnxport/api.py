@@ -176,7 +176,10 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
             # in torch.export but trace with TorchScript
             log.warning("dynamo failed on the decoder (%s); trying TorchScript", e.message[:200])
             ts = replace(cfg, exporter="torchscript", opset=min(cfg.opset, 20), fallback=False)
-            graph, used = export_decoder(model, kv, ts, folder / "model.onnx")
+            try:
+                graph, used = export_decoder(model, kv, ts, folder / "model.onnx")
+            except ExportError as e2:
+                raise ExportError(f"{e.message}; TorchScript fallback: {e2.message}", e.hint) from e2
             graph.fallback_from = {"dynamo": e.message[:300]}
         graphs = [graph]
     else:

@@ -115,9 +115,18 @@ def probe_cache(model):
     kwargs = {}
     if "position_ids" in inspect.signature(model.forward).parameters:
         kwargs["position_ids"] = torch.arange(2)[None]
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
-                    use_cache=True, return_dict=True, **kwargs)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
+                        use_cache=True, return_dict=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the model's own failure on a plain text input
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "LinearAttention" in line or "mamba" in line.lower():
+            raise UnsupportedModelError(f"{type(model).__name__} keeps recurrent state in its cache ({line})",
+                                        "recurrent (mamba / linear-attention) caches are not exported yet") from e
+        raise UnsupportedModelError(f"{type(model).__name__} fails in PyTorch on a 2-token text input with a cache: "
+                                    f"{type(e).__name__}: {line}",
+                                    "check the checkpoint's config; export its parts with onnxport export-module") from e
     cache = output_cache(out)
     if cache is None:
         raise UnsupportedModelError(f"{type(model).__name__} returns no KV cache with use_cache=True",

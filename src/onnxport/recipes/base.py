@@ -54,6 +54,11 @@ def from_pretrained(cls, ckpt: Checkpoint, dtype, attn_implementation: str | Non
     return model.eval()
 
 
+#: submodule names of the non-text parts multimodal checkpoints keep beside their decoder
+OTHER_PART_MODULES = {"visual", "vision_tower", "vision_model", "image_encoder", "vision_encoder", "audio_tower",
+                      "audio_encoder", "multi_modal_projector", "mm_projector", "visual_projection", "vqmodel"}
+
+
 class Recipe:
     """What to export for one model family."""
 
@@ -164,8 +169,14 @@ class DecoderLM(Recipe):
         params = dict(model.named_parameters(remove_duplicate=False))
         out = {}
         for name in unread:
+            parts = name.split(".")
             if any(k in name for k in ("encoder_attn", "crossattention", "cross_attn")):
                 out[name] = "cross-attention: reads encoder states, which a decoder-only graph has none of"
+            elif "pooler" in parts:
+                out[name] = "pooling head of an encoder family: not used to generate text"
+            elif any(p in OTHER_PART_MODULES for p in parts):
+                owner = ".".join(parts[:parts.index(next(p for p in parts if p in OTHER_PART_MODULES)) + 1])
+                out[name] = f"belongs to {owner}, another part of the checkpoint (a decoder-only graph takes text)"
             elif decoder is not None and id(params[name]) not in inside:
                 owner = ".".join(name.split(".")[:2])
                 out[name] = f"belongs to {owner}, not to the text decoder (another part, or unused for text)"
