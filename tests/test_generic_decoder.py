@@ -1,0 +1,64 @@
+"""The generic decoder: transformers causal LMs with no recipe file export through their own
+forward with a flat cache, and their greedy tokens equal transformers'. One type per cache or
+forward variant: MLA with different key/value widths + MoE routing (deepseek_v3), MoE
+(mixtral), a differently named head (gpt_neox `embed_out`), ALiBi without position_ids
+(bloom), hybrid sliding/full layers (gemma3_text). Recurrent caches fail in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import DEMO_DIR, TOKENIZER_FILES, hf_greedy
+from onnxport.cli import app
+from onnxport.runtime import Generator
+
+PROMPTS = [[5, 17, 300, 42, 7, 99], [11, 600, 23]]
+
+
+def tiny_checkpoint(model_type: str, out):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onnxport.hf.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    with torch.no_grad():  # trained norms are not all ones
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0 if p.abs().mean() > 0.5 else 0.0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copy(DEMO_DIR / f, out / f)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "mixtral", "gpt_neox", "bloom", "gemma3_text"])
+def test_generic_decoder_token_parity(model_type, tmp_path):
+    ckpt = tiny_checkpoint(model_type, tmp_path / "ckpt")
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    mf = json.loads((out / "manifest.json").read_text())
+    assert mf["model"]["recipe"] == "GenericDecoder" and mf["verification"]["ok"]
+    ours = Generator(out).generate_ids(PROMPTS, max_new_tokens=16, eos_token_id=None).padded
+    np.testing.assert_array_equal(ours, hf_greedy(ckpt, PROMPTS, 16))
+    inputs = {i["name"]: i["dims"] for i in mf["graphs"][0]["inputs"]}
+    if model_type == "deepseek_v3":  # MLA: keys carry the rope part, values do not
+        k, v = inputs["past_key_values.0.key"], inputs["past_key_values.0.value"]
+        assert k[3] != v[3] and mf["kv_cache"]["layers"][0][1] == k[3]
+    if model_type == "bloom":  # ALiBi: positions come from the mask
+        assert "position_ids" not in inputs
+
+
+def test_recurrent_cache_is_a_one_line_refusal(tmp_path):
+    ckpt = tiny_checkpoint("falcon_mamba", tmp_path / "ckpt")
+    res = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2, res.output
+    assert "recurrent" in res.output and "Traceback" not in res.output and "hint:" in res.output
+    assert not (tmp_path / "b").exists()
