@@ -5,6 +5,8 @@ prove the generic decoder's cache variants (MLA, MoE, ALiBi, hybrid sliding laye
 
 from __future__ import annotations
 
+import re
+
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB, POSITIONS = 64, 2, 4, 2, 128, 1024, 512
 #: smaller than prompt + new tokens, so sliding layers really slide
 SLIDING_WINDOW = 16
