@@ -24,8 +24,25 @@ import torch
 from onnxport.bundle import Graph
 from onnxport.config import ExportConfig
 from onnxport.export.graph import export_graph
-from onnxport.hf.compat import build_dynamic_cache, cache_kwarg, cache_pairs, output_cache, text_config
-from onnxport.spec import BATCH, PAST, SEQ, TOTAL, TRACE_CASE, KVSpec, TensorSpec, feeds, kv_dims, kv_names
+from onnxport.hf.compat import (
+    build_dynamic_cache,
+    cache_kwarg,
+    cache_pairs,
+    output_cache,
+    text_config,
+)
+from onnxport.spec import (
+    BATCH,
+    PAST,
+    SEQ,
+    TOTAL,
+    TRACE_CASE,
+    KVSpec,
+    TensorSpec,
+    feeds,
+    kv_dims,
+    kv_names,
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onnxport.bundle import Graph
 from onnxport.config import SplitConfig
 from onnxport.hf.compat import cache_kwarg
-from onnxport.bundle import Graph
 from onnxport.spec import PAST, SEQ, TOTAL, KVSpec, TensorSpec, feeds, kv_dims
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from onnxport.patches import Patch, register_patch
 from onnxport.patches._scan import source_matches, swap_attributes
 
+
 def _pair(v):
     return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 

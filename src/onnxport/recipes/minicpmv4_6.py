@@ -50,8 +50,8 @@ class MiniCPMV46Vision(EncoderRecipe):
     images = ([[8, 8]], [[12, 16]], [[8, 8], [4, 12]])
 
     def parts(self, model):
-        from onnxport.recipes.parts import ModulePart, TensorSpec
         from onnxport.hf.compat import require_transformers
+        from onnxport.recipes.parts import ModulePart, TensorSpec
         from onnxport.runtime.preprocess import minicpmv4_6_vision
 
         require_transformers(5, "precomputed vision position ids / window order as kwargs")

@@ -43,8 +43,8 @@ class Qwen25OmniAudio(EncoderRecipe):
         return model
 
     def parts(self, model):
-        from onnxport.recipes.parts import ModulePart, TensorSpec
         from onnxport.hf.compat import require_transformers
+        from onnxport.recipes.parts import ModulePart, TensorSpec
 
         require_transformers(5, "precomputed audio chunks / indices / cu_seqlens as kwargs")
         from onnxport.runtime.preprocess import qwen2_5_omni_audio

@@ -40,8 +40,8 @@ class Qwen25VLVision(EncoderRecipe):
         return model.model.visual
 
     def parts(self, model):
-        from onnxport.recipes.parts import ModulePart, TensorSpec
         from onnxport.hf.compat import require_transformers
+        from onnxport.recipes.parts import ModulePart, TensorSpec
 
         require_transformers(5, "precomputed vision position ids / windows / cu_seqlens as kwargs")
         from onnxport.runtime.preprocess import qwen2_5_vl_vision

@@ -17,6 +17,7 @@ from onnxport.errors import RuntimeInputError
 from onnxport.runtime.session import GraphSession
 from onnxport.spec import additive_mask
 
+
 class SplitDecoder:
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None):
         layout = manifest.layout
