@@ -68,8 +68,11 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     recipes = plan(ckpt, parts, split, cfg)
     with atomic_bundle(out, cfg.force) as tmp:
         manifest = new_manifest(ckpt, recipes, cfg, split)
+        loaded: dict[str, object] = {}  # parts loaded by the same class share one model
         for name, recipe in recipes.items():
-            model = load_model(recipe, ckpt, cfg)
+            key = getattr(recipe, "model_class", "") or f"part:{name}"
+            model = loaded[key] if key in loaded else load_model(recipe, ckpt, cfg)
+            loaded = {key: model}
             if isinstance(recipe, DecoderLM):
                 kv = export_decoder_part(recipe, model, ckpt, cfg, split, tmp, manifest)
                 # optimize/: no passes yet (fusions, fp16, int4 come as passes there)
@@ -79,6 +82,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
             del model
+        loaded.clear()
         manifest.source.files = copy_support_files(ckpt, tmp)
         manifest.export.seconds = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
