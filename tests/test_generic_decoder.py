@@ -2,7 +2,9 @@
 forward with a flat cache, and their greedy tokens equal transformers'. One type per cache or
 forward variant: MLA with different key/value widths + MoE routing (deepseek_v3), MoE
 (mixtral), a differently named head (gpt_neox `embed_out`), ALiBi without position_ids
-(bloom), hybrid sliding/full layers (gemma3_text). Recurrent caches fail in one line."""
+(bloom), hybrid sliding/full layers (gemma3_text), the causal-LM head of an encoder-decoder
+family (bart: cross-attention declared unused, transformers' forced EOS at the last step).
+Recurrent caches fail in one line."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def tiny_checkpoint(model_type: str, out):
     return out
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "mixtral", "gpt_neox", "bloom", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "mixtral", "gpt_neox", "bloom", "gemma3_text", "bart"])
 def test_generic_decoder_token_parity(model_type, tmp_path):
     ckpt = tiny_checkpoint(model_type, tmp_path / "ckpt")
     out = tmp_path / "bundle"
@@ -54,6 +56,10 @@ def test_generic_decoder_token_parity(model_type, tmp_path):
         assert k[3] != v[3] and mf["kv_cache"]["layers"][0][1] == k[3]
     if model_type == "bloom":  # ALiBi: positions come from the mask
         assert "position_ids" not in inputs
+    if model_type == "bart":
+        skipped = mf["weights"]["skipped"]
+        assert skipped and all("encoder_attn" in k for k in skipped if "cross-attention" in skipped[k])
+        assert any("cross-attention" in v for v in skipped.values())
 
 
 def test_recurrent_cache_is_a_one_line_refusal(tmp_path):

@@ -71,7 +71,8 @@ class Generator:
             self.takes_positions = "position_ids" in self.session.inputs
         self.kv_dtype = np.dtype(kv.dtype)
         self.vocab_size = int(self.manifest.model.vocab_size)
-        self.eos_ids, pad = special_ids(self.folder)
+        self.forced: dict = {}
+        self.eos_ids, pad = special_ids(self.folder, self.forced)
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         #: what padded / finished slots feed the graph: the pad id, unless the config names one
         #: outside the vocabulary (its value is masked out anyway; an embedding Gather is not)
@@ -162,6 +163,9 @@ class Generator:
                 feeds["position_ids"] = positions
             outs = self.session.run(feeds, check=step == 0)
             next_tok = sampler(outs["logits"][:, -1, :])
+            if step == max_new_tokens - 1 and self.forced.get("eos") is not None:
+                # transformers' ForcedEOSTokenLogitsProcessor: the last allowed token is EOS
+                next_tok = np.full_like(next_tok, self.forced["eos"])
             dt = (time.perf_counter() - t0) * 1000
             if step == 0:
                 prefill_ms = dt

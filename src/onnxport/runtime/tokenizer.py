@@ -67,8 +67,11 @@ def _read_json(p: Path) -> dict:
         return {}
 
 
-def special_ids(folder: Path) -> tuple[list[int], int | None]:
-    """(eos ids, pad id) from generation_config.json, then config.json."""
+def special_ids(folder: Path, forced: dict | None = None) -> tuple[list[int], int | None]:
+    """(eos ids, pad id) from generation_config.json, then config.json; `forced` (a dict) gets
+    the forced first / last token ids (`forced_bos_token_id`, `forced_eos_token_id`: BART-like
+    models, which transformers' generate enforces) under "bos" / "eos"."""
+    forced = {} if forced is None else forced
     gen, cfg = _read_json(folder / "generation_config.json"), _read_json(folder / "config.json")
     text = cfg.get("text_config", cfg)
 
@@ -79,6 +82,7 @@ def special_ids(folder: Path) -> tuple[list[int], int | None]:
         return None
 
     eos = pick("eos_token_id")
+    forced["bos"], forced["eos"] = pick("forced_bos_token_id"), pick("forced_eos_token_id")
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     pad = pick("pad_token_id")
     return eos_ids, pad
