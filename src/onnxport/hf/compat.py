@@ -23,6 +23,8 @@ from packaging.version import Version
 from onnxport.errors import UnsupportedModelError
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
+#: cache layers that hold exactly one key and one value tensor per layer
+KV_LAYER_CLASSES = {"DynamicLayer", "DynamicSlidingWindowLayer"}
 #: names transformers has used for the cache argument, newest first
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -133,12 +135,13 @@ def probe_cache(model):
                                     "export it without a cache with onnxport export-module")
     layers = getattr(cache, "layers", None)
     if layers is not None:
-        odd = sorted({type(layer).__name__ for layer in layers if not hasattr(layer, "keys") or
-                      not isinstance(getattr(layer, "keys", None), torch.Tensor)})
+        odd = sorted({type(layer).__name__ for layer in layers} - KV_LAYER_CLASSES)
         if odd:
+            what = ("recurrent state" if any("Linear" in n or "Mamba" in n for n in odd) else
+                    "a sparse-attention indexer cache (DSA)" if any("Indexed" in n for n in odd) else "extra state")
             raise UnsupportedModelError(
-                f"{type(model).__name__} keeps recurrent state in its cache ({', '.join(odd)}), not only "
-                "key/value tensors", "recurrent (mamba / linear-attention) caches are not exported yet")
+                f"{type(model).__name__} keeps {what} in its cache ({', '.join(odd)}), not only key/value tensors",
+                "only key/value caches are exported yet; use onnxport export-module for its parts")
     try:
         pairs = cache_pairs(cache)
     except TypeError:

@@ -54,6 +54,16 @@ def from_pretrained(cls, ckpt: Checkpoint, dtype, attn_implementation: str | Non
     return model.eval()
 
 
+def _has_experts(config: dict) -> bool:
+    """An MoE config (num_local_experts, n_routed_experts, moe_num_experts, ..., nested too)."""
+    for k, v in config.items():
+        if isinstance(v, dict) and _has_experts(v):
+            return True
+        if "experts" in k and not isinstance(v, bool) and isinstance(v, int) and v > 1:
+            return True
+    return False
+
+
 #: submodule names of the non-text parts multimodal checkpoints keep beside their decoder
 OTHER_PART_MODULES = {"visual", "vision_tower", "vision_model", "image_encoder", "vision_encoder", "audio_tower",
                       "audio_encoder", "multi_modal_projector", "mm_projector", "visual_projection", "vqmodel"}
@@ -98,7 +108,7 @@ class DecoderLM(Recipe):
     def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
         cls = self.model_cls()
         extra = {}
-        if ckpt.config.get("num_local_experts") or ckpt.config.get("num_experts") or ckpt.config.get("n_routed_experts"):
+        if _has_experts(ckpt.config):
             # transformers' default MoE dispatch loops over the experts a batch hits
             # (`nonzero`, data-dependent); `batched_mm` gathers each token's expert weights
             # instead, which the exporters trace (same math, one op order)
