@@ -134,6 +134,18 @@ def test_disk_full_is_reported_as_such(tiny_checkpoints, tmp_path, monkeypatch):
     nothing_beside(out)
 
 
+def test_read_only_output_is_one_line(tiny_checkpoints, tmp_path, monkeypatch):
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    out = tmp_path / "out"
+    clean_failure(run("export", tiny_checkpoints("llama"), "-o", out), "Read-only file system", "writable", code=2)
+    nothing_beside(out)
+
+
 # --- the bundle is sealed -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../outside.onnx", "/etc/passwd"])
