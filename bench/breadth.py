@@ -36,45 +36,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 PROMPTS = [[5, 17, 300, 42, 7, 99], [11, 600, 23]]
 MAX_NEW_TOKENS = 16
 
-from onnxport.hf.tiny import tiny_config  # noqa: E402 - the tiny configs the tests use too
+from onnxport.hf.tiny import hf_greedy, tiny_causal_lm  # noqa: E402 - shared with the tests
 
 
 def make_checkpoint(model_type: str, out: Path):
-    """Build, randomize norms like tests/conftest.py's make_tiny_checkpoint, save with the
-    demo tokenizer. Returns (model, config summary)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(model_type)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # trained norms are not all ones
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0 if p.abs().mean() > 0.5 else 0.0, 0.1)
+    """Build (norms randomized, as the tests do), save with the demo tokenizer."""
+    model = tiny_causal_lm(model_type)
     model.save_pretrained(out, safe_serialization=True)
     for f in TOKENIZER_FILES:
         shutil.copy(DEMO_DIR / f, out / f)
     return model
-
-
-def hf_greedy(checkpoint: Path, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
-    """transformers' own generate on the checkpoint, left-padded batch, greedy (as in conftest)."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
-    longest = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, longest - len(p):] = p
-        mask[r, longest - len(p):] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=None)
-    return out[:, longest:].numpy()
 
 
 def first_line(e: BaseException) -> str:

@@ -31,6 +31,8 @@ def make_tiny_checkpoint(model_type: str, out: Path, **overrides) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from onnxport.hf.tiny import randomize_norms
+
     kw = dict(
         vocab_size=1024,
         hidden_size=64,
@@ -50,10 +52,7 @@ def make_tiny_checkpoint(model_type: str, out: Path, **overrides) -> Path:
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # trained norms are not all ones; don't let a test rely on that
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0 if p.abs().mean() > 0.5 else 0.0, 0.1)
+    randomize_norms(model)
     model.save_pretrained(out, safe_serialization=True)
     for f in TOKENIZER_FILES:
         shutil.copy(DEMO_DIR / f, out / f)
@@ -100,27 +99,9 @@ def exported(tiny_checkpoints, tmp_path_factory):
 
 def hf_greedy(checkpoint: Path, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0, eos_id=None):
     """transformers' own generate on the same checkpoint, left-padded batch, greedy."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
+    from onnxport.hf.tiny import hf_greedy as reference
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
-    longest = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, longest - len(p):] = p
-        mask[r, longest - len(p):] = 1
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        )
-    return out[:, longest:].numpy()
+    return reference(checkpoint, prompts, max_new_tokens, pad_id, eos_id)
 
 
 def _tiny_encoder_model(kind: str):

@@ -154,3 +154,44 @@ def tiny_config(model_type: str):
             if not m or not _set_none(small, m.group(1), 1):  # a token id the prompts do not use
                 raise
     return AutoConfig.for_model(model_type, **small)
+
+
+def randomize_norms(model) -> None:
+    """Trained norm weights are not all ones (nor biases zero); a test must not rely on that."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0 if p.abs().mean() > 0.5 else 0.0, 0.1)
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0):
+    """A random tiny causal LM of `model_type` (its own defaults, shrunk), norms randomized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    randomize_norms(model)
+    return model
+
+
+def hf_greedy(checkpoint, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0, eos_id=None, model=None):
+    """transformers' own `generate` on a left-padded batch, greedy: the reference tokens."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p):] = p
+        mask[r, longest - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+    return out[:, longest:].numpy()
