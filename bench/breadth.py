@@ -148,6 +148,11 @@ def run_one(model_type: str, work: Path, verify: bool, progress: Path) -> dict:
         rec["verify_max_abs_diff"] = max(r["max_abs_diff"] for c in manifest.verification["cases"]
                                          for r in c["outputs"].values())
 
+    if manifest.kv_cache is not None and manifest.kv_cache.step_only:
+        # recurrent state: onnxport runs each prompt alone; so must the reference
+        stage("reference")
+        ref = hf_greedy(ckpt, PROMPTS, MAX_NEW_TOKENS, per_row=True)
+        rec["reference"] = "per prompt"
     stage("generate")
     try:
         from onnxport.runtime import Generator

@@ -19,7 +19,7 @@ def test_export_verified_and_greedy_parity(model_type, exported, tiny_checkpoint
     bundle = exported(model_type)
     manifest = json.loads((bundle / "manifest.json").read_text())
     ver = manifest["verification"]
-    assert ver["ok"] and len(ver["cases"]) == 3
+    assert ver["ok"] and len(ver["cases"]) == 4
     for case in ver["cases"]:
         for name, r in case["outputs"].items():
             assert r["max_abs_diff"] <= 1e-3 and r["cosine"] >= 0.9999, (case["shape"], name, r)

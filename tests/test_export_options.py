@@ -142,3 +142,27 @@ def test_verify_cli_passes_then_fails_loudly_on_a_corrupted_graph(exported, tmp_
     assert "verification failed: logits at batch=1,seq=1,past=0" in res.output
     # a failed re-check does not overwrite the record of the export that passed
     assert (bundle / "manifest.json").read_text() == before
+
+
+def test_tiny_epsilon_survives_the_exporters_optimizer(tmp_path):
+    """onnxscript's `x + 0` rule matched constants within 1e-8, dropping an RMSNorm's eps of
+    1e-8 (helium): an all-zero pad embedding then normalised to 0 * inf = NaN."""
+    import torch
+
+    from onnxport.export.graph import export_graph
+    from onnxport.runtime.session import make_session
+    from onnxport.spec import TensorSpec
+
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8)
+
+    spec = [TensorSpec("x", "float32", ("batch_size", 8))]
+    out = tmp_path / "norm.onnx"
+    export_graph(Norm(), (torch.ones(2, 8),), spec, [TensorSpec("y", "float32", ("batch_size", 8))], out,
+                 "dynamo", 18, 1 << 30)
+    x = np.zeros((2, 8), np.float32)
+    x[1] = 3.0
+    y = make_session(out).run(None, {"x": x})[0]
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, Norm()(torch.from_numpy(x)).numpy(), atol=1e-6)

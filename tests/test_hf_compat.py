@@ -82,3 +82,48 @@ def test_require_transformers_names_the_version():
     compat.require_transformers(4, "test")
     with pytest.raises(Exception, match=f"needs transformers >= 99.*installed {transformers.__version__}"):
         compat.require_transformers(99, "test")
+
+
+def test_pad_position_is_what_generate_feeds(tiny_llama):
+    """Left-padded slots get position 1 in 4.x's generate and 0 in 5.x's: the runtime feeds the
+    value the exporting transformers used (it matters when padded states leak: git)."""
+    seen = []
+    hook = tiny_llama.model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+    try:
+        tiny_llama.generate(input_ids=torch.tensor([[0, 0, 5, 6]]), attention_mask=torch.tensor([[0, 0, 1, 1]]),
+                            max_new_tokens=1, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert seen[0][0, 2:].tolist() == [0, 1]
+    assert seen[0][0, 0].item() == compat.generate_pad_position()
+
+
+def test_recurrent_states_round_trip_through_a_step_cache():
+    """5.x linear-attention layers: probe_cache reads their conv / recurrent states, and a
+    step cache built from flat tensors gives the model's own next step."""
+    if compat.TRANSFORMERS_VERSION.major < 5:
+        pytest.skip("4.x keeps recurrent state in model-specific cache classes (refused)")
+    from onnxport.hf.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm("lfm3")
+    kv = compat.probe_cache(model)
+    assert kv.has_states and [bool(x.states) for x in kv.layers] == [True, False]
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :2], attention_mask=torch.ones(1, 2, dtype=torch.long), use_cache=True)
+        cache = compat.output_cache(out)
+        flat = [t.clone() for t in compat.state_cache_tensors(cache, kv)]  # the step updates in place
+        ref = model(input_ids=ids[:, 2:], attention_mask=torch.ones(1, 3, dtype=torch.long), use_cache=True,
+                    **{compat.cache_kwarg(model.forward): cache}).logits
+        tensors = {}
+        it = iter(flat)
+        for i, layer in enumerate(kv.layers):
+            if layer.has_kv:
+                tensors[(i, "key")], tensors[(i, "value")] = next(it), next(it)
+            for st in layer.states:
+                tensors[(i, st.suffix)] = next(it)
+        rebuilt = compat.build_state_cache(kv, tensors)
+        got = model(input_ids=ids[:, 2:], attention_mask=torch.ones(1, 3, dtype=torch.long), use_cache=True,
+                    **{compat.cache_kwarg(model.forward): rebuilt}).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -166,10 +166,13 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
     from onnxport.export.decoder import export_decoder
     from onnxport.export.split import export_split
     from onnxport.export.weights import account_weights, onnx_arrays
-    from onnxport.hf.compat import text_config
+    from onnxport.hf.compat import generate_pad_position, text_config
 
     kv = recipe.kv_spec(model)
     text = text_config(model.config)
+    if split is not None and kv.has_states:
+        raise InputError(f"--layout split needs a key/value cache; {type(model).__name__} keeps recurrent states",
+                         "export it with the monolithic layout (drop --layout split)")
     if split is None:
         try:
             graph, used = export_decoder(model, kv, cfg, folder / "model.onnx")
@@ -210,18 +213,21 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
     manifest.model.vocab_size, manifest.model.hidden_size = text.vocab_size, text.hidden_size
     manifest.model.num_layers = kv.num_layers
     manifest.model.max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    manifest.model.pad_position = generate_pad_position()
     manifest.parts.insert(0, Part(DECODER, DECODER, type(recipe).__name__, [g.file for g in graphs], weights=weights))
     return kv
 
 
 def kv_record(kv, cfg: ExportConfig):
     from onnxport.bundle import KVCache
-    from onnxport.spec import kv_names
+    from onnxport.spec import cache_dims, cache_entries
 
-    past, present = kv_names(kv.num_layers, cfg.kv_naming)
+    entries = cache_entries(kv, cfg.kv_naming)
     layers = None if kv.is_uniform else [[x.key_heads, x.key_dim, x.value_heads, x.value_dim] for x in kv.layers]
+    states = [[e.past, e.present, cache_dims(kv.layers[e.layer], e.what, cfg.kv_layout, None)[1:]]
+              for e in entries if e.what not in ("key", "value")] or None
     return KVCache(cfg.kv_layout, cfg.kv_naming, kv.num_layers, kv.num_kv_heads, kv.head_dim, cfg.dtype,
-                   [list(p) for p in zip(past, present)], layers)
+                   [[e.past, e.present] for e in entries], layers, states, True if kv.has_states else None)
 
 
 def verify_decoder_part(recipe, model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,

@@ -39,18 +39,42 @@ class TensorSpec:
 # --- KV cache ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class StateSpec:
+    """One fixed-size recurrent state of a layer (mamba / linear attention): `kind` is `conv`
+    (the last kernel-size inputs of a causal conv) or `recurrent` (the ssm / delta-rule
+    state); `index` numbers a layer's states of one kind; `shape` excludes the batch dim."""
+
+    kind: str
+    index: int
+    shape: tuple[int, ...]
+
+    @property
+    def suffix(self) -> str:
+        return f"{self.kind}_state" + (f"_{self.index}" if self.index else "")
+
+
+@dataclass(frozen=True)
 class LayerKV:
-    """One layer's cache tensors: heads and head widths of key and value (they differ for MLA)."""
+    """One layer's cache tensors: heads and head widths of key and value (they differ for MLA;
+    0 heads: the layer keeps no key/value, e.g. a mamba layer), and its recurrent states."""
 
     key_heads: int
     key_dim: int
     value_heads: int
     value_dim: int
+    states: tuple[StateSpec, ...] = ()
+
+    @property
+    def has_kv(self) -> bool:
+        return self.key_heads > 0
 
 
 @dataclass(frozen=True)
 class KVSpec:
     layers: tuple[LayerKV, ...]
+    #: the model keeps its self-attention cache inside an encoder-decoder cache (BERT-like
+    #: models used as decoders); the cross-attention half stays empty
+    encoder_decoder: bool = False
 
     @classmethod
     def uniform(cls, num_layers: int, num_kv_heads: int, head_dim: int) -> KVSpec:
@@ -62,15 +86,58 @@ class KVSpec:
 
     @property
     def num_kv_heads(self) -> int:
-        return self.layers[0].key_heads
+        return next((x.key_heads for x in self.layers if x.has_kv), 0)
 
     @property
     def head_dim(self) -> int:
-        return self.layers[0].key_dim
+        return next((x.key_dim for x in self.layers if x.has_kv), 0)
 
     @property
     def is_uniform(self) -> bool:
-        return len(set(self.layers)) == 1 and self.layers[0].key_dim == self.layers[0].value_dim
+        return len(set(self.layers)) == 1 and self.layers[0].key_dim == self.layers[0].value_dim and not self.has_states
+
+    @property
+    def is_empty(self) -> bool:
+        """No cache at all (the model returns none): the graph reads the whole sequence per call."""
+        return not self.layers
+
+    @property
+    def has_states(self) -> bool:
+        """Recurrent state in some layer: the graph then takes one token per call (see
+        `cache_entries`), as transformers' own step path does."""
+        return any(layer.states for layer in self.layers)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One flat cache tensor: past (input) and present (output) names, its layer, and what it
+    holds (`key`, `value`, or a StateSpec's suffix)."""
+
+    past: str
+    present: str
+    layer: int
+    what: str
+
+
+def cache_entries(kv: KVSpec, naming: str = "optimum") -> list[CacheEntry]:
+    """Every flat cache tensor in graph order: per layer key, value (layers that keep them),
+    then the layer's states (`past_key_values.{i}.conv_state` -> `present.{i}.conv_state`)."""
+    out = []
+    for i, layer in enumerate(kv.layers):
+        if layer.has_kv:
+            past, present = kv_names(i + 1, naming)
+            out += [CacheEntry(past[-2], present[-2], i, "key"), CacheEntry(past[-1], present[-1], i, "value")]
+        for st in layer.states:
+            out.append(CacheEntry(f"past_key_values.{i}.{st.suffix}", f"present.{i}.{st.suffix}", i, st.suffix))
+    return out
+
+
+def cache_dims(layer: LayerKV, what: str, layout: str, seq, batch=BATCH) -> list:
+    """Dims of one flat cache tensor: a key/value with sequence dim `seq`, or a fixed state."""
+    if what in ("key", "value"):
+        return kv_dims(layer, what, layout, seq, batch)
+    st = next(s for s in layer.states if s.suffix == what)
+    return [batch, *st.shape]
 
 
 def kv_names(num_layers: int, naming: str = "optimum") -> tuple[list[str], list[str]]:
@@ -136,16 +203,34 @@ class ShapeCase:
 
 
 #: The shapes every decoder export is checked on: first decode step with an empty cache, a
+#: batched left-padded prefill from an empty cache (what generation starts with; models that
+#: branch on the cache length in Python are traced with a cache, so this catches them), a
 #: batched prefill-after-cache with left padding (row 0 padded across its whole past and into
 #: the new tokens), and a single-token decode after a longer cache.
 DECODER_CASES = (
     ShapeCase(1, 1, 0),
+    ShapeCase(2, 6, 0, left_pad=3),
     ShapeCase(2, 7, 5, left_pad=7),
     ShapeCase(1, 1, 33),
 )
 #: example sizes for tracing: all distinct and > 1 so that no dynamic dim is specialised or
 #: unified with another by the exporter (torch.export specialises sizes 0 and 1)
 TRACE_CASE = ShapeCase(2, 3, 5)
+#: graphs with recurrent state take one token per call: checked at these shapes (the states
+#: are random, as a cache is)
+STEP_CASES = (
+    ShapeCase(1, 1, 0),
+    ShapeCase(2, 1, 5, left_pad=3),
+    ShapeCase(1, 1, 33),
+)
+STEP_TRACE_CASE = ShapeCase(2, 1, 5)
+#: graphs without a cache: the whole (left-padded) sequence each call
+FULL_CASES = (
+    ShapeCase(1, 1, 0),
+    ShapeCase(2, 7, 0, left_pad=3),
+    ShapeCase(1, 33, 0),
+)
+FULL_TRACE_CASE = ShapeCase(2, 5, 0)
 
 
 def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int = 2, *, past: int = 0,
@@ -169,6 +254,10 @@ def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int 
         name, dtype = inp.name, np.dtype(inp.dtype)
         if name == "input_ids":
             out[name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+            if mask2d is not None and len(shape) == 2 and shape[0] == mask2d.shape[0]:
+                # padded slots hold token 0, as the generator feeds them (a pad embedding is
+                # often all zeros: RMSNorm's eps is all that keeps it finite)
+                out[name][mask2d[:, total - shape[1]:] == 0] = 0
         elif name == "attention_mask" and len(shape) == 2:
             out[name] = mask2d if mask2d is not None else np.ones(shape, dtype=np.int64)
         elif name.endswith("attention_mask") and len(shape) == 4:

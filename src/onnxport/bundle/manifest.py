@@ -108,8 +108,13 @@ class KVCache:
     dtype: str
     #: [past input name, present output name] per cache tensor, key before value, per layer
     names: list[list[str]]
-    #: per layer [key_heads, key_dim, value_heads, value_dim] when layers differ (MLA, ...)
+    #: per layer [key_heads, key_dim, value_heads, value_dim] when layers differ (MLA, ...;
+    #: 0 heads: the layer keeps no key/value)
     layers: list[list[int]] | None = None
+    #: recurrent states (mamba / linear attention): [past name, present name, dims] each
+    states: list[list] | None = None
+    #: the decoder graph takes one token per call (recurrent states): prompts run token by token
+    step_only: bool | None = None
 
     def to_dict(self) -> dict:
         return _drop_none({f.name: getattr(self, f.name) for f in fields(self)})
@@ -191,6 +196,9 @@ class ModelInfo:
     num_layers: int | None = None
     #: positions the model was trained for (max_position_embeddings); generation stops there
     max_positions: int | None = None
+    #: the position transformers' generate gives left-padded slots (4.x: 1, 5.x: 0); absolute
+    #: position embeddings read it when the model leaks padded states (git)
+    pad_position: int | None = None
     module: str | None = None
     method: str | None = None
 

@@ -26,9 +26,11 @@ from onnxport.config import ExportConfig
 from onnxport.export.graph import export_graph
 from onnxport.hf.compat import (
     build_dynamic_cache,
+    build_state_cache,
     cache_kwarg,
     cache_pairs,
     output_cache,
+    state_cache_tensors,
     text_config,
 )
 from onnxport.spec import (
@@ -36,12 +38,14 @@ from onnxport.spec import (
     PAST,
     SEQ,
     TOTAL,
+    FULL_TRACE_CASE,
+    STEP_TRACE_CASE,
     TRACE_CASE,
     KVSpec,
     TensorSpec,
+    cache_dims,
+    cache_entries,
     feeds,
-    kv_dims,
-    kv_names,
 )
 
 log = logging.getLogger(__name__)
@@ -51,26 +55,33 @@ WRAPPER_PREFIX = "model."  # FlatCacheDecoder.model
 
 def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: bool = True
             ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The graph's inputs and outputs."""
-    past, present = kv_names(kv.num_layers, cfg.kv_naming)
-    inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("attention_mask", "int64", (BATCH, TOTAL))]
+    """The graph's inputs and outputs. A model with recurrent state takes one token per call
+    (sequence_length is 1): transformers' own single-token path, which the host runs token by
+    token for a prompt too."""
+    seq = 1 if kv.has_states else SEQ
+    # without a cache the mask covers just the (whole) input sequence
+    inputs = [TensorSpec("input_ids", "int64", (BATCH, seq)),
+              TensorSpec("attention_mask", "int64", (BATCH, SEQ if kv.is_empty else TOTAL))]
     if takes_position_ids:
-        inputs.append(TensorSpec("position_ids", "int64", (BATCH, SEQ)))
-    outputs = [TensorSpec("logits", cfg.dtype, (BATCH, SEQ, vocab_size))]
-    for i, layer in enumerate(kv.layers):
-        for j, which in enumerate(("key", "value")):
-            inputs.append(TensorSpec(past[2 * i + j], cfg.dtype, tuple(kv_dims(layer, which, cfg.kv_layout, PAST))))
-            outputs.append(TensorSpec(present[2 * i + j], cfg.dtype, tuple(kv_dims(layer, which, cfg.kv_layout, TOTAL))))
+        inputs.append(TensorSpec("position_ids", "int64", (BATCH, seq)))
+    outputs = [TensorSpec("logits", cfg.dtype, (BATCH, seq, vocab_size))]
+    for e in cache_entries(kv, cfg.kv_naming):
+        layer = kv.layers[e.layer]
+        inputs.append(TensorSpec(e.past, cfg.dtype, tuple(cache_dims(layer, e.what, cfg.kv_layout, PAST))))
+        outputs.append(TensorSpec(e.present, cfg.dtype, tuple(cache_dims(layer, e.what, cfg.kv_layout, TOTAL))))
     return inputs, outputs
 
 
 class FlatCacheDecoder(torch.nn.Module):
     """Wraps a causal LM so its cache crosses the graph boundary as flat tensors."""
 
-    def __init__(self, model: torch.nn.Module, num_layers: int, kv_layout: str = "bhsd", mask_4d: bool = False):
+    def __init__(self, model: torch.nn.Module, kv: KVSpec, kv_layout: str = "bhsd", mask_4d: bool = False):
         super().__init__()
         self.model = model
-        self.num_layers = num_layers
+        self.kv = kv
+        self.num_layers = kv.num_layers
+        #: (layer, what) of each flat cache tensor, in graph order
+        self.entries = [(e.layer, e.what) for e in cache_entries(kv)]
         self.bshd = kv_layout == "bshd"
         #: build the additive [B, 1, S, T] mask here instead of in transformers. transformers
         #: 4.5x builds it with torch.vmap, which the TorchScript exporter cannot trace; both
@@ -82,12 +93,22 @@ class FlatCacheDecoder(torch.nn.Module):
         return self.run(input_ids, attention_mask, position_ids, past_key_values)
 
     def run(self, input_ids, attention_mask, position_ids, past_key_values):
-        pairs = []
-        for i in range(self.num_layers):
-            k, v = past_key_values[2 * i], past_key_values[2 * i + 1]
-            if self.bshd:
-                k, v = k.transpose(1, 2), v.transpose(1, 2)
-            pairs.append((k, v))
+        tensors = {}
+        for (i, what), t in zip(self.entries, past_key_values):
+            tensors[(i, what)] = t.transpose(1, 2) if self.bshd and what in ("key", "value") else t
+        if self.kv.is_empty:
+            positions = {} if position_ids is None else {"position_ids": position_ids}
+            return (self.model(input_ids=input_ids, attention_mask=attention_mask, **positions,
+                               return_dict=True).logits,)
+        if self.kv.has_states:
+            cache = build_state_cache(self.kv, tensors)
+            if not any(layer.has_kv for layer in self.kv.layers):
+                # no attention layer reads the history: the mask covers the new token only
+                # (mamba multiplies its hidden states by the mask, as `generate` passes it)
+                attention_mask = attention_mask[:, -input_ids.shape[1]:]
+        else:
+            cache = build_dynamic_cache([(tensors[(i, "key")], tensors[(i, "value")]) for i in range(self.num_layers)],
+                                        self.kv.encoder_decoder)
         if self.mask_4d:
             attention_mask = additive_causal_mask(attention_mask, input_ids.shape[1], self.model.dtype)
         positions = {} if position_ids is None else {"position_ids": position_ids}
@@ -97,13 +118,15 @@ class FlatCacheDecoder(torch.nn.Module):
             use_cache=True,
             **positions,
             return_dict=True,
-            **{self.cache_kwarg: build_dynamic_cache(pairs)},
+            **{self.cache_kwarg: cache},
         )
         flat = [out.logits]
-        for k, v in cache_pairs(output_cache(out)):
-            if self.bshd:
-                k, v = k.transpose(1, 2), v.transpose(1, 2)
-            flat += [k, v]
+        if self.kv.has_states:
+            new = state_cache_tensors(output_cache(out), self.kv)
+        else:
+            new = [t for kv in cache_pairs(output_cache(out)) for t in kv]
+        for (_, what), t in zip(self.entries, new):
+            flat.append(t.transpose(1, 2) if self.bshd and what in ("key", "value") else t)
         return tuple(flat)
 
 
@@ -121,7 +144,7 @@ def takes_position_ids(model) -> bool:
 
 def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False) -> FlatCacheDecoder:
     cls = FlatCacheDecoder if takes_position_ids(model) else FlatCacheDecoderNoPositions
-    return cls(model, kv.num_layers, kv_layout, mask_4d=mask_4d).eval()
+    return cls(model, kv, kv_layout, mask_4d=mask_4d).eval()
 
 
 def wrapper_args(inputs: list[TensorSpec], tensors: dict) -> tuple:
@@ -160,7 +183,8 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tupl
     # wrapper (sliding-window models keep transformers' per-layer masks: not needed on 5.x).
     mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model) and takes_position_ids(model)
     wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d)
-    example = feeds(inputs, TRACE_CASE.sizes, vocab_size=vocab)
+    case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
+    example = feeds(inputs, case.sizes, vocab_size=vocab)
     args = wrapper_args(inputs, {k: torch.from_numpy(v) for k, v in example.items()})
     used, applied = export_graph(wrapper, args, inputs, outputs, out_file, cfg.exporter, cfg.opset,
                                  cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX)

@@ -99,9 +99,30 @@ def failure_hint(message: str, exporter: str) -> str:
     return f"run with --debug for the full trace; try --exporter {other}"
 
 
+def exact_no_op_rules() -> int:
+    """onnxscript's no-op rules (`x + 0`, `x * 1`, ...) match their constants with
+    math.isclose(abs_tol=1e-8, rel_tol=1e-5), so the `+ 1e-8` of an RMSNorm (helium's
+    rms_norm_eps) is removed as `+ 0` and a zero row becomes 0 * inf = NaN. Make them exact.
+    Returns how many constants were tightened (0 when onnxscript changed its layout)."""
+    try:
+        from onnxscript.rewriter import _pattern_ir
+        from onnxscript.rewriter.rules.common import _no_op
+    except ImportError:
+        return 0
+    n = 0
+    for rule in getattr(_no_op.rules, "rules", []):
+        for node in getattr(getattr(rule, "_target_pattern", None), "_nodes", []):
+            for value in getattr(node, "inputs", []):
+                if isinstance(value, _pattern_ir.Constant):
+                    value._abs_tol, value._rel_tol = 0.0, 0.0
+                    n += 1
+    return n
+
+
 def _export_dynamo(module, args, inputs, input_names, output_names, opset, path: Path, prefix: str) -> set[str]:
     from torch.export import Dim
 
+    exact_no_op_rules()
     # torch.onnx warns about torchvision ops it cannot register; irrelevant here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     flat_shapes = [{ax: Dim.DYNAMIC for ax in dims_by_axis(i.dims)} or None for i in inputs]

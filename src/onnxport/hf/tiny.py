@@ -123,11 +123,34 @@ def shrink(d: dict) -> dict:
         expand = out.get("mamba_expand", 2)
         out["mamba_n_heads"] = HEADS
         out["mamba_d_head"] = expand * HIDDEN // HEADS
+        if out.get("mamba_d_ssm"):  # falcon_h1
+            out["mamba_d_ssm"] = HEADS * out["mamba_d_head"]
+    if isinstance(out.get("mamba_headdim"), int) and out.get("n_mamba_heads"):  # zamba2
+        out["mamba_headdim"] = out.get("mamba_expand", 2) * HIDDEN // out["n_mamba_heads"]
+    for k in ("n_groups", "mamba_n_groups", "mamba_ngroups"):  # groups must divide the (4) heads
+        if isinstance(out.get(k), int):
+            out[k] = 1
+    _keep_an_attention_layer(out)
     if str(out.get("model_type")).startswith("dots3") and "qk_nope_head_dim" in out:  # MLA-wide sliding layers
         out["head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
     if out.get("model_type") == "mamba2" or ("expand" in out and "num_heads" in out and "head_dim" in out):
         out["head_dim"] = out.get("expand", 2) * HIDDEN // out["num_heads"]
     return out
+
+
+def _keep_an_attention_layer(out: dict) -> None:
+    """Hybrid mamba/attention defaults whose 2 kept layers would all be recurrent: make layer 1
+    attention (some families cannot even generate with a cache of recurrent layers only)."""
+    if "attn_layer_indices" in out and not out["attn_layer_indices"] and "mamba_d_state" in out:
+        out["attn_layer_indices"] = [1]  # bamba
+    if "attn_layer_period" in out:  # jamba
+        out.update(attn_layer_period=2, attn_layer_offset=1)
+    types = out.get("layer_types") or out.get("layers_block_type")
+    if isinstance(types, list) and types and set(types) == {"linear_attention"}:  # granitemoehybrid
+        out["layer_types"] = ["linear_attention", "attention"]
+        out.pop("layers_block_type", None)
+    if isinstance(out.get("block_types"), list) and "attention" not in out["block_types"][:LAYERS]:
+        out["block_types"] = ["recurrent", "attention"]  # recurrent_gemma
 
 
 def _set_none(d: dict, key: str, value) -> bool:
@@ -157,13 +180,17 @@ def tiny_config(model_type: str):
 
 
 def randomize_norms(model) -> None:
-    """Trained norm weights are not all ones (nor biases zero); a test must not rely on that."""
+    """Trained norm weights are not all ones (nor biases zero), and no trained matrix is all
+    zeros (afmoe initialises its router to zeros: every expert ties, and ONNX TopK breaks ties
+    differently from torch.topk); a test must not rely on either."""
     import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(1.0 if p.abs().mean() > 0.5 else 0.0, 0.1)
+            elif p.dim() >= 2 and p.is_floating_point() and not p.any():
+                p.normal_(0.0, 0.2)
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0):
@@ -177,14 +204,24 @@ def tiny_causal_lm(model_type: str, seed: int = 0):
     return model
 
 
-def hf_greedy(checkpoint, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0, eos_id=None, model=None):
-    """transformers' own `generate` on a left-padded batch, greedy: the reference tokens."""
+def hf_greedy(checkpoint, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0, eos_id=None, model=None,
+              per_row: bool = False):
+    """transformers' own `generate` on a left-padded batch, greedy: the reference tokens.
+
+    `per_row`: each prompt alone, outputs padded with `pad_id` after an early stop (models with
+    recurrent state, whose padded batches push pad tokens through the recurrence)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    if per_row:
+        rows = [hf_greedy(checkpoint, [p], max_new_tokens, pad_id, eos_id, model)[0] for p in prompts]
+        out = np.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=np.int64)
+        for r, row in enumerate(rows):
+            out[r, :len(row)] = row
+        return out
     longest = max(len(p) for p in prompts)
     ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
     mask = np.zeros_like(ids)

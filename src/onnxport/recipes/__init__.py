@@ -64,11 +64,15 @@ def parts_for(model_type: str, config: dict | None = None) -> dict[str, type[Rec
     """part name -> recipe class for a model_type, in PART_ORDER; the generic decoder fills
     `decoder` for any causal-LM type without a family file, except for checkpoints of
     encoder-decoder models (whisper, bart: their decoder reads encoder states) unless the
-    checkpoint itself is the *ForCausalLM."""
+    checkpoint itself is the *ForCausalLM. A checkpoint saved from *ForCausalLM classes only
+    (WhisperForCausalLM: the decoder without its encoder) has only the decoder part."""
     found = {p: cls for (mt, p), cls in registered().items() if mt == model_type}
     config = config or {}
-    seq2seq = config.get("is_encoder_decoder") and not any(
-        str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+    archs = [str(a) for a in config.get("architectures") or []]
+    causal_only = bool(archs) and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    seq2seq = config.get("is_encoder_decoder") and not causal_only
+    if causal_only:
+        found = {p: cls for p, cls in found.items() if p == "decoder"}
     if "decoder" not in found and not seq2seq and model_type in causal_lm_types():
         from onnxport.recipes.generic import GenericDecoder
 

@@ -66,7 +66,9 @@ def _has_experts(config: dict) -> bool:
 
 #: submodule names of the non-text parts multimodal checkpoints keep beside their decoder
 OTHER_PART_MODULES = {"visual", "vision_tower", "vision_model", "image_encoder", "vision_encoder", "audio_tower",
-                      "audio_encoder", "multi_modal_projector", "mm_projector", "visual_projection", "vqmodel"}
+                      "audio_encoder", "multi_modal_projector", "mm_projector", "visual_projection", "vqmodel",
+                      # phi4_multimodal: model.embed_tokens_extend.{image,audio}_embed
+                      "image_embed", "audio_embed"}
 
 
 class Recipe:

@@ -65,6 +65,8 @@ class Generator:
         self.past_names = kv.past_names
         self.present_names = kv.present_names
         self.kv_layout = kv.layout
+        #: one token per call (recurrent states): prompts run token by token, one row at a time
+        self.step_only = bool(kv.step_only)
         if self.split is None:
             #: each past input's dims (MLA keys and values differ; heads can differ per layer)
             self.past_dims = {n: self.session.inputs[n].dims for n in self.past_names}
@@ -77,6 +79,9 @@ class Generator:
         #: what padded / finished slots feed the graph: the pad id, unless the config names one
         #: outside the vocabulary (its value is masked out anyway; an embedding Gather is not)
         self.pad_feed = self.pad_id if 0 <= self.pad_id < self.vocab_size else 0
+        #: position_ids of left-padded slots, as transformers' generate at export time
+        mp = self.manifest.model.pad_position
+        self.pad_position = 1 if mp is None else int(mp)
         self._tokenizer: BundleTokenizer | None = None
 
     @property
@@ -141,6 +146,8 @@ class Generator:
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
         if self.split is not None:
             return self._generate_split(prompts, max_new_tokens, sampler, eos, on_token, do_sample)
+        if self.step_only:
+            return self._generate_steps(prompts, max_new_tokens, sampler, eos, on_token)
         batch, longest = len(prompts), max(len(p) for p in prompts)
         input_ids = np.full((batch, longest), self.pad_feed, dtype=np.int64)
         mask = np.zeros((batch, longest), dtype=np.int64)
@@ -148,7 +155,7 @@ class Generator:
             input_ids[r, longest - len(p):] = p
             mask[r, longest - len(p):] = 1
         positions = np.cumsum(mask, axis=-1) - 1
-        positions[mask == 0] = 1
+        positions[mask == 0] = self.pad_position
         past = {n: self._empty_past(n, batch) for n in self.past_names}
 
         unfinished = np.ones(batch, dtype=bool)
@@ -183,12 +190,64 @@ class Generator:
                 new_tokens = new_tokens[:, : step + 1]
                 break
             past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
-            input_ids = np.where(unfinished, next_tok, self.pad_feed)[:, None].astype(np.int64)
+            new_ids = np.where(unfinished, next_tok, self.pad_feed)[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            positions = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)
+            if self.past_names:
+                input_ids = new_ids
+                positions = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)
+            else:  # no cache: the graph reads the whole sequence again
+                input_ids = np.concatenate([input_ids, new_ids], axis=1)
+                positions = np.cumsum(mask, axis=-1) - 1
+                positions[mask == 0] = self.pad_position
         tokens = [_cut_at_eos(row, eos) for row in new_tokens.tolist()]
         return GenerationResult(tokens, new_tokens, prefill_ms=prefill_ms, decode_ms=decode_ms,
                                 decode_tokens=steps * batch)
+
+    def _generate_steps(self, prompts, max_new_tokens, sampler, eos, on_token) -> GenerationResult:
+        """One-token-per-call graphs (recurrent states): each row alone, its prompt fed token by
+        token (the state after a prompt does not depend on how it was chunked; a padded batch
+        would push pad tokens through the recurrence)."""
+        padded = np.full((len(prompts), max_new_tokens), self.pad_id, dtype=np.int64)
+        prefill_ms = decode_ms = 0.0
+        steps = 0
+        for r, prompt in enumerate(prompts):
+            past = {n: self._empty_past(n, 1) for n in self.past_names}
+            t0 = time.perf_counter()
+            n_new = 0
+            fed = list(prompt)
+            pos = 0
+            while True:
+                tok_in = fed[pos]
+                feeds = {"input_ids": np.array([[tok_in]], dtype=np.int64),
+                         "attention_mask": np.ones((1, pos + 1), dtype=np.int64), **past}
+                if self.takes_positions:
+                    feeds["position_ids"] = np.array([[pos]], dtype=np.int64)
+                outs = self.session.run(feeds, check=pos == 0)
+                past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
+                pos += 1
+                if pos < len(prompt):
+                    continue
+                tok = int(sampler(outs["logits"][:, -1, :])[0])
+                if n_new == max_new_tokens - 1 and self.forced.get("eos") is not None:
+                    tok = int(self.forced["eos"])
+                dt = (time.perf_counter() - t0) * 1000
+                t0 = time.perf_counter()
+                if n_new == 0:
+                    prefill_ms += dt
+                else:
+                    decode_ms += dt
+                    steps += 1
+                padded[r, n_new] = tok
+                n_new += 1
+                if on_token is not None:
+                    on_token(r, tok)
+                if tok in eos or n_new == max_new_tokens:
+                    break
+                fed.append(tok)
+        longest = max(len(_cut_at_eos(row, eos)) for row in padded.tolist())
+        padded = padded[:, :longest]
+        tokens = [_cut_at_eos(row, eos) for row in padded.tolist()]
+        return GenerationResult(tokens, padded, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_tokens=steps)
 
     def _generate_split(self, prompts, max_new_tokens, sampler, eos, on_token, do_sample) -> GenerationResult:
         """Split bundles run one sequence at a time; results are laid out like the batched path

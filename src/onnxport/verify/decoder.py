@@ -8,16 +8,18 @@ from pathlib import Path
 from onnxport.bundle import Graph
 from onnxport.config import VerifyConfig
 from onnxport.export.decoder import wrapper_args
-from onnxport.spec import DECODER_CASES, ShapeCase, feeds
+from onnxport.spec import DECODER_CASES, FULL_CASES, STEP_CASES, ShapeCase, feeds
 from onnxport.verify.compare import compare
 
 log = logging.getLogger(__name__)
 
 
 def verify_decoder(
-    wrapper, onnx_file: Path, graph: Graph, vocab_size: int, cfg: VerifyConfig, cases=DECODER_CASES
+    wrapper, onnx_file: Path, graph: Graph, vocab_size: int, cfg: VerifyConfig, cases=None
 ) -> dict:
     """Run `wrapper` (a FlatCacheDecoder) and the ONNX graph on each case; compare every output.
+    Default cases: DECODER_CASES, STEP_CASES for a one-token-per-call graph (recurrent state),
+    FULL_CASES for a graph without a cache.
 
     Returns the manifest's `verification` record; `ok` is False if any output at any shape
     breaks the tolerance. Callers decide whether that raises."""
@@ -25,6 +27,10 @@ def verify_decoder(
 
     from onnxport.runtime.session import make_session
 
+    if cases is None:
+        step = graph.inputs[0].name == "input_ids" and graph.inputs[0].dims[-1] == 1
+        no_cache = not any(i.name.startswith(("past_", "past_key")) for i in graph.inputs)
+        cases = STEP_CASES if step else FULL_CASES if no_cache else DECODER_CASES
     sess = make_session(onnx_file)
     out_names = graph.output_names
     results = []
