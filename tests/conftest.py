@@ -98,12 +98,12 @@ def exported(tiny_checkpoints, tmp_path_factory):
 
 
 def hf_greedy(checkpoint: Path, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0, eos_id=None,
-              per_row: bool = False):
+              per_row: bool = False, model=None):
     """transformers' own generate on the same checkpoint, left-padded batch (or each prompt
     alone: `per_row`), greedy."""
     from onnxport.hf.tiny import hf_greedy as reference
 
-    return reference(checkpoint, prompts, max_new_tokens, pad_id, eos_id, per_row=per_row)
+    return reference(checkpoint, prompts, max_new_tokens, pad_id, eos_id, model=model, per_row=per_row)
 
 
 def _tiny_encoder_model(kind: str):

@@ -166,3 +166,16 @@ def test_tiny_epsilon_survives_the_exporters_optimizer(tmp_path):
     y = make_session(out).run(None, {"x": x})[0]
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, Norm()(torch.from_numpy(x)).numpy(), atol=1e-6)
+
+
+def test_onnxport_export_stays_callable_after_the_export_package_is_imported(tmp_path):
+    """`onnxport.export(...)` (README) keeps working once `onnxport.export.*` modules are
+    loaded (importing a subpackage rebinds the package attribute of the same name)."""
+    import onnxport
+    import onnxport.export.decoder  # noqa: F401
+    from onnxport import export
+    from onnxport.errors import CheckpointError
+
+    for fn in (onnxport.export, export):
+        with pytest.raises(CheckpointError, match="does not exist"):
+            fn(tmp_path / "missing", tmp_path / "out")

@@ -1,13 +1,13 @@
 """The generic decoder: transformers causal LMs with no recipe file export through their own
 forward with a flat cache, and their greedy tokens equal transformers'. One type per cache or
-forward variant: MLA with different key/value widths + MoE routing (deepseek_v3), MoE
-(mixtral), a differently named head (gpt_neox `embed_out`), ALiBi without position_ids
+forward variant: MLA with different key/value widths + MoE routing (deepseek_v3), a sparse-
+attention (DSA) indexer key cache beside MLA (deepseek_v32), a differently named head (gpt_neox `embed_out`), ALiBi without position_ids
 (bloom), hybrid sliding/full layers (gemma3_text), the causal-LM head of an encoder-decoder
 family (bart: cross-attention declared unused, transformers' forced EOS at the last step),
 recurrent state beside attention (qwen3_next: gated delta net conv + recurrent states, a
 one-token-per-call graph), pure recurrence (mamba), a BERT-like decoder whose cache sits in an
 encoder-decoder cache (rembert), a model without any cache (openai-gpt). Caches that hold
-something else (DSA indexer keys) fail in one line."""
+something else (deepseek_v4's compressed-attention state) fail in one line."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def tiny_checkpoint(model_type: str, out):
     return out
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "mixtral", "gpt_neox", "bloom", "gemma3_text", "bart",
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32", "gpt_neox", "bloom", "gemma3_text", "bart",
                                         "qwen3_next", "mamba", "rembert", "openai-gpt"])
 def test_generic_decoder_token_parity(model_type, tmp_path):
     ckpt = tiny_checkpoint(model_type, tmp_path / "ckpt")
@@ -59,6 +59,9 @@ def test_generic_decoder_token_parity(model_type, tmp_path):
     if model_type == "qwen3_next":  # layer 1 is full attention: a growing key/value cache
         assert inputs["past_key_values.1.key"][2] == "past_sequence_length"
         assert "past_key_values.0.key" not in inputs
+    if model_type == "deepseek_v32":  # the indexer keys grow with the sequence, like keys
+        assert inputs["past_key_values.0.indexer_key"][:2] == ["batch_size", "past_sequence_length"]
+        assert outputs["present.0.indexer_key"][:2] == ["batch_size", "total_sequence_length"]
     if model_type == "openai-gpt":  # no cache: the whole sequence each call
         assert not mf["kv_cache"]["names"] and inputs["attention_mask"] == ["batch_size", "sequence_length"]
     if model_type == "deepseek_v3":  # MLA: keys carry the rope part, values do not
@@ -72,11 +75,11 @@ def test_generic_decoder_token_parity(model_type, tmp_path):
         assert any("cross-attention" in v for v in skipped.values())
 
 
-def test_indexer_cache_is_a_one_line_refusal(tmp_path):
-    ckpt = tiny_checkpoint("deepseek_v32", tmp_path / "ckpt")
+def test_unknown_cache_state_is_a_one_line_refusal(tmp_path):
+    ckpt = tiny_checkpoint("deepseek_v4", tmp_path / "ckpt")
     res = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "b")])
     assert res.exit_code == 2, res.output
-    assert "DynamicIndexedLayer" in res.output and "Traceback" not in res.output and "hint:" in res.output
+    assert "DeepseekV4" in res.output and "Traceback" not in res.output and "hint:" in res.output
     assert not (tmp_path / "b").exists()
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -162,6 +163,37 @@ def test_external_data_escape_is_refused_before_onnxruntime(bundle):
     mf["graphs"][0]["external_data"] = ["../../secret.data"]
     (bundle / "manifest.json").write_text(json.dumps(mf))
     clean_failure(run("generate", bundle, "-p", "x"), "outside the bundle", code=2)
+
+
+@pytest.mark.parametrize("location", ["../secret.data", "/tmp/secret.data"])
+def test_graph_naming_external_data_outside_is_refused(bundle, location, tmp_path):
+    """The graph file itself (not only the manifest) may name external data: an absolute or
+    escaping location is refused before ONNX Runtime opens (and reads) it."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    m = onnx.load(str(bundle / "model.onnx"))
+    init = max(m.graph.initializer, key=lambda t: len(t.raw_data))
+    (bundle.parent / "secret.data").write_bytes(init.raw_data)
+    set_external_data(init, location=location, offset=0, length=len(init.raw_data))
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(m, str(bundle / "model.onnx"))
+    clean_failure(run("generate", bundle, "-p", "x"), "external data", code=2)
+
+
+def test_bundle_external_locations_are_read_from_the_graph(tmp_path):
+    from onnxport.bundle.folder import external_locations
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    t = numpy_helper.from_array(np.ones((300, 300), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [300, 300])], [t])
+    onnx.save(helper.make_model(g), str(tmp_path / "m.onnx"), save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    assert external_locations(tmp_path / "m.onnx") == ["w.bin"]
 
 
 def test_corrupt_graph_and_tokenizer_are_one_line_errors(bundle):

@@ -71,13 +71,20 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
         loaded: dict[str, object] = {}  # parts loaded by the same class share one model
         for name, recipe in recipes.items():
             key = getattr(recipe, "model_class", "") or f"part:{name}"
-            model = loaded[key] if key in loaded else load_model(recipe, ckpt, cfg)
-            loaded = {key: model}
+            streamed = cfg.low_memory and isinstance(recipe, DecoderLM)
+            if streamed:
+                model = load_skeleton(recipe, ckpt, cfg, split)
+            else:
+                model = loaded[key] if key in loaded else load_model(recipe, ckpt, cfg)
+                loaded = {key: model}
             if isinstance(recipe, DecoderLM):
                 kv = export_decoder_part(recipe, model, ckpt, cfg, split, tmp, manifest)
                 # optimize/: no passes yet (fusions, fp16, int4 come as passes there)
                 write_manifest(tmp, manifest)  # the split runtime reads it during verification
                 if cfg.verify:
+                    if streamed:  # the weights were streamed; the reference needs them loaded
+                        del model
+                        model = load_model(recipe, ckpt, cfg)
                     verify_decoder_part(recipe, model, kv, tmp, manifest, cfg, verify_cfg, split)
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
@@ -145,6 +152,23 @@ def load_model(recipe, ckpt: Checkpoint, cfg: ExportConfig = ExportConfig()):
     return _load_or_explain(lambda: recipe.load_model(ckpt, getattr(torch, cfg.dtype)))
 
 
+def load_skeleton(recipe, ckpt: Checkpoint, cfg: ExportConfig, split: SplitConfig | None):
+    """The decoder on the meta device for a bounded-memory export (`--low-memory`)."""
+    import torch
+
+    from onnxport.export.stream import skeleton_model
+
+    if split is not None:
+        raise InputError("--low-memory applies to the monolithic layout", "drop --layout split or --low-memory")
+    if ckpt.pickle_weights:
+        raise InputError("--low-memory streams weights from safetensors; this checkpoint has pickle weights only",
+                         "convert it to safetensors, or drop --low-memory")
+    _quiet_transformers()
+    model, buffers = _load_or_explain(lambda: skeleton_model(recipe, ckpt, getattr(torch, cfg.dtype)))
+    model._onnxport_buffers = buffers
+    return model
+
+
 def _load_or_explain(load):
     try:
         return load()
@@ -170,14 +194,24 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
 
     kv = recipe.kv_spec(model)
     text = text_config(model.config)
-    if split is not None and kv.has_states:
-        raise InputError(f"--layout split needs a key/value cache; {type(model).__name__} keeps recurrent states",
+    if split is not None and (kv.has_states or kv.has_indexer):
+        what = "recurrent states" if kv.has_states else "a sparse-attention indexer cache"
+        raise InputError(f"--layout split needs a key/value cache; {type(model).__name__} keeps {what}",
                          "export it with the monolithic layout (drop --layout split)")
+    bind = None
+    if getattr(model, "_onnxport_buffers", None) is not None:  # --low-memory: weights streamed
+        import torch
+
+        from onnxport.export.decoder import WRAPPER_PREFIX
+        from onnxport.export.stream import Binder, CheckpointWeights
+
+        bind = Binder(CheckpointWeights(ckpt, model, model._onnxport_buffers, getattr(torch, cfg.dtype)),
+                      WRAPPER_PREFIX)
     if split is None:
         try:
-            graph, used = export_decoder(model, kv, cfg, folder / "model.onnx")
+            graph, used = export_decoder(model, kv, cfg, folder / "model.onnx", bind=bind)
         except ExportError as e:
-            if not cfg.fallback:
+            if not cfg.fallback or bind is not None:
                 raise
             # --exporter auto: some architectures (encoder families used as decoders, say) fail
             # in torch.export but trace with TorchScript
@@ -225,7 +259,7 @@ def kv_record(kv, cfg: ExportConfig):
     entries = cache_entries(kv, cfg.kv_naming)
     layers = None if kv.is_uniform else [[x.key_heads, x.key_dim, x.value_heads, x.value_dim] for x in kv.layers]
     states = [[e.past, e.present, cache_dims(kv.layers[e.layer], e.what, cfg.kv_layout, None)[1:]]
-              for e in entries if e.what not in ("key", "value")] or None
+              for e in entries if e.what not in ("key", "value", "indexer_key")] or None
     return KVCache(cfg.kv_layout, cfg.kv_naming, kv.num_layers, kv.num_kv_heads, kv.head_dim, cfg.dtype,
                    [[e.past, e.present] for e in entries], layers, states, True if kv.has_states else None)
 

@@ -49,6 +49,9 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: str
+    #: where the tensor's bytes sit in its file (absolute offset, length)
+    offset: int = 0
+    nbytes: int = 0
 
 
 @dataclass
@@ -115,7 +118,8 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
                 f"but the file holds only {data_len} data bytes",
                 "the download or copy was interrupted; fetch the file again",
             )
-        out[name] = TensorInfo(name, _SAFETENSORS_DTYPES.get(dtype, dtype), shape, file.name)
+        out[name] = TensorInfo(name, _SAFETENSORS_DTYPES.get(dtype, dtype), shape, file.name, 8 + n + int(start),
+                               int(end) - int(start))
     return out
 
 

@@ -115,6 +115,7 @@ def export_cmd(
     rope: str = typer.Option("inside", help="split: compute rotary cos/sin inside each block, or take them as inputs (outside)."),
     embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
 ):
     """Export a model with a recipe and verify it: a decoder LM with a flat KV cache (or the split
     NPU layout), or an encoder's parts (vision tower, audio encoder, codec decoder)."""
@@ -126,7 +127,8 @@ def export_cmd(
         raise InputError(f"unknown layout {layout!r}", "use --layout monolithic or --layout split")
     is_split = layout == "split" or static
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split else "bhsd"),
-                       kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle)
+                       kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
+                       low_memory=low_memory)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin) if is_split else None
     with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):

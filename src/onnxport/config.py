@@ -23,6 +23,9 @@ class ExportConfig:
     allow_pickle: bool = False
     #: write weights to one `model.onnx.data` beside the graph when the model is larger than this
     external_data_threshold_bytes: int = 1 << 30
+    #: trace on the meta device and stream weights from the checkpoint into the graph one tensor
+    #: at a time (monolithic decoders from safetensors; verification then loads the model)
+    low_memory: bool = False
     #: rewrites not to apply (by name; `onnxport patches` lists them)
     skip_patches: tuple[str, ...] = ()
     #: set when exporter="auto" resolved to dynamo: encoders/modules retry with TorchScript when

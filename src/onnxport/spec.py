@@ -63,6 +63,8 @@ class LayerKV:
     value_heads: int
     value_dim: int
     states: tuple[StateSpec, ...] = ()
+    #: width of a sparse-attention (DSA) indexer key cache, [batch, seq, indexer_dim]; 0: none
+    indexer_dim: int = 0
 
     @property
     def has_kv(self) -> bool:
@@ -94,12 +96,17 @@ class KVSpec:
 
     @property
     def is_uniform(self) -> bool:
-        return len(set(self.layers)) == 1 and self.layers[0].key_dim == self.layers[0].value_dim and not self.has_states
+        return (len(set(self.layers)) == 1 and self.layers[0].key_dim == self.layers[0].value_dim
+                and not self.has_states and not self.has_indexer)
 
     @property
     def is_empty(self) -> bool:
         """No cache at all (the model returns none): the graph reads the whole sequence per call."""
         return not self.layers
+
+    @property
+    def has_indexer(self) -> bool:
+        return any(layer.indexer_dim for layer in self.layers)
 
     @property
     def has_states(self) -> bool:
@@ -121,12 +128,15 @@ class CacheEntry:
 
 def cache_entries(kv: KVSpec, naming: str = "optimum") -> list[CacheEntry]:
     """Every flat cache tensor in graph order: per layer key, value (layers that keep them),
-    then the layer's states (`past_key_values.{i}.conv_state` -> `present.{i}.conv_state`)."""
+    a DSA indexer key cache (`past_key_values.{i}.indexer_key`), then the layer's states
+    (`past_key_values.{i}.conv_state` -> `present.{i}.conv_state`)."""
     out = []
     for i, layer in enumerate(kv.layers):
         if layer.has_kv:
             past, present = kv_names(i + 1, naming)
             out += [CacheEntry(past[-2], present[-2], i, "key"), CacheEntry(past[-1], present[-1], i, "value")]
+        if layer.indexer_dim:
+            out.append(CacheEntry(f"past_key_values.{i}.indexer_key", f"present.{i}.indexer_key", i, "indexer_key"))
         for st in layer.states:
             out.append(CacheEntry(f"past_key_values.{i}.{st.suffix}", f"present.{i}.{st.suffix}", i, st.suffix))
     return out
@@ -136,6 +146,8 @@ def cache_dims(layer: LayerKV, what: str, layout: str, seq, batch=BATCH) -> list
     """Dims of one flat cache tensor: a key/value with sequence dim `seq`, or a fixed state."""
     if what in ("key", "value"):
         return kv_dims(layer, what, layout, seq, batch)
+    if what == "indexer_key":
+        return [batch, seq, layer.indexer_dim]
     st = next(s for s in layer.states if s.suffix == what)
     return [batch, *st.shape]
 

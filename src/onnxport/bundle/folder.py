@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,6 +34,49 @@ def resolve_inside(bundle: Path, name: str) -> Path:
         raise BundleError(f"the manifest names a file outside the bundle: {name!r}",
                           "the bundle is damaged or was edited; re-run onnxport export")
     return target
+
+
+#: how protobuf serialises an external-data entry's key: field 1 (len 8) "location", then
+#: field 2 (the value) with its varint length
+_LOCATION_KEY = re.compile(rb"\n\x08location\x12")
+
+
+def external_locations(onnx_file: Path) -> list[str]:
+    """Every external-data `location` an ONNX file names, read from its bytes without parsing
+    the graph (no onnx import, constant memory: the file is memory-mapped and scanned)."""
+    import mmap
+
+    out = []
+    with open(onnx_file, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return out
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for hit in _LOCATION_KEY.finditer(m):
+                i, n, shift = hit.end(), 0, 0
+                while i < len(m) and shift < 35:  # varint length
+                    b = m[i]
+                    n |= (b & 0x7F) << shift
+                    i += 1
+                    shift += 7
+                    if not b & 0x80:
+                        break
+                out.append(bytes(m[i:i + n]).decode("utf-8", "replace"))
+    return sorted(set(out))
+
+
+def check_external_data(bundle: Path, graph_file: str) -> None:
+    """Refuse a graph whose external data lies outside the bundle (absolute, `..`, symlinks
+    out), before ONNX Runtime opens anything."""
+    path = resolve_inside(bundle, graph_file)
+    base = Path(graph_file).parent
+    for loc in external_locations(path):
+        try:
+            if Path(loc).is_absolute():
+                raise BundleError("absolute")
+            resolve_inside(bundle, str(base / loc))
+        except BundleError:
+            raise BundleError(f"{graph_file} reads external data from outside the bundle: {loc!r}",
+                              "the bundle is damaged or was edited; re-run onnxport export") from None
 
 
 def check_target(out: Path, force: bool) -> None:

@@ -100,7 +100,8 @@ class FlatCacheDecoder(torch.nn.Module):
             positions = {} if position_ids is None else {"position_ids": position_ids}
             return (self.model(input_ids=input_ids, attention_mask=attention_mask, **positions,
                                return_dict=True).logits,)
-        if self.kv.has_states:
+        layered = self.kv.has_states or self.kv.has_indexer  # 5.x layer objects beyond key/value
+        if layered:
             cache = build_state_cache(self.kv, tensors)
             if not any(layer.has_kv for layer in self.kv.layers):
                 # no attention layer reads the history: the mask covers the new token only
@@ -121,7 +122,7 @@ class FlatCacheDecoder(torch.nn.Module):
             **{self.cache_kwarg: cache},
         )
         flat = [out.logits]
-        if self.kv.has_states:
+        if layered:
             new = state_cache_tensors(output_cache(out), self.kv)
         else:
             new = [t for kv in cache_pairs(output_cache(out)) for t in kv]
@@ -173,8 +174,9 @@ def uses_sliding_window(model) -> bool:
     )
 
 
-def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tuple[Graph, set[str]]:
-    """Export `model` to `out_file` (+ `model.onnx.data` when large).
+def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=None) -> tuple[Graph, set[str]]:
+    """Export `model` to `out_file` (+ `model.onnx.data` when large). A model on the meta
+    device is traced with meta inputs and its weights come from `bind` (`export.stream`).
 
     Returns the graph entry and the names of the model parameters the exported graph reads."""
     vocab = text_config(model.config).vocab_size
@@ -185,9 +187,10 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path) -> tupl
     wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d)
     case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
     example = feeds(inputs, case.sizes, vocab_size=vocab)
-    args = wrapper_args(inputs, {k: torch.from_numpy(v) for k, v in example.items()})
+    device = next(model.parameters()).device
+    args = wrapper_args(inputs, {k: torch.from_numpy(v).to(device) for k, v in example.items()})
     used, applied = export_graph(wrapper, args, inputs, outputs, out_file, cfg.exporter, cfg.opset,
-                                 cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX)
+                                 cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=bind)
     graph = Graph("decoder", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
                   patches=applied)
     return graph, used

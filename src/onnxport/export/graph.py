@@ -41,9 +41,11 @@ def export_graph(
     param_prefix: str = "",
     static: bool = False,
     skip_patches: tuple[str, ...] = (),
+    bind=None,
 ) -> tuple[set[str], list[str]]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
-    the rewrites (patches) that were applied."""
+    the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
+    gives the initializers of a module traced on the meta device their data."""
     from onnxport.patches import apply_patches
 
     tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")
@@ -55,10 +57,17 @@ def export_graph(
                 log.info("%s: applied rewrites %s", out_file.name, applied)
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
-                used = _export_dynamo(module, args, inputs, input_names, output_names, opset, tmp_file, param_prefix)
+                # the onnx-ir model stays in memory (its tensors are the module's own, or lazy
+                # checkpoint reads): finalized and written once, weights one at a time
+                used, model = _export_dynamo(module, args, inputs, input_names, output_names, opset, param_prefix,
+                                             bind)
+            elif bind is not None:
+                raise ExportError("--low-memory traces with torch.export (the dynamo exporter)",
+                                  "use --exporter dynamo, or drop --low-memory")
             else:
                 used = _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, tmp_file,
                                            param_prefix)
+                model = None
     except (ExportError, OSError):  # OSError: a full or read-only disk is not an exporter problem
         raise
     except Exception as e:  # the exporters raise many types; name the exporter and the op
@@ -66,7 +75,8 @@ def export_graph(
         first = lines[0] if lines else type(e).__name__
         raise ExportError(f"torch.onnx ({exporter}) failed on {out_file.name}: {_key_line(lines, first)[:300]}",
                           failure_hint(str(e), exporter)) from e
-    finalize_graph(tmp_file, out_file, inputs, outputs, external_threshold, param_prefix, static)
+    finalize_graph(model if model is not None else tmp_file, out_file, inputs, outputs, external_threshold,
+                   param_prefix, static)
     return used, applied
 
 
@@ -119,7 +129,8 @@ def exact_no_op_rules() -> int:
     return n
 
 
-def _export_dynamo(module, args, inputs, input_names, output_names, opset, path: Path, prefix: str) -> set[str]:
+def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefix: str, bind=None):
+    """(parameters the program reads, the onnx-ir model)."""
     from torch.export import Dim
 
     exact_no_op_rules()
@@ -141,9 +152,14 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, path:
         dynamo=True,
         external_data=True,
         verbose=False,
+        # a meta-device trace has no data to fold: bind the weights first, then optimize
+        optimize=bind is None,
     )
-    prog.save(str(path), external_data=True)
-    return used_parameters(prog.exported_program, prefix)
+    if bind is not None:
+        bind.before_optimize(prog.model)
+        prog.optimize()
+        bind.after_optimize(prog.model)
+    return used_parameters(prog.exported_program, prefix), prog.model
 
 
 def _nest_like(args: tuple, flat: list):
@@ -191,14 +207,15 @@ def used_parameters(ep, prefix: str = "") -> set[str]:
     return used
 
 
-def finalize_graph(raw: Path, out_file: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], external_threshold: int,
+def finalize_graph(raw, out_file: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], external_threshold: int,
                    param_prefix: str = "", static: bool = False) -> None:
     """Give every dynamic dim its field name, drop the exporter's stale shape guesses, restore
     checkpoint names of initializers, check static graphs, and save (weights in one
-    `<name>.data` file when the graph is large)."""
+    `<name>.data` file when the graph is large). `raw` is an onnx-ir model or a saved file."""
     import onnx_ir as ir
 
-    model = ir.load(str(raw))
+    model = raw if isinstance(raw, ir.Model) else ir.load(str(raw))
+    raw = None if isinstance(raw, ir.Model) else raw
     graph = model.graph
     by_name = {v.name: v for v in list(graph.inputs) + list(graph.outputs)}
     for io in inputs + outputs:
@@ -242,15 +259,18 @@ def finalize_graph(raw: Path, out_file: Path, inputs: list[TensorSpec], outputs:
             "NPU compilers reject these; report the model family so a rewrite can be added",
         )
     nbytes = sum((t.const_value.nbytes if t.const_value is not None else 0) for t in graph.initializers.values())
-    # Load every external tensor into memory before the raw files are removed.
-    for init in graph.initializers.values():
-        if init.const_value is not None and isinstance(init.const_value, ir.ExternalTensor):
-            init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
+    # Large graphs: external tensors stay on disk; saving reads them from the raw file one at a
+    # time (the raw files go only after the save), so the weights are never all in memory.
+    # Small graphs embed them (ir.save would otherwise keep pointing at the raw file).
+    if nbytes <= external_threshold:
+        for init in graph.initializers.values():
+            if init.const_value is not None and isinstance(init.const_value, ir.ExternalTensor):
+                init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
     if nbytes > external_threshold:
         ir.save(model, str(out_file), external_data=out_file.name + ".data")
     else:
         ir.save(model, str(out_file))
-    for f in (raw, raw.with_name(raw.name + ".data")):
+    for f in (raw, raw.with_name(raw.name + ".data")) if raw is not None else ():
         if f.exists():
             f.unlink()
 

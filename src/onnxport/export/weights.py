@@ -57,21 +57,27 @@ def account_weights(
             f"{len(unused)} checkpoint weight(s) are not used by the model: {', '.join(unused[:5])}",
             "the checkpoint does not match its config/model class; nothing is dropped silently",
         )
+    def key(p):  # meta tensors (a bounded-memory trace) all have data_ptr 0: tie by identity
+        return id(p) if p.device.type == "meta" else p.data_ptr()
+
     owner: dict[int, str] = {}
+    aliases: dict[int, set[str]] = {}
     for name, p in model.named_parameters():  # first name of each storage
-        owner.setdefault(p.data_ptr(), name)
+        owner.setdefault(key(p), name)
+    for name, p in params.items():  # every name of a tied storage (torch.export keeps one)
+        aliases.setdefault(key(p), set()).add(name)
     fingerprints = {}
     in_graph, skipped, unread = [], {}, []
     for name, p in params.items():
-        first = owner[p.data_ptr()]
+        first = owner[key(p)]
         if first != name:
             skipped[name] = f"tied to {first}"
             continue
-        hit = traced_used is not None and name in traced_used
+        hit = traced_used is not None and bool(aliases[key(p)] & traced_used)
         if not hit and callable(graph_initializers):
             graph_initializers = graph_initializers()
         hit = hit or any(iname == name or iname.endswith("." + name) for iname in graph_initializers)
-        if not hit:
+        if not hit and p.device.type != "meta":  # a meta trace has no content to compare
             if not fingerprints:
                 fingerprints = {
                     _fingerprint(v) for v in graph_initializers.values() if v.dtype.kind == "f" and v.size > 1

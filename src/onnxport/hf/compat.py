@@ -30,6 +30,8 @@ KV_LAYER_CLASSES = {"DynamicLayer", "DynamicSlidingWindowLayer"}
 STATE_LAYER_CLASSES = {"LinearAttentionLayer", "LinearAttentionAndFullAttentionLayer",
                        "LinearAttentionAndSlidingWindowAttentionLayer"}
 EMPTY_LAYER_CLASSES = {"DummyLayer"}
+#: key/value plus a growing [batch, seq, dim] indexer key cache (DSA sparse attention)
+INDEXED_LAYER_CLASSES = {"DynamicIndexedLayer"}
 #: names transformers has used for the cache argument, newest first
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -140,12 +142,14 @@ def require_transformers(major: int, why: str) -> None:
 
 def _probe_forward(model):
     """The cache the model itself returns for a 2-token input (one-line refusal on failure)."""
+    device = next(model.parameters()).device  # "meta" for a bounded-memory export: shapes only
     kwargs = {}
     if "position_ids" in inspect.signature(model.forward).parameters:
-        kwargs["position_ids"] = torch.arange(2)[None]
+        kwargs["position_ids"] = torch.arange(2, device=device)[None]
     try:
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
+            out = model(input_ids=torch.tensor([[1, 2]], device=device),
+                        attention_mask=torch.ones(1, 2, dtype=torch.long, device=device),
                         use_cache=True, return_dict=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - the model's own failure on a plain text input
         line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -182,19 +186,24 @@ def probe_cache(model):
     layers = getattr(cache, "layers", None)
     if layers is not None:
         odd = sorted({type(layer).__name__ for layer in layers} - KV_LAYER_CLASSES - STATE_LAYER_CLASSES
-                     - EMPTY_LAYER_CLASSES)
+                     - EMPTY_LAYER_CLASSES - INDEXED_LAYER_CLASSES)
+        if any(getattr(layer, "indexer_position_ids", None) is not None for layer in layers):
+            odd.append("DynamicIndexedLayer with indexer positions")
         if odd:
             what = ("a sparse-attention indexer cache (DSA)" if any("Indexed" in n for n in odd) else "extra state")
             raise UnsupportedModelError(
                 f"{type(model).__name__} keeps {what} in its cache ({', '.join(odd)}), not only key/value tensors "
                 "and recurrent states", "use onnxport export-module for its parts")
-        if any(type(layer).__name__ in STATE_LAYER_CLASSES | EMPTY_LAYER_CLASSES for layer in layers):
+        if any(type(layer).__name__ in STATE_LAYER_CLASSES | EMPTY_LAYER_CLASSES | INDEXED_LAYER_CLASSES
+               for layer in layers):
             specs = []
             for layer in layers:
                 k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
                 heads = (int(k.shape[1]), int(k.shape[3]), int(v.shape[1]), int(v.shape[3])) if (
                     k is not None and v is not None and k.dim() == 4) else (0, 0, 0, 0)
-                specs.append(LayerKV(*heads, states=_layer_states(layer)))
+                ik = getattr(layer, "indexer_keys", None)
+                specs.append(LayerKV(*heads, states=_layer_states(layer),
+                                     indexer_dim=int(ik.shape[-1]) if ik is not None and ik.dim() == 3 else 0))
             return KVSpec(tuple(specs))
     try:
         pairs = cache_pairs(cache)
@@ -218,8 +227,8 @@ def probe_cache(model):
 
 
 def build_state_cache(kv, tensors: dict):
-    """A 5.x DynamicCache for one decode step of a model with recurrent layers: `tensors` maps
-    (layer, "key" | "value" | state suffix) to [B, ...] tensors. States are cloned (the step
+    """A 5.x DynamicCache for one decode step of a model with recurrent layers or DSA indexer
+    caches: `tensors` maps (layer, "key" | "value" | "indexer_key" | state suffix) to tensors. States are cloned (the step
     updates them in place) and marked as having a previous state, so the model takes its
     single-token recurrent path; key/value layers grow like DynamicLayer (windows come from
     the model's masks, as in `build_dynamic_cache`)."""
@@ -243,6 +252,11 @@ def build_state_cache(kv, tensors: dict):
                     layer.recurrent_states[st.index] = t
                     layer.is_recurrent_states_initialized[st.index] = True
                 layer.has_previous_state[st.index] = True
+        elif spec.indexer_dim:
+            layer = cu.DynamicIndexedLayer()
+            t = tensors[(i, "indexer_key")]
+            layer.indexer_dtype, layer.indexer_device = t.dtype, t.device
+            layer.indexer_keys, layer.is_indexer_initialized = t, True
         elif spec.has_kv:
             layer = cu.DynamicLayer()
         else:
@@ -263,6 +277,8 @@ def state_cache_tensors(cache, kv) -> list:
     for layer, spec in zip(cache.layers, kv.layers):
         if spec.has_kv:
             out += [layer.keys, layer.values]
+        if spec.indexer_dim:
+            out.append(layer.indexer_keys)
         for st in spec.states:
             out.append((layer.conv_states if st.kind == "conv" else layer.recurrent_states)[st.index])
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxport.bundle import Graph, resolve_inside
+from onnxport.bundle import Graph, check_external_data, resolve_inside
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.spec import PAST, SEQ, TOTAL
 
@@ -39,6 +39,7 @@ class GraphSession:
         path = resolve_inside(bundle, entry.file)
         for name in entry.external_data:
             resolve_inside(bundle, name)
+        check_external_data(bundle, entry.file)  # what the graph itself names, not only the manifest
         try:
             self.session = make_session(path, threads, spinning)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException

@@ -1,0 +1,108 @@
+"""Export benchmark: wall time and peak RSS of exporting one checkpoint, side by side in one run.
+
+Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one after the other:
+
+- `torch.onnx`   plain `torch.onnx.export(model, input_ids, dynamo=True)` of the loaded model (no
+                  cache I/O): what a user writes by hand
+- `onnxport`     `onnxport export --no-verify` (model loaded in float32, then traced)
+- `low-memory`   `onnxport export --low-memory --no-verify` (meta-device trace, weights streamed
+                  from the checkpoint one tensor at a time)
+- `low-memory+verify`  the same with verification (loads the model for the PyTorch reference)
+
+RSS is reported as a multiple of the checkpoint's float32 weight bytes. Prints JSON.
+
+    python bench/decode.py --make-qwen2-0.5b /tmp/qwen2-0.5b-random
+    python bench/export.py /tmp/qwen2-0.5b-random [--modes onnxport,low-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("torch.onnx", "onnxport", "low-memory", "low-memory+verify")
+
+
+def weight_bytes_fp32(ckpt: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                size = 1
+                for d in shape:
+                    size *= d
+                n += 4 * size
+    return n
+
+
+def run_one(mode: str, ckpt: Path, out: Path) -> None:
+    """In the child: do one export, print {"seconds", "peak_rss_bytes"}."""
+    t0 = time.perf_counter()
+    if mode == "torch.onnx":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+        model.config.use_cache = False
+        ids = torch.ones(1, 8, dtype=torch.long)
+        out.mkdir(parents=True)
+        with torch.no_grad():
+            prog = torch.onnx.export(model, (ids,), input_names=["input_ids"], dynamo=True, verbose=False,
+                                     dynamic_shapes=({1: torch.export.Dim.DYNAMIC},))
+        prog.save(str(out / "model.onnx"), external_data=True)
+    else:
+        from onnxport.api import export
+        from onnxport.config import ExportConfig
+
+        export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify")))
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": round(seconds, 1), "peak_rss_bytes": peak}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        run_one(args.one, args.checkpoint, args.out)
+        return
+    weights = weight_bytes_fp32(args.checkpoint)
+    results = {"checkpoint": str(args.checkpoint), "fp32_weight_bytes": weights, "modes": {}}
+    for mode in args.modes.split(","):
+        tmp = Path(tempfile.mkdtemp(prefix="onnxport-bench-export-"))
+        try:
+            p = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--one", mode, "--out",
+                                str(tmp / "out")], capture_output=True, text=True)
+            if p.returncode != 0:
+                results["modes"][mode] = {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            else:
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                r["peak_rss_x_weights"] = round(r["peak_rss_bytes"] / weights, 2)
+                results["modes"][mode] = r
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps({mode: results["modes"][mode]}), file=sys.stderr)
+    base = results["modes"].get("onnxport", {})
+    low = results["modes"].get("low-memory", {})
+    if "peak_rss_bytes" in base and "peak_rss_bytes" in low:
+        results["low_memory_rss_ratio"] = round(low["peak_rss_bytes"] / base["peak_rss_bytes"], 3)
+        results["low_memory_time_ratio"] = round(low["seconds"] / base["seconds"], 3)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
