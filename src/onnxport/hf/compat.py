@@ -80,18 +80,19 @@ def build_dynamic_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], encoder_
         # tensor, which the exporters turn into a rank-mismatched Concat.
         from transformers.cache_utils import DynamicLayer
 
-        layers = []
-        for k, v in pairs:
-            layer = DynamicLayer()
-            layer.dtype, layer.device = k.dtype, k.device
-            layer.keys, layer.values = k, v
-            layer.is_initialized = True
-            layers.append(layer)
-        cache.layers = layers
+        cache.layers = [_fill_kv(DynamicLayer(), k, v) for k, v in pairs]
         return cache
     for i, (k, v) in enumerate(pairs):  # 4.x
         cache.update(k, v, i)
     return cache
+
+
+def _fill_kv(layer, k: torch.Tensor, v: torch.Tensor):
+    """A 5.x cache layer holding `k` / `v` as if `update` had run (without its empty-tensor concat)."""
+    layer.dtype, layer.device = k.dtype, k.device
+    layer.keys, layer.values = k, v
+    layer.is_initialized = True
+    return layer
 
 
 def cache_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -262,10 +263,7 @@ def build_state_cache(kv, tensors: dict):
         else:
             layer = cu.DummyLayer()
         if spec.has_kv:
-            k, v = tensors[(i, "key")], tensors[(i, "value")]
-            layer.dtype, layer.device = k.dtype, k.device
-            layer.keys, layer.values = k, v
-            layer.is_initialized = True
+            _fill_kv(layer, tensors[(i, "key")], tensors[(i, "value")])
         layers.append(layer)
     cache.layers = layers
     return cache
