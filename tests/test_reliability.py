@@ -179,6 +179,9 @@ def test_graph_naming_external_data_outside_is_refused(bundle, location, tmp_pat
     init.ClearField("raw_data")
     init.data_location = onnx.TensorProto.EXTERNAL
     onnx.save(m, str(bundle / "model.onnx"))
+    mf = json.loads((bundle / "manifest.json").read_text())
+    mf["graphs"][0].pop("files")  # an edit that also drops the size record
+    (bundle / "manifest.json").write_text(json.dumps(mf))
     clean_failure(run("generate", bundle, "-p", "x"), "external data", code=2)
 
 
@@ -196,8 +199,24 @@ def test_bundle_external_locations_are_read_from_the_graph(tmp_path):
     assert external_locations(tmp_path / "m.onnx") == ["w.bin"]
 
 
+def test_graph_files_are_recorded_and_a_changed_size_is_refused(bundle):
+    import hashlib
+
+    mf = json.loads((bundle / "manifest.json").read_text())
+    rec = mf["graphs"][0]["files"]["model.onnx"]
+    data = (bundle / "model.onnx").read_bytes()
+    assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with open(bundle / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    clean_failure(run("generate", bundle, "-p", "x"), "the manifest recorded", code=2)
+
+
 def test_corrupt_graph_and_tokenizer_are_one_line_errors(bundle):
     (bundle / "model.onnx").write_bytes(b"\x00not a graph")
+    clean_failure(run("generate", bundle, "-p", "x"), "truncated or replaced", code=2)
+    mf = json.loads((bundle / "manifest.json").read_text())
+    mf["graphs"][0].pop("files")  # without the size record, ONNX Runtime's refusal is the line
+    (bundle / "manifest.json").write_text(json.dumps(mf))
     clean_failure(run("generate", bundle, "-p", "x"), "cannot load model.onnx", code=2)
 
 

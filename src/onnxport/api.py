@@ -30,6 +30,7 @@ from onnxport.bundle import (
     Source,
     atomic_bundle,
     read_manifest,
+    record_files,
     write_manifest,
 )
 from onnxport.checkpoint import Checkpoint, open_checkpoint
@@ -91,6 +92,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
             del model
         loaded.clear()
         manifest.source.files = copy_support_files(ckpt, tmp)
+        record_files(tmp, manifest)
         manifest.export.seconds = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return manifest
@@ -373,6 +375,7 @@ def export_module(model_dir: str | Path, out: str | Path, module_path: str, inpu
             parts=[Part(part.name, ENCODER, "export-module", [g.file for g in graphs])])
         manifest.verification = manifest.parts[0].verification = _modules_summary(manifest)
         manifest.source.files = copy_support_files(ckpt, tmp)
+        record_files(tmp, manifest)
         manifest.export.seconds = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return manifest

@@ -18,9 +18,10 @@ from onnxport.bundle.manifest import (
     Part,
     Source,
     read_manifest,
+    record_files,
     write_manifest,
 )
 
 __all__ = ["DECODER", "ENCODER", "MODULES", "MONOLITHIC", "SCHEMA_VERSION", "SPLIT", "ExportInfo", "Graph", "KVCache",
            "Layout", "Manifest", "ModelInfo", "Part", "Source", "atomic_bundle", "check_target", "read_manifest",
-           "check_external_data", "resolve_inside", "write_manifest"]
+           "check_external_data", "record_files", "resolve_inside", "write_manifest"]

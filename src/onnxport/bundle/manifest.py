@@ -63,6 +63,8 @@ class Graph:
     preprocess: str | None = None
     meta: dict | None = None
     external_data: list[str] = field(default_factory=list)
+    #: {file: {"bytes": size, "sha256": hex}} for the graph file and its external data
+    files: dict | None = None
     fallback_from: dict | None = None
     weights: dict | None = None
     verification: dict | None = None
@@ -342,7 +344,35 @@ def read_manifest(bundle: str | Path) -> Manifest:
         for f in [g.file, *g.external_data]:
             if not resolve_inside(p, f).is_file():
                 raise BundleError(f"bundle is missing {f}", "re-run onnxport export")
+        for f, rec in (g.files or {}).items():  # sizes cost a stat; sha256 is recorded for tools
+            size = resolve_inside(p, f).stat().st_size if resolve_inside(p, f).is_file() else None
+            if size != rec.get("bytes"):
+                raise BundleError(f"{f} is {size} bytes, the manifest recorded {rec.get('bytes')}",
+                                  "the file was truncated or replaced; re-run onnxport export")
     return manifest
+
+
+def record_files(folder: Path, manifest: Manifest) -> None:
+    """Size and sha256 of every graph file and its external data (`<file>.data` included when
+    the exporter wrote one), into each graph's `files`."""
+    import hashlib
+
+    from onnxport.bundle.folder import resolve_inside
+
+    for g in manifest.graphs:
+        names = [g.file, *g.external_data]
+        if (folder / (g.file + ".data")).is_file() and g.file + ".data" not in names:
+            names.append(g.file + ".data")
+        g.files = {}
+        for name in names:
+            path = resolve_inside(folder, name)
+            if not path.is_file():
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            g.files[name] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
