@@ -11,9 +11,9 @@ class _CallablePackage(_types.ModuleType):
     the package forward to the function, so the documented call works either way."""
 
     def __call__(self, *args, **kwargs):
-        from onnxport.api import export
+        import onnxport
 
-        return export(*args, **kwargs)
+        return onnxport.call_api("export", *args, **kwargs)
 
 
 _sys.modules[__name__].__class__ = _CallablePackage
