@@ -1,8 +1,8 @@
 """Bounded-memory export (`--low-memory`): trace a model whose parameters live on the meta
 device (no weight memory; buffers such as rotary tables are computed on the CPU as usual),
-then bind every graph initializer to its checkpoint tensor lazily: safetensors hands out one
-tensor at a time, cast to the graph's dtype, and onnx-ir writes it to the external data file
-before the next is read. Peak memory is the traced graph plus the largest single tensor, not
+then bind every graph initializer to its checkpoint tensor lazily: each is read from its
+safetensors file by offset when onnx-ir writes it to the external data file, cast to the
+graph's dtype, and dropped before the next is read. Peak memory is the traced graph plus the largest single tensor, not
 the model.
 
 Every initializer is bound by name and checked by shape; a tied weight reads its owner's
@@ -102,7 +102,7 @@ class CheckpointWeights:
     def lazy(self, name: str, shape: tuple):
         import onnx_ir as ir
 
-        if name in self.buffers:
+        if name in self.buffers and name not in self.ckpt.tensors:  # a saved buffer comes from the file
             return ir.Tensor(self.buffers[name].numpy(), name=name)
         src = self.source(name)
         if src is None:
