@@ -185,10 +185,11 @@ def additive_mask(q_pos: np.ndarray, k_pos: np.ndarray, valid: np.ndarray, windo
     return np.where(ok, 0.0, MASK_MIN).astype(np.float32)[None, None]
 
 
-def padded_positions(mask: np.ndarray) -> np.ndarray:
-    """transformers' generate: positions count real tokens; padded slots get position 1."""
+def padded_positions(mask: np.ndarray, pad_position: int = 1) -> np.ndarray:
+    """transformers' generate: positions count real tokens; padded slots get `pad_position`
+    (1 in 4.x, 0 in 5.x: the manifest's `model.pad_position`)."""
     pos = np.cumsum(mask, axis=-1) - 1
-    pos[mask == 0] = 1
+    pos[mask == 0] = pad_position
     return pos.astype(np.int64)
 
 

@@ -20,6 +20,7 @@ from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
 from onnxport.runtime.split import SplitDecoder
 from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
+from onnxport.spec import padded_positions
 
 #: called with (row, token_id) for every new token of every unfinished row
 TokenCallback = Callable[[int, int], None]
@@ -154,8 +155,7 @@ class Generator:
         for r, p in enumerate(prompts):
             input_ids[r, longest - len(p):] = p
             mask[r, longest - len(p):] = 1
-        positions = np.cumsum(mask, axis=-1) - 1
-        positions[mask == 0] = self.pad_position
+        positions = padded_positions(mask, self.pad_position)
         past = {n: self._empty_past(n, batch) for n in self.past_names}
 
         unfinished = np.ones(batch, dtype=bool)
@@ -197,8 +197,7 @@ class Generator:
                 positions = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)
             else:  # no cache: the graph reads the whole sequence again
                 input_ids = np.concatenate([input_ids, new_ids], axis=1)
-                positions = np.cumsum(mask, axis=-1) - 1
-                positions[mask == 0] = self.pad_position
+                positions = padded_positions(mask, self.pad_position)
         tokens = [_cut_at_eos(row, eos) for row in new_tokens.tolist()]
         return GenerationResult(tokens, new_tokens, prefill_ms=prefill_ms, decode_ms=decode_ms,
                                 decode_tokens=steps * batch)
