@@ -87,6 +87,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                         del model
                         model = load_model(recipe, ckpt, cfg)
                     verify_decoder_part(recipe, model, kv, tmp, manifest, cfg, verify_cfg, split)
+                if cfg.dtype != "float32":
+                    convert_decoder_precision(model, kv, tmp, manifest, cfg, verify_cfg)
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
             del model
@@ -107,6 +109,9 @@ def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | N
     if split is not None and not has_decoder:
         raise InputError(f"--layout split applies to decoder LMs; {ckpt.model_type!r} has no text decoder part "
                          f"(its parts: {', '.join(recipes)})", "drop --layout/--static")
+    if cfg.dtype != "float32" and (split is not None or not has_decoder or len(recipes) > 1):
+        raise InputError(f"--dtype {cfg.dtype} applies to monolithic text decoders so far",
+                         "export in float32, or export the decoder part alone (--part decoder)")
     if split is not None and cfg.kv_naming != "optimum":
         raise InputError("--kv-naming seed applies to the monolithic layout only",
                          "split graphs name their cache past_key_values.{i}.key -> present.{i}.key")
@@ -151,7 +156,7 @@ def load_model(recipe, ckpt: Checkpoint, cfg: ExportConfig = ExportConfig()):
                                   "check config.json against the model's documentation") from e
         cls = recipe.model_cls()
         check_checkpoint_shapes(ckpt, lambda: cls.from_config(config) if hasattr(cls, "from_config") else cls(config))
-    return _load_or_explain(lambda: recipe.load_model(ckpt, getattr(torch, cfg.dtype)))
+    return _load_or_explain(lambda: recipe.load_model(ckpt, getattr(torch, cfg.trace_dtype)))
 
 
 def load_skeleton(recipe, ckpt: Checkpoint, cfg: ExportConfig, split: SplitConfig | None):
@@ -166,7 +171,7 @@ def load_skeleton(recipe, ckpt: Checkpoint, cfg: ExportConfig, split: SplitConfi
         raise InputError("--low-memory streams weights from safetensors; this checkpoint has pickle weights only",
                          "convert it to safetensors, or drop --low-memory")
     _quiet_transformers()
-    model, buffers = _load_or_explain(lambda: skeleton_model(recipe, ckpt, getattr(torch, cfg.dtype)))
+    model, buffers = _load_or_explain(lambda: skeleton_model(recipe, ckpt, getattr(torch, cfg.trace_dtype)))
     model._onnxport_buffers = buffers
     return model
 
@@ -207,7 +212,7 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
         from onnxport.export.decoder import WRAPPER_PREFIX
         from onnxport.export.stream import Binder, CheckpointWeights
 
-        bind = Binder(CheckpointWeights(ckpt, model, model._onnxport_buffers, getattr(torch, cfg.dtype)),
+        bind = Binder(CheckpointWeights(ckpt, model, model._onnxport_buffers, getattr(torch, cfg.trace_dtype)),
                       WRAPPER_PREFIX)
     if split is None:
         try:
@@ -262,7 +267,7 @@ def kv_record(kv, cfg: ExportConfig):
     layers = None if kv.is_uniform else [[x.key_heads, x.key_dim, x.value_heads, x.value_dim] for x in kv.layers]
     states = [[e.past, e.present, cache_dims(kv.layers[e.layer], e.what, cfg.kv_layout, None)[1:]]
               for e in entries if e.what not in ("key", "value", "indexer_key")] or None
-    return KVCache(cfg.kv_layout, cfg.kv_naming, kv.num_layers, kv.num_kv_heads, kv.head_dim, cfg.dtype,
+    return KVCache(cfg.kv_layout, cfg.kv_naming, kv.num_layers, kv.num_kv_heads, kv.head_dim, cfg.trace_dtype,
                    [[e.past, e.present] for e in entries], layers, states, True if kv.has_states else None)
 
 
@@ -285,6 +290,77 @@ def verify_decoder_part(recipe, model, kv, folder: Path, manifest: Manifest, cfg
         raise VerificationError(f"verification failed: {first_failure(record)}",
                                 "ONNX Runtime disagrees with PyTorch for this model; nothing was written (see --debug)")
     return record
+
+
+def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,
+                              verify_cfg: VerifyConfig) -> dict:
+    """optimize/precision: the verified fp32 decoder graph -> fp16 (guarded: each candidate is
+    verified against the fp32 PyTorch model with the fp16 tolerances) or bf16-stored weights.
+    The manifest's graph I/O, KV dtype, precision and verification records follow."""
+    from onnxport.export.decoder import flat_cache_wrapper
+    from onnxport.optimize.precision import to_bfloat16_weights, to_float16
+    from onnxport.spec import feeds
+    from onnxport.verify.decoder import cases_for, first_failure, verify_decoder
+
+    graph = manifest.graph(DECODER)
+    path = folder / graph.file
+    vcfg = verify_cfg.for_dtype(cfg.dtype)
+    wrapper = flat_cache_wrapper(model, kv, manifest.kv_cache.layout) if cfg.verify else None
+    records = []  # one per candidate checked; the last is the accepted one
+
+    def check(candidate: Path) -> tuple[bool, str]:
+        g = _with_io_dtypes(graph, candidate)
+        records.append(verify_decoder(wrapper, candidate, g, manifest.model.vocab_size, vcfg))
+        return records[-1]["ok"], first_failure(records[-1]) or _worst(records[-1])
+
+    if cfg.dtype == "float16":
+        cases = cases_for(graph)
+        samples = [feeds(graph.inputs, c.sizes, verify_cfg.seed + i, manifest.model.vocab_size, left_pad=c.left_pad)
+                   for i, c in enumerate(cases)]
+        result = to_float16(path, samples, check if cfg.verify else None, headroom=cfg.fp16_headroom,
+                            external_threshold=cfg.external_data_threshold_bytes)
+    else:
+        result = to_bfloat16_weights(path, external_threshold=cfg.external_data_threshold_bytes)
+        if cfg.verify:
+            ok, msg = check(path)
+            if not ok:
+                raise VerificationError(f"bf16 weights drift past their tolerance: {msg}",
+                                        "export in float32; nothing was written")
+    new = _with_io_dtypes(graph, path)
+    graph.inputs, graph.outputs = new.inputs, new.outputs
+    data = path.with_name(path.name + ".data")
+    graph.external_data = [data.name] if data.exists() else []
+    graph.precision = result.record()
+    if manifest.kv_cache is not None:
+        manifest.kv_cache.dtype = next((t.dtype for t in graph.inputs if t.name in manifest.kv_cache.past_names),
+                                       manifest.kv_cache.dtype)
+    if records:
+        records[-1]["float32_graph_ok"] = bool(manifest.verification and manifest.verification.get("ok"))
+        manifest.verification = manifest.part(DECODER).verification = records[-1]
+    return graph.precision
+
+
+def _with_io_dtypes(graph, onnx_file: Path):
+    """`graph` with the I/O dtypes of the saved file (a conversion changes float ones)."""
+    from dataclasses import replace
+
+    import onnx
+
+    m = onnx.load(str(onnx_file), load_external_data=False)
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+             for v in [*m.graph.input, *m.graph.output]}
+    return replace(graph, inputs=[replace(t, dtype=types.get(t.name, t.dtype)) for t in graph.inputs],
+                   outputs=[replace(t, dtype=types.get(t.name, t.dtype)) for t in graph.outputs])
+
+
+def _worst(record: dict) -> str:
+    """'logits: max|diff| 9.4e-03 (bound 6.4e-02), min cosine 0.99998' over all cases."""
+    logits = [c["outputs"]["logits"] for c in record["cases"] if "logits" in c["outputs"]]
+    if not logits:
+        return "ok"
+    r = max(logits, key=lambda x: x["max_abs_diff"] / x["bound"])
+    return (f"logits: max|diff| {r['max_abs_diff']:.3g} (bound {r['bound']:.3g}), "
+            f"min cosine {min(x['cosine'] for x in logits):.6f}")
 
 
 # --- encoder / module parts ---------------------------------------------------------------------
@@ -363,7 +439,7 @@ def export_module(model_dir: str | Path, out: str | Path, module_path: str, inpu
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
     with atomic_bundle(out, cfg.force) as tmp:
         _quiet_transformers()
-        model = _load_or_explain(lambda: _load_any(ckpt, cfg.dtype, model_class, trust_remote_code))
+        model = _load_or_explain(lambda: _load_any(ckpt, cfg.trace_dtype, model_class, trust_remote_code))
         part = module_part(model, module_path, inputs, outputs, method, verify_dims)
         graphs = export_module_parts([part], tmp, cfg, verify_cfg)
         manifest = Manifest(
@@ -433,6 +509,7 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
                        kv_layout=manifest.kv_cache.layout if manifest.kv_cache else "bhsd",
                        kv_naming=manifest.kv_cache.naming if manifest.kv_cache else "optimum")
     split = SplitConfig(**manifest.layout.split_options()) if manifest.is_split else None
+    verify_cfg = verify_cfg.for_dtype(manifest.export.dtype or "float32")
     pending = {g.name: g for g in manifest.named_graphs()}
     for name, recipe in recipes.items():
         if name == DECODER and manifest.kv_cache is not None:

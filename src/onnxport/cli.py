@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -116,6 +117,7 @@ def export_cmd(
     embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
+    dtype: str = typer.Option("fp32", help="fp32; fp16 (fp16 compute and KV cache; nodes past fp16's range stay fp32, each candidate verified); bf16 (weights stored in bf16, fp32 compute)."),
 ):
     """Export a model with a recipe and verify it: a decoder LM with a flat KV cache (or the split
     NPU layout), or an encoder's parts (vision tower, audio encoder, codec decoder)."""
@@ -128,7 +130,7 @@ def export_cmd(
     is_split = layout == "split" or static
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
-                       low_memory=low_memory)
+                       low_memory=low_memory, dtype=dtype)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin) if is_split else None
     with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):
@@ -293,7 +295,20 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # during start-up imports, before a command's guard runs
         sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        _exit_interrupted()
+    except SystemExit as e:
+        if e.code == 130:
+            _exit_interrupted()
+        raise
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 even when the interrupt landed in code run through PyRun_String (pybind11's
+    py::exec inside torch): CPython then remembers an 'unhandled' KeyboardInterrupt and, after a
+    normal sys.exit(130), kills itself with SIGINT (exit -2). Our guard has already cleaned up."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

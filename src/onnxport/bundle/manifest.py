@@ -68,6 +68,9 @@ class Graph:
     fallback_from: dict | None = None
     weights: dict | None = None
     verification: dict | None = None
+    #: float16 / bfloat16 graphs: what the conversion did (optimize/precision.py's record:
+    #: compute and weight dtypes, I/O dtypes, nodes kept in fp32 and why, guard attempts)
+    precision: dict | None = None
     # embedding_table (raw .bin) only
     dtype: str | None = None
     shape: list[int] | None = None

@@ -64,11 +64,11 @@ def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: 
               TensorSpec("attention_mask", "int64", (BATCH, SEQ if kv.is_empty else TOTAL))]
     if takes_position_ids:
         inputs.append(TensorSpec("position_ids", "int64", (BATCH, seq)))
-    outputs = [TensorSpec("logits", cfg.dtype, (BATCH, seq, vocab_size))]
+    outputs = [TensorSpec("logits", cfg.trace_dtype, (BATCH, seq, vocab_size))]
     for e in cache_entries(kv, cfg.kv_naming):
         layer = kv.layers[e.layer]
-        inputs.append(TensorSpec(e.past, cfg.dtype, tuple(cache_dims(layer, e.what, cfg.kv_layout, PAST))))
-        outputs.append(TensorSpec(e.present, cfg.dtype, tuple(cache_dims(layer, e.what, cfg.kv_layout, TOTAL))))
+        inputs.append(TensorSpec(e.past, cfg.trace_dtype, tuple(cache_dims(layer, e.what, cfg.kv_layout, PAST))))
+        outputs.append(TensorSpec(e.present, cfg.trace_dtype, tuple(cache_dims(layer, e.what, cfg.kv_layout, TOTAL))))
     return inputs, outputs
 
 

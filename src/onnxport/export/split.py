@@ -148,7 +148,7 @@ def pack_suffix(ids: list[int]) -> str:
 
 def split_plan(recipe, model, kv: KVSpec, hidden: int, vocab: int, cfg, split: SplitConfig) -> list[Graph]:
     """The graph entries (role, file, I/O, layers) of a split export."""
-    dt = cfg.dtype
+    dt = cfg.trace_dtype
     seq = split.prefill_len if split.static else SEQ
     T = TensorSpec
     graphs = [Graph("embedding", "embedding.onnx", [T("input_ids", "int64", (1, seq))],

@@ -28,16 +28,15 @@ def verify_decoder(
     from onnxport.runtime.session import make_session
 
     if cases is None:
-        step = graph.inputs[0].name == "input_ids" and graph.inputs[0].dims[-1] == 1
-        no_cache = not any(i.name.startswith(("past_", "past_key")) for i in graph.inputs)
-        cases = STEP_CASES if step else FULL_CASES if no_cache else DECODER_CASES
+        cases = cases_for(graph)
     sess = make_session(onnx_file)
     out_names = graph.output_names
     results = []
     for i, case in enumerate(cases):
         x = feeds(graph.inputs, case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad)
         got = sess.run(out_names, x)
-        t = {k: torch.from_numpy(v) for k, v in x.items()}
+        # the PyTorch reference runs in float32 whatever the graph's cache dtype
+        t = {k: torch.from_numpy(v.astype("float32") if v.dtype.kind == "f" else v) for k, v in x.items()}
         with torch.no_grad():
             ref = wrapper(*wrapper_args(graph.inputs, t))
         outputs = {}
@@ -55,9 +54,17 @@ def verify_decoder(
         log.info("verify %s: %s", case.label, "ok" if results[-1]["ok"] else "FAILED")
     return {
         "ok": all(r["ok"] for r in results),
-        "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_cosine": cfg.min_cosine, "dtype": "float32"},
+        "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_cosine": cfg.min_cosine, "dtype": cfg.dtype},
         "cases": results,
     }
+
+
+def cases_for(graph: Graph) -> list[ShapeCase]:
+    """DECODER_CASES; STEP_CASES for a one-token-per-call graph (recurrent state); FULL_CASES
+    for a graph without a cache."""
+    step = graph.inputs[0].name == "input_ids" and graph.inputs[0].dims[-1] == 1
+    no_cache = not any(i.name.startswith(("past_", "past_key")) for i in graph.inputs)
+    return STEP_CASES if step else FULL_CASES if no_cache else DECODER_CASES
 
 
 def unpadded(name: str, a, mask, bshd: bool):
@@ -94,4 +101,4 @@ def first_failure(record: dict) -> str | None:
     return None
 
 
-__all__ = ["ShapeCase", "first_failure", "verify_decoder"]
+__all__ = ["ShapeCase", "cases_for", "first_failure", "verify_decoder"]

@@ -1,0 +1,393 @@
+"""fp16 / bf16 for an exported fp32 graph, with a precision guard.
+
+float16 (compute in fp16): ONNX Runtime's float16 converter (`onnxruntime.transformers.float16`,
+the same code as onnxconverter-common) rewrites the graph, with a node block list chosen by the
+guard:
+
+1. **ranges**: run the fp32 graph on the sample inputs with every intermediate value exposed and
+   keep in fp32 each node that reads or writes a value past fp16's safe range (65504 / headroom;
+   the x**2 of an RMSNorm over a residual stream of ~300, Gemma-like residuals, large logits),
+   and the consumers of any weight fp16 cannot hold (the converter would clip it silently).
+   Values beyond +-1e30 are masks built from finfo.min: fp16 saturates them, which is what they
+   mean.
+2. **check**: the caller's check (verify/ against PyTorch with the fp16 tolerances). When it
+   fails, escalate: also keep norm statistics, softmax and exponentials in fp32; when that
+   fails too, the export fails with a hint (bf16 keeps fp32's range).
+
+bfloat16 (weight-only): float weights are stored in bf16 (rounded to nearest even by ml_dtypes)
+and cast to fp32 where they are read, so ONNX Runtime on CPU runs the graph with fp32 compute
+from half the bytes. Checkpoints stored in bf16 round-trip exactly.
+
+Weights of a large graph are never all in memory: the graph is rewritten without them and each
+tensor is read from the fp32 file, cast, and written one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from onnxport.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+#: |values| at or beyond this are masks (finfo(float32).min and friends), not data
+INF_LIKE = 1e30
+#: escalation level 2 keeps these in fp32 everywhere: norm statistics, softmax, exponentials
+SENSITIVE_OPS = ("Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "Sqrt", "Reciprocal", "Softmax",
+                 "LogSoftmax", "Exp", "LayerNormalization", "SimplifiedLayerNormalization")
+#: at most this many kept nodes are listed by name in the record (counts cover all)
+LISTED = 64
+
+
+@dataclass
+class PrecisionResult:
+    """What a conversion did; `record()` is the manifest's `Graph.precision`."""
+
+    dtype: str
+    compute: str
+    weights: str
+    io: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)  # node name -> (op type, reason)
+    level: int = 0
+    attempts: list = field(default_factory=list)
+    headroom: float | None = None
+    #: bf16: weights stored in bf16, and those whose values bf16 could not hold exactly
+    converted: int = 0
+    rounded: list = field(default_factory=list)
+
+    def record(self) -> dict:
+        by_op = Counter(op for op, _ in self.kept.values())
+        rec = {"dtype": self.dtype, "compute": self.compute, "weights": self.weights, "io": self.io}
+        if self.dtype == "bfloat16":
+            rec["weights_converted"] = self.converted
+            rec["weights_rounded"] = len(self.rounded)
+            rec["lossless"] = not self.rounded  # a bf16 checkpoint round-trips exactly
+        if self.dtype == "float16":
+            rec["guard"] = {
+                "safe_max": FP16_MAX / self.headroom if self.headroom else None,
+                "level": self.level,
+                "levels": ["fp16 except nodes past the safe range",
+                           "also norm statistics, softmax and exponentials in fp32"][: self.level + 1],
+                "attempts": self.attempts,
+            }
+            rec["kept_float32"] = {
+                "count": len(self.kept),
+                "by_op": dict(by_op.most_common()),
+                "nodes": [{"node": n, "op": op, "reason": why} for n, (op, why) in list(self.kept.items())[:LISTED]],
+            }
+        return rec
+
+
+# --- fp32 value ranges ------------------------------------------------------------------------
+
+def value_ranges(src: Path, samples: list[dict]) -> dict[str, float]:
+    """max finite |x| (ignoring mask-like values >= 1e30) of every float value of the graph at
+    `src` over the sample feeds: node outputs, graph inputs and weights."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    _name_nodes(model.graph)
+    known = {o.name for o in model.graph.output}
+    extra = [n for node in model.graph.node for n in node.output if n and n not in known]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+    ranges: dict[str, float] = {}
+
+    def note(name: str, arr: np.ndarray) -> None:
+        if arr.dtype.kind != "f" or arr.size == 0:
+            return
+        a = np.abs(arr.astype(np.float32, copy=False))
+        a = a[np.isfinite(a) & (a < INF_LIKE)]
+        if a.size:
+            ranges[name] = max(ranges.get(name, 0.0), float(a.max()))
+
+    # the probe file sits beside the graph so relative external-data locations resolve
+    probe = src.with_name(src.stem + ".ranges.onnx")
+    try:
+        onnx.save(model, str(probe))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        for feeds in samples:
+            for name, arr in zip(names, sess.run(names, feeds)):
+                note(name, arr)
+            for name, arr in feeds.items():
+                note(name, arr)
+        del sess
+    finally:
+        probe.unlink(missing_ok=True)
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            note(init.name, numpy_helper.to_array(init, base_dir=str(src.parent)))
+    for node in model.graph.node:  # Constant nodes hold weights too (folded constants)
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
+                    note(node.output[0], numpy_helper.to_array(a.t))
+    return ranges
+
+
+def _name_nodes(graph) -> None:
+    seen = set()
+    for i, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def nodes_past_range(src: Path, ranges: dict[str, float], safe_max: float) -> dict[str, tuple[str, str]]:
+    """node name -> (op type, reason) for the nodes that read or write a value beyond safe_max."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    _name_nodes(model.graph)
+    weights = {i.name for i in model.graph.initializer}
+    kept = {}
+    for node in model.graph.node:
+        if node.op_type in ("Constant", "Shape", "Cast"):
+            continue
+        worst = max(((ranges.get(n, 0.0), n) for n in [*node.input, *node.output] if n), default=(0.0, ""))
+        if worst[0] > safe_max:
+            what = "weight" if worst[1] in weights else "value"
+            limit = FP16_MAX if what == "weight" else safe_max
+            if worst[0] > limit or what == "value":
+                kept[node.name] = (node.op_type, f"{what} {worst[1]} reaches |x| {worst[0]:.3g} (fp16 safe max "
+                                                 f"{safe_max:.4g})")
+    return kept
+
+
+# --- float16 ------------------------------------------------------------------------------------
+
+def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[bool, str]] | None,
+               keep_io: tuple[str, ...] = ("logits",), headroom: float = 8.0,
+               external_threshold: int = 1 << 30) -> PrecisionResult:
+    """Replace the fp32 graph `src` by its fp16 version, with the guard described in the module
+    doc. `check(path)` returns (ok, message) for a candidate; None skips the dynamic check
+    (ranges only). On failure `src` is left as it was and ExportError is raised."""
+    dst = _staging(src)
+    safe_max = FP16_MAX / headroom
+    ranges = value_ranges(src, samples)
+    kept = nodes_past_range(src, ranges, safe_max)
+    result = PrecisionResult("float16", "float16", "float16", headroom=headroom)
+    levels = [dict(kept), None]
+    for level, keep in enumerate(levels):
+        if keep is None:
+            keep = dict(kept)
+            keep.update(_ops_of(src, SENSITIVE_OPS, "norm / softmax / exp kept in fp32 (escalation)", keep))
+        try:
+            io = _convert_fp16(src, dst, keep, keep_io, external_threshold)
+        except BaseException:
+            _discard(dst)
+            raise
+        ok, msg = check(dst) if check is not None else (True, "not checked (--no-verify)")
+        result.attempts.append({"level": level, "kept": len(keep), "ok": ok, "result": msg})
+        log.info("fp16 level %d (%d nodes kept in fp32): %s", level, len(keep), msg)
+        if ok:
+            result.kept, result.level, result.io = keep, level, io
+            _commit(dst, src)
+            return result
+    _discard(dst)
+    raise ExportError(f"fp16 drifts past its tolerance even with {len(keep)} nodes kept in fp32: {msg}",
+                      "export with --dtype bf16 (fp32's range, weights in half the bytes) or --dtype fp32")
+
+
+def _ops_of(src: Path, ops: tuple[str, ...], reason: str, already: dict) -> dict:
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    _name_nodes(model.graph)
+    return {n.name: (n.op_type, reason) for n in model.graph.node if n.op_type in ops and n.name not in already}
+
+
+def _convert_fp16(src: Path, dst: Path, keep: dict, keep_io: tuple[str, ...], external_threshold: int) -> dict:
+    """ORT's converter on the graph without its weight bytes, then the weights cast one by one."""
+    from unittest import mock
+
+    import onnx
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    model = onnx.load(str(src), load_external_data=False)
+    _name_nodes(model.graph)
+    before = {i.name: i.data_type for i in model.graph.initializer}
+    float_io = [v.name for v in [*model.graph.input, *model.graph.output]
+                if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name in keep_io]
+
+    def value_info(tensor):  # the converter reads the array only for its shape; external data has none loaded
+        return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=float_io, disable_shape_infer=True,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST), node_block_list=list(keep))
+    _save_cast(converted, before, src, dst, external_threshold)
+    io = {}
+    for v in [*converted.graph.input, *converted.graph.output]:
+        t = v.type.tensor_type.elem_type
+        if t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            io[v.name] = "float16" if t == onnx.TensorProto.FLOAT16 else "float32"
+    return io
+
+
+def _save_cast(proto, before: dict, src: Path, dst: Path, external_threshold: int) -> None:
+    """Save `proto` (converted without weight bytes) to `dst`: initializers whose type changed
+    are read from `src`'s external data and cast lazily, one tensor at a time."""
+    import onnx_ir as ir
+
+    from onnxport.export.graph import save_model
+
+    model = ir.serde.deserialize_model(proto)
+    _drop_round_trips(model.graph)
+    model.graph.sort()  # the converter appends its casts at the end; ONNX wants topological order
+    for name, init in model.graph.initializers.items():
+        t = init.const_value
+        if not isinstance(t, ir.ExternalTensor):
+            continue
+        old = ir.DataType(before.get(name, t.dtype.value))
+        source = ir.ExternalTensor(t.location, t.offset, t.length, old, shape=t.shape, name=name,
+                                   base_dir=str(src.parent))
+        if old == t.dtype:
+            init.const_value = source
+        else:
+            init.const_value = ir.LazyTensor(_caster(source, t.dtype.numpy()), dtype=t.dtype, shape=t.shape, name=name)
+    save_model(model, dst, external_threshold)
+
+
+def _drop_round_trips(graph) -> int:
+    """The converter wraps every kept node in casts, so two kept nodes in a row still pass
+    their value through fp16 (fp32 -> Cast(fp16) -> Cast(fp32)): an RMSNorm's x**2 overflows
+    between its Pow and its ReduceMean although both are kept. Read the fp32 value directly."""
+    import onnx_ir as ir
+
+    def cast_to(node):
+        a = node.attributes.get("to")
+        return a.as_int() if a is not None else None
+
+    n = 0
+    for node in list(graph):
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or cast_to(node) != ir.DataType.FLOAT16:
+            continue
+        src = node.inputs[0]
+        if src is None or src.dtype != ir.DataType.FLOAT:
+            continue
+        for user, _ in list(node.outputs[0].uses()):
+            if user.op_type == "Cast" and cast_to(user) == ir.DataType.FLOAT and not user.outputs[0].is_graph_output():
+                user.outputs[0].replace_all_uses_with(src)
+                n += 1
+    if n:
+        _remove_unused(graph)
+    return n
+
+
+def _remove_unused(graph) -> None:
+    """Drop nodes none of whose outputs is read (the casts left behind), last to first."""
+    for node in reversed(list(graph)):
+        if all(not out.uses() and not out.is_graph_output() for out in node.outputs):
+            graph.remove(node, safe=True)
+
+
+def _caster(source, np_dtype):
+    def read():
+        a = source.numpy()
+        if np_dtype == np.float16:
+            a = np.nan_to_num(a.astype(np.float32), posinf=np.inf, neginf=-np.inf)
+            if np.abs(a[np.isfinite(a)]).max(initial=0.0) > FP16_MAX:
+                raise ExportError(f"weight {source.name} exceeds fp16's range and would be clipped",
+                                  "this is an onnxport bug: its readers should have been kept in fp32")
+        return a.astype(np_dtype)
+
+    return read
+
+
+def _staging(src: Path) -> Path:
+    """Where a converted graph is written before it replaces `src`: a folder beside it, under
+    the same file name, so the external-data location it records stays right after the move."""
+    folder = src.parent / f".{src.name}.precision"
+    folder.mkdir(exist_ok=True)
+    return folder / src.name
+
+
+def _discard(staged: Path) -> None:
+    import shutil
+
+    shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+def _commit(staged: Path, src: Path) -> None:
+    """Move the converted graph (and its data file) over `src` (and its data file)."""
+    for f in (src, src.with_name(src.name + ".data")):
+        f.unlink(missing_ok=True)
+    os.replace(staged, src)
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, src.with_name(src.name + ".data"))
+    _discard(staged)
+
+
+# --- bfloat16 (weight-only) ---------------------------------------------------------------------
+
+def to_bfloat16_weights(src: Path, external_threshold: int = 1 << 30, min_elements: int = 16) -> PrecisionResult:
+    """Replace the graph `src` by one that stores every float weight with at least
+    `min_elements` values in bf16 and reads it through Cast(to=float): fp32 compute, half the
+    weight bytes."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    from onnxport.export.graph import save_model
+
+    model = ir.load(str(src))
+    graph = model.graph
+    io = {v.name: "float32" for v in [*graph.inputs, *graph.outputs] if v.dtype == ir.DataType.FLOAT}
+    n, inexact = 0, []
+    for name, init in list(graph.initializers.items()):
+        t = init.const_value
+        if t is None or t.dtype != ir.DataType.FLOAT or t.size < min_elements:
+            continue
+        uses = list(init.uses())
+        if not uses or init.is_graph_output():
+            continue
+        stored = ir.Value(name=name, type=ir.TensorType(ir.DataType.BFLOAT16), shape=init.shape)
+        stored.const_value = ir.LazyTensor(_to_bf16(t, ml_dtypes.bfloat16, inexact), dtype=ir.DataType.BFLOAT16,
+                                           shape=t.shape, name=name)
+        cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{name}/cast_bf16_to_fp32")
+        out = cast.outputs[0]
+        out.name, out.dtype, out.shape = f"{name}_fp32", ir.DataType.FLOAT, init.shape
+        for user, idx in uses:
+            user.replace_input_with(idx, out)
+        graph.initializers.pop(name)
+        graph.register_initializer(stored)
+        graph.insert_before(graph[0], cast) if len(graph) else graph.append(cast)
+        n += 1
+    dst = _staging(src)
+    try:
+        save_model(model, dst, external_threshold)
+    except BaseException:
+        _discard(dst)
+        raise
+    del model, graph
+    _commit(dst, src)
+    log.info("bf16 weights: %d tensors, %d rounded", n, len(inexact))
+    return PrecisionResult("bfloat16", "float32", "bfloat16", io=io, converted=n, rounded=inexact)
+
+
+def _to_bf16(t, bf16, inexact: list):
+    def read():
+        a = t.numpy().astype(np.float32)
+        b = a.astype(bf16)
+        if not np.array_equal(b.astype(np.float32), a, equal_nan=True):
+            inexact.append(t.name)
+        return b
+
+    return read
+
+
