@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from conftest import DEMO_DIR, make_tiny_checkpoint
+from typer.testing import CliRunner
 
 PROMPTS = ["The built-in function len() returns", "A for loop iterates over", "Exceptions are raised when"]
 

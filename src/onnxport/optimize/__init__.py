@@ -1,4 +1,6 @@
-"""Graph passes after export, one per file (onnxslim clean-up, ORT fusions, fp16 with a
-precision guard, int4/int8 weight-only quantization), each shaped like an onnx-ir pass:
-`PassResult(model, modified)`, re-verified by verify/ and rolled back when it breaks parity.
-No pass is enabled yet: the room exists so the pipeline (api.export) has its stage."""
+"""Graph passes after export, one per file, each re-verified by verify/:
+
+- precision.py: fp16 with a precision guard (nodes past fp16's range kept in fp32, each
+  candidate verified, escalation, failure with a hint), bf16 weight-only storage.
+
+ORT fusions and int4/int8 weight-only quantization come here as further files."""

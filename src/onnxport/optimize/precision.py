@@ -27,9 +27,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -156,13 +156,14 @@ def nodes_past_range(src: Path, ranges: dict[str, float], safe_max: float) -> di
     for node in model.graph.node:
         if node.op_type in ("Constant", "Shape", "Cast"):
             continue
-        worst = max(((ranges.get(n, 0.0), n) for n in [*node.input, *node.output] if n), default=(0.0, ""))
-        if worst[0] > safe_max:
-            what = "weight" if worst[1] in weights else "value"
-            limit = FP16_MAX if what == "weight" else safe_max
-            if worst[0] > limit or what == "value":
-                kept[node.name] = (node.op_type, f"{what} {worst[1]} reaches |x| {worst[0]:.3g} (fp16 safe max "
-                                                 f"{safe_max:.4g})")
+        for name in [*node.input, *node.output]:
+            weight = name in weights
+            limit = FP16_MAX if weight else safe_max  # a weight fp16 holds is converted as is
+            r = ranges.get(name, 0.0) if name else 0.0
+            if r > limit:
+                what = "weight" if weight else "value"
+                kept[node.name] = (node.op_type, f"{what} {name} reaches |x| {r:.3g} (fp16 safe max {limit:.4g})")
+                break
     return kept
 
 
