@@ -4,7 +4,7 @@ Measures, batch 1, greedy: prefill latency for a PROMPT_LEN-token prompt and dec
 for NEW_TOKENS new tokens. Median of --runs runs each, both measured in this one process, one
 after the other, with the same thread count. Prints JSON (and the ratio ORT / PyTorch).
 
-    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3] [--split-static]
+    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3] [--split-static] [--int4]
     python bench/decode.py --make-qwen2-0.5b /tmp/qwen2-0.5b-random   # build the shaped checkpoint
 """
 
@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split-static", action="store_true",
                     help="also export the split static layout (max-len 512, prefill-len = prompt len) and time it")
+    ap.add_argument("--int4", action="store_true",
+                    help="also quantize the bundle (onnxport quantize, RTN block 32, gate reported not enforced) "
+                         "and time it, with fp32 compute and with MatMulNBits accuracy_level 4 (int8 compute)")
     ap.add_argument("--make-qwen2-0.5b", dest="make", metavar="DIR")
     args = ap.parse_args()
     if args.make:
@@ -132,6 +135,20 @@ def main() -> None:
             split_export_s = time.perf_counter() - t0
             split_res = bench_ort(sbundle, prompt, args.new_tokens, args.runs, args.threads)
             split_res["export_seconds"] = split_export_s
+        quant_res = {}
+        if args.int4:
+            from onnxport.api import quantize
+            from onnxport.config import QuantConfig
+
+            for name, level in (("int4", 0), ("int4_acc4", 4)):
+                qbundle = Path(tmp) / name
+                t0 = time.perf_counter()
+                m = quantize(bundle, qbundle, QuantConfig(accuracy_level=level, max_ppl_increase=1e9, escalate=False))
+                q = m.graph("decoder").quantization
+                quant_res[name] = bench_ort(qbundle, prompt, args.new_tokens, args.runs, args.threads)
+                quant_res[name].update(quantize_seconds=time.perf_counter() - t0,
+                                       graph_bytes=sum(f.stat().st_size for f in qbundle.glob("model.onnx*")),
+                                       perplexity=q["perplexity"], greedy_agreement_vs_fp32_bundle=q["greedy_agreement"])
         torch_res = bench_torch(ckpt, prompt, args.new_tokens, args.runs, args.threads)
     torch_tokens = torch_res.pop("tokens")
     same = ort_res.pop("tokens") == torch_tokens
@@ -157,6 +174,12 @@ def main() -> None:
         result["onnxport_ort_split_static"] = split_res
         result["ratio_ort_over_torch"]["split_static_decode_speedup"] = (
             split_res["decode_tokens_per_s"] / torch_res["decode_tokens_per_s"])
+    for name, r in quant_res.items():
+        result[f"greedy_tokens_identical_{name}"] = r.pop("tokens") == torch_tokens
+        result[f"onnxport_ort_{name}"] = r
+        result["ratio_ort_over_torch"][f"{name}_decode_speedup"] = r["decode_tokens_per_s"] / torch_res["decode_tokens_per_s"]
+        result["ratio_ort_over_torch"][f"{name}_over_fp32_ort_decode"] = (
+            r["decode_tokens_per_s"] / ort_res["decode_tokens_per_s"])
     json.dump(result, sys.stdout, indent=2)
     print()
 

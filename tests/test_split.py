@@ -4,6 +4,7 @@ monolithic bundle and to transformers for every decoder recipe, runtime limits e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -51,6 +52,11 @@ def test_static_files_are_fully_static_opset13_without_control_flow(exported):
         for vi in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
             for d in vi.type.tensor_type.shape.dim:
                 assert d.HasField("dim_value"), (f, vi.name)
+    # every weight stored once: prefill and decode blocks read the same bytes of weights.data
+    assert all(g["external_data"] == ["weights.data"] for g in mf["graphs"]), [g["external_data"] for g in mf["graphs"]]
+    ckpt_bytes = sum(f.stat().st_size for f in Path(mf["source"]["path"]).glob("*.safetensors"))
+    stored = sum((bundle / f).stat().st_size for f in [*files, "weights.data"])
+    assert stored < 1.2 * ckpt_bytes, (stored, ckpt_bytes)  # separate copies were ~2x
     cache = next(g for g in mf["graphs"] if g["role"] == "block_cache")
     dims = {i["name"]: i["dims"] for i in cache["inputs"] + cache["outputs"]}
     assert dims["attention_mask"] == [1, 1, 1, 49]
@@ -94,9 +100,11 @@ def test_pack_last_file_shorter_and_cli_verify(tmp_path):
 
     ck = make_tiny_checkpoint("qwen2", tmp_path / "q3", num_hidden_layers=3)
     out = tmp_path / "b"
-    res = CliRunner().invoke(app, ["export", str(ck), "-o", str(out), "--layout", "split", "--pack", "2"])
+    res = CliRunner().invoke(app, ["export", str(ck), "-o", str(out), "--layout", "split", "--pack", "2",
+                                   "--copy-weights"])
     assert res.exit_code == 0, res.output
     mf = json.loads((out / "manifest.json").read_text())
+    assert not (out / "weights.data").exists() and all(g["external_data"] == [] for g in mf["graphs"])
     assert [g["file"] for g in mf["graphs"]] == [
         "embedding.onnx", "block_0-1.onnx", "block_cache_0-1.onnx", "block_2.onnx", "block_cache_2.onnx", "lm_head.onnx"]
     assert mf["kv_cache"]["layout"] == "bshd" and mf["weights"]["skipped"] == {"lm_head.weight": "tied to model.embed_tokens.weight"}

@@ -29,19 +29,24 @@ from onnxport.bundle import (
     Part,
     Source,
     atomic_bundle,
+    external_locations,
     read_manifest,
     record_files,
     write_manifest,
 )
 from onnxport.checkpoint import Checkpoint, open_checkpoint
-from onnxport.config import ExportConfig, SplitConfig, VerifyConfig
+from onnxport.config import ExportConfig, QuantConfig, SplitConfig, VerifyConfig
 from onnxport.errors import CheckpointError, ExportError, InputError, VerificationError
 from onnxport.recipes.base import DecoderLM
 from onnxport.runtime import GenerationResult, Generator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationResult", "Generator", "export", "export_encoder", "export_module", "verify", "versions"]
+#: the one weights file the graphs of a split bundle share
+SHARED_WEIGHTS = "weights.data"
+
+__all__ = ["GenerationResult", "Generator", "export", "export_encoder", "export_module", "quantize", "verify",
+           "versions"]
 
 
 def versions() -> dict:
@@ -237,10 +242,14 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
             rotary = recipe.base_model(model).rotary_emb
             manifest.layout.inv_freq = rotary.inv_freq.detach().float().tolist()
             manifest.layout.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    if split is not None and split.share_weights:
+        from onnxport.bundle.weights import share_weights
+
+        stats = share_weights(folder, [g.file for g in graphs if g.file.endswith(".onnx")], SHARED_WEIGHTS)
+        log.info("split weights shared: %s", stats)
     for g in graphs:
         g.part = DECODER
-        data = folder / (g.file + ".data")
-        g.external_data = [data.name] if data.exists() else []
+        g.external_data = sorted(set(external_locations(folder / g.file))) if g.file.endswith(".onnx") else []
 
     def graph_arrays() -> dict:
         return {f"{g.file}:{k}": v for g in graphs if g.file.endswith(".onnx")
@@ -484,6 +493,100 @@ def _load_any(ckpt: Checkpoint, dtype: str, model_class: str | None, trust_remot
         return from_pretrained(cls, ckpt, getattr(torch, dtype), None, trust_remote_code)
 
 
+# --- quantize -----------------------------------------------------------------------------------
+
+def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig()) -> Manifest:
+    """Weight-only int4/int8 (MatMulNBits) of a monolithic fp32 decoder bundle into a new
+    bundle at `out`, gated: the held-out perplexity and greedy agreement of the quantized graph
+    against the source bundle must meet `cfg`; the most sensitive layers move to int8 until
+    they do, else nothing is written. onnxruntime + numpy only."""
+    import math
+    from dataclasses import replace
+
+    from onnxport.optimize.quantize import ESCALATION, QuantSpec, module_names, quantize_graph, sensitivity
+    from onnxport.verify.quality import calibration_split, greedy_agreement, perplexity
+
+    t0 = time.perf_counter()
+    src = Path(bundle)
+    manifest = read_manifest(src)
+    if manifest.kv_cache is None or manifest.is_split or manifest.kv_cache.step_only:
+        raise InputError("onnxport quantize takes a monolithic text-decoder bundle",
+                         "export one with onnxport export (the default layout)")
+    if (manifest.export.dtype or "float32") != "float32" or manifest.graph(DECODER).quantization:
+        raise InputError(f"the bundle is already {manifest.export.dtype if manifest.export.dtype != 'float32' else 'quantized'}",
+                         "quantize the float32 bundle")
+    graph = manifest.graph(DECODER)
+    text = Path(cfg.calib).read_text(encoding="utf-8") if cfg.calib else _default_calibration_text()
+    reference = Generator(src)
+    calib, held, prompts = calibration_split(text, reference.tokenizer)
+    if len(calib) < 16 or len(held) < 64:
+        raise InputError(f"the calibration text gives {len(calib) + len(held)} tokens; at least 80 are needed",
+                         "pass a longer --calib text")
+    spec = QuantSpec(cfg.bits, cfg.block_size, cfg.symmetric, cfg.accuracy_level)
+    errors = sensitivity(src / graph.file, reference.prefill_feeds(calib), spec)
+    if not errors:
+        raise InputError("the decoder graph has no MatMul with a constant weight to quantize",
+                         "export the bundle with onnxport export (dynamo exporter)")
+    ppl_fp = perplexity(reference, held)
+    attempts = []
+    with atomic_bundle(out, cfg.force) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.name not in {graph.file, *graph.external_data, "manifest.json"}:
+                shutil.copy2(f, tmp / f.name)
+        steps = ESCALATION if cfg.bits == 4 and cfg.escalate else (0.0,)
+        for frac in steps:
+            int8 = list(errors)[: math.ceil(frac * len(errors))]
+            for f in (tmp / graph.file, tmp / (graph.file + ".data")):
+                f.unlink(missing_ok=True)
+            quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes)
+            q = replace(graph, external_data=sorted(set(external_locations(tmp / graph.file))), files=None)
+            qm = replace(manifest, graphs=[q if g is graph else g for g in manifest.graphs])
+            write_manifest(tmp, qm)
+            gen = Generator(tmp)
+            ppl_q = perplexity(gen, held)
+            agree = greedy_agreement(gen, reference, prompts, cfg.agreement_tokens)
+            ok = ppl_q <= ppl_fp * (1 + cfg.max_ppl_increase) and (cfg.min_agreement is None or
+                                                                   agree["fraction"] >= cfg.min_agreement)
+            attempts.append({"int8_layers": len(int8), "perplexity": round(ppl_q, 4),
+                             "agreement": agree["fraction"], "ok": ok})
+            log.info("quantize: %d layers int8 -> ppl %.3f (fp %.3f), agreement %.3f", len(int8), ppl_q, ppl_fp,
+                     agree["fraction"])
+            del gen
+            if ok:
+                break
+        if not attempts[-1]["ok"]:
+            raise VerificationError(
+                f"int{cfg.bits} quality gate not met: held-out perplexity {ppl_q:.3f} vs {ppl_fp:.3f} "
+                f"(max +{cfg.max_ppl_increase:.0%}), greedy agreement {agree['fraction']:.2f}"
+                + (f" (min {cfg.min_agreement})" if cfg.min_agreement is not None else "")
+                + (f" with {len(int8)} of {len(errors)} layers at int8" if int8 else ""),
+                "loosen --max-ppl-increase / --min-agreement, use --bits 8 or a smaller --block-size; nothing was written")
+        bits = {n: (8 if n in set(int8) else cfg.bits) for n in errors}
+        modules = module_names(src / graph.file)
+        q.quantization = {
+            "method": cfg.method, "bits": cfg.bits, "block_size": cfg.block_size, "symmetric": cfg.symmetric,
+            "accuracy_level": cfg.accuracy_level or None, "format": "com.microsoft.MatMulNBits",
+            "layers": {f"int{b}": sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))},
+            "per_layer": [{"node": n, "module": modules.get(n), "bits": bits[n], "relative_error": round(e, 5)}
+                          for n, e in errors.items()],
+            "perplexity": {"source": round(ppl_fp, 4), "quantized": round(ppl_q, 4), "heldout_tokens": len(held)},
+            "greedy_agreement": agree,
+            "gate": {"max_ppl_increase": cfg.max_ppl_increase, "min_agreement": cfg.min_agreement,
+                     "calibration": cfg.calib or "onnxport/data/calib.txt", "calibration_tokens": len(calib),
+                     "attempts": attempts},
+        }
+        qm.export.seconds = round(time.perf_counter() - t0, 2)
+        record_files(tmp, qm)
+        write_manifest(tmp, qm)
+    return qm
+
+
+def _default_calibration_text() -> str:
+    from importlib import resources
+
+    return resources.files("onnxport").joinpath("data/calib.txt").read_text(encoding="utf-8")
+
+
 # --- verify -------------------------------------------------------------------------------------
 
 def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: VerifyConfig = VerifyConfig(),
@@ -492,6 +595,9 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
     manifest is rewritten only when every part passes (a failing run leaves it as it was)."""
     folder = Path(bundle)
     manifest = read_manifest(folder)
+    if any(g.quantization for g in manifest.graphs):
+        raise InputError("a quantized bundle is checked by its quality gate when it is written",
+                         "verify the source bundle, or re-run onnxport quantize")
     if manifest.task == "module":
         raise InputError("export-module bundles are verified when they are written",
                          "re-run onnxport export-module to re-check against the checkpoint")

@@ -115,6 +115,7 @@ def export_cmd(
     head: str = typer.Option("logits", help="split: lm_head output: logits, argmax or topk:K."),
     rope: str = typer.Option("inside", help="split: compute rotary cos/sin inside each block, or take them as inputs (outside)."),
     embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
+    copy_weights: bool = typer.Option(False, "--copy-weights", help="split: every graph holds its own weights (default: one shared weights.data, each weight stored once)."),
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
     dtype: str = typer.Option("fp32", help="fp32; fp16 (fp16 compute and KV cache; nodes past fp16's range stay fp32, each candidate verified); bf16 (weights stored in bf16, fp32 compute)."),
@@ -132,7 +133,7 @@ def export_cmd(
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
                        low_memory=low_memory, dtype=dtype)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
-                        embedding_bin=embedding_bin) if is_split else None
+                        embedding_bin=embedding_bin, share_weights=not copy_weights) if is_split else None
     with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):
         manifest = export(model_dir, output, cfg, split=split, parts=tuple(part) if part else None)
     _print_bundle(manifest, output)
@@ -171,6 +172,38 @@ def export_module_cmd(
         manifest = export_module(model_dir, output, module, inputs, cfg, outputs=outputs, method=method,
                                  verify_dims=verify_dims, model_class=model_class, trust_remote_code=trust_remote_code)
     _print_bundle(manifest, output)
+
+
+@app.command("quantize")
+@_guard
+def quantize_cmd(
+    bundle: Path = typer.Argument(..., help="Monolithic fp32 decoder bundle written by `onnxport export`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Quantized bundle folder to write."),
+    bits: int = typer.Option(4, help="4 or 8 (weight-only MatMulNBits)."),
+    block_size: int = typer.Option(32, "--block-size", help="Input channels per quantization block (16-256)."),
+    method: str = typer.Option("rtn", help="rtn (round to nearest per block)."),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="Per-block zero points (default: symmetric)."),
+    accuracy_level: int = typer.Option(0, "--accuracy-level", help="MatMulNBits accuracy_level: 0 unset (fp32 compute), 4 = int8 compute (faster on CPU)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration / held-out text (default: text shipped with onnxport)."),
+    max_ppl_increase: float = typer.Option(0.10, "--max-ppl-increase", help="Gate: held-out perplexity at most (1 + this) x the source bundle's."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Gate: fraction of greedy tokens equal to the source bundle's."),
+    no_escalate: bool = typer.Option(False, "--no-escalate", help="int4: fail instead of moving the most sensitive layers to int8."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+):
+    """Weight-only int4/int8 quantization with a quality gate (perplexity, greedy agreement)."""
+    from onnxport.api import quantize
+    from onnxport.config import QuantConfig
+
+    cfg = QuantConfig(bits=bits, block_size=block_size, method=method, symmetric=not asymmetric,
+                      accuracy_level=accuracy_level, calib=str(calib) if calib else None,
+                      max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, escalate=not no_escalate,
+                      force=force)
+    with console.status(f"quantizing {bundle} to int{bits} ..."):
+        manifest = quantize(bundle, output, cfg)
+    q = manifest.graph("decoder").quantization
+    out.print(f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}; held-out perplexity "
+              f"{q['perplexity']['quantized']:.3f} (source {q['perplexity']['source']:.3f}); greedy tokens equal to "
+              f"the source: {q['greedy_agreement']['tokens_equal']}/{q['greedy_agreement']['tokens']}", soft_wrap=True)
 
 
 @app.command("verify")

@@ -117,6 +117,10 @@ class SplitConfig:
     head: str = "logits"  # logits | argmax | topk:K
     rope: str = "inside"  # inside | outside
     embedding_bin: bool = False
+    #: store each weight once in `weights.data`, read by every graph (prefill and decode blocks,
+    #: a tied embedding and lm_head); False keeps every graph self-contained, for toolchains
+    #: that compile one file at a time
+    share_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.pack < 1:
@@ -135,3 +139,38 @@ class SplitConfig:
     @property
     def top_k(self) -> int:
         return int(self.head[5:]) if self.head.startswith("topk:") else 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """`onnxport quantize`: weight-only MatMulNBits with a quality gate."""
+
+    bits: int = 4
+    block_size: int = 32
+    method: str = "rtn"
+    symmetric: bool = True
+    #: MatMulNBits accuracy_level (0 = unset: fp32 compute; 4 = int8 compute, faster on CPU)
+    accuracy_level: int = 0
+    #: calibration / held-out text file (default: the text shipped in onnxport/data/calib.txt)
+    calib: str | None = None
+    #: gate: held-out perplexity at most (1 + this) x the source bundle's
+    max_ppl_increase: float = 0.10
+    #: gate: fraction of greedy tokens equal to the source bundle's (None: not gated, reported)
+    min_agreement: float | None = None
+    agreement_tokens: int = 32
+    #: int4: move the most sensitive layers to int8 until the gate holds
+    escalate: bool = True
+    force: bool = False
+    external_data_threshold_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise InputError(f"--bits must be 4 or 8, got {self.bits}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.method != "rtn":
+            raise InputError(f"--method {self.method!r} is not available", "use --method rtn (AWQ is not built yet)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+        if self.max_ppl_increase < 0 or (self.min_agreement is not None and not 0 <= self.min_agreement <= 1):
+            raise InputError("--max-ppl-increase must be >= 0 and --min-agreement between 0 and 1")

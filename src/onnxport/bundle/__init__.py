@@ -1,7 +1,13 @@
 """The bundle: `manifest` (typed manifest.json, the only speller of its keys) and `folder`
 (atomic write, lock, paths kept inside the bundle). Torch-free: the runtime reads bundles too."""
 
-from onnxport.bundle.folder import atomic_bundle, check_external_data, check_target, resolve_inside
+from onnxport.bundle.folder import (
+    atomic_bundle,
+    check_external_data,
+    check_target,
+    external_locations,
+    resolve_inside,
+)
 from onnxport.bundle.manifest import (
     DECODER,
     ENCODER,
@@ -24,4 +30,4 @@ from onnxport.bundle.manifest import (
 
 __all__ = ["DECODER", "ENCODER", "MODULES", "MONOLITHIC", "SCHEMA_VERSION", "SPLIT", "ExportInfo", "Graph", "KVCache",
            "Layout", "Manifest", "ModelInfo", "Part", "Source", "atomic_bundle", "check_target", "read_manifest",
-           "check_external_data", "record_files", "resolve_inside", "write_manifest"]
+           "check_external_data", "external_locations", "record_files", "resolve_inside", "write_manifest"]

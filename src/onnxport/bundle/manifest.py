@@ -71,6 +71,9 @@ class Graph:
     #: float16 / bfloat16 graphs: what the conversion did (optimize/precision.py's record:
     #: compute and weight dtypes, I/O dtypes, nodes kept in fp32 and why, guard attempts)
     precision: dict | None = None
+    #: weight-only int4/int8 graphs: method, bits per layer, per-layer error, the quality gate
+    #: (held-out perplexity and greedy agreement against the source bundle)
+    quantization: dict | None = None
     # embedding_table (raw .bin) only
     dtype: str | None = None
     shape: list[int] | None = None
@@ -148,6 +151,8 @@ class Layout:
     head: str | None = None
     rope: str | None = None
     embedding_bin: bool | None = None
+    #: the split graphs read their weights from one shared `weights.data`
+    share_weights: bool | None = None
     # --rope outside: what the runtime needs to compute cos/sin
     inv_freq: list[float] | None = None
     attention_scaling: float | None = None
@@ -161,7 +166,7 @@ class Layout:
 
     def split_options(self) -> dict:
         """The SplitConfig fields, for re-verification."""
-        keys = ("pack", "static", "max_len", "prefill_len", "head", "rope", "embedding_bin")
+        keys = ("pack", "static", "max_len", "prefill_len", "head", "rope", "embedding_bin", "share_weights")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -362,6 +367,7 @@ def record_files(folder: Path, manifest: Manifest) -> None:
 
     from onnxport.bundle.folder import resolve_inside
 
+    seen: dict[str, dict] = {}
     for g in manifest.graphs:
         names = [g.file, *g.external_data]
         if (folder / (g.file + ".data")).is_file() and g.file + ".data" not in names:
@@ -371,11 +377,13 @@ def record_files(folder: Path, manifest: Manifest) -> None:
             path = resolve_inside(folder, name)
             if not path.is_file():
                 continue
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            g.files[name] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+            if name not in seen:  # a shared weights file is hashed once
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                seen[name] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+            g.files[name] = dict(seen[name])
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -258,28 +258,12 @@ def finalize_graph(raw, out_file: Path, inputs: list[TensorSpec], outputs: list[
             f"{out_file.name}: static export contains control-flow/sequence ops {sorted(bad_ops)}",
             "NPU compilers reject these; report the model family so a rewrite can be added",
         )
+    from onnxport.bundle.weights import save_model
+
     save_model(model, out_file, external_threshold)
     for f in (raw, raw.with_name(raw.name + ".data")) if raw is not None else ():
         if f.exists():
             f.unlink()
-
-
-def save_model(model, out_file: Path, external_threshold: int) -> None:
-    """Save an onnx-ir model: weights in one `<name>.data` beside it when they total more than
-    `external_threshold` bytes, else embedded. External and lazy tensors are read one at a time
-    while saving (their source files must outlive the call), so the weights are never all in
-    memory; small graphs embed them (ir.save would otherwise keep pointing at the source)."""
-    import onnx_ir as ir
-
-    graph = model.graph
-    nbytes = sum((t.const_value.nbytes if t.const_value is not None else 0) for t in graph.initializers.values())
-    if nbytes <= external_threshold:
-        for init in graph.initializers.values():
-            if init.const_value is not None and isinstance(init.const_value, ir.ExternalTensor):
-                init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
-        ir.save(model, str(out_file))
-    else:
-        ir.save(model, str(out_file), external_data=out_file.name + ".data")
 
 
 def slim_static(path: Path) -> None:

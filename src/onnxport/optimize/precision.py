@@ -245,7 +245,7 @@ def _save_cast(proto, before: dict, src: Path, dst: Path, external_threshold: in
     are read from `src`'s external data and cast lazily, one tensor at a time."""
     import onnx_ir as ir
 
-    from onnxport.export.graph import save_model
+    from onnxport.bundle.weights import save_model
 
     model = ir.serde.deserialize_model(proto)
     _drop_round_trips(model.graph)
@@ -344,7 +344,7 @@ def to_bfloat16_weights(src: Path, external_threshold: int = 1 << 30, min_elemen
     import ml_dtypes
     import onnx_ir as ir
 
-    from onnxport.export.graph import save_model
+    from onnxport.bundle.weights import save_model
 
     model = ir.load(str(src))
     graph = model.graph

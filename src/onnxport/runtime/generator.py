@@ -95,6 +95,23 @@ class Generator:
         shape = [d if isinstance(d, int) else (batch if d == "batch_size" else 0) for d in self.past_dims[name]]
         return np.zeros(shape, dtype=self.kv_dtype)
 
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Next-token logits [len(ids), vocab] of one sequence from an empty cache (scoring:
+        perplexity, quality gates). Monolithic bundles that take a whole prompt per call."""
+        if self.split is not None or self.step_only:
+            raise RuntimeInputError("scoring needs a monolithic decoder that reads a whole sequence per call",
+                                    "export with the monolithic layout")
+        return self.session.run(self.prefill_feeds(ids))["logits"][0].astype(np.float32)
+
+    def prefill_feeds(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """The decoder graph's inputs for one sequence from an empty cache."""
+        x = np.asarray([ids], dtype=np.int64)
+        feeds = {"input_ids": x, "attention_mask": np.ones_like(x),
+                 **{n: self._empty_past(n, 1) for n in self.past_names}}
+        if self.takes_positions:
+            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+        return feeds
+
     def generate(
         self,
         prompts: list[str] | str,

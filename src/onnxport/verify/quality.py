@@ -1,0 +1,51 @@
+"""Quality of a lossy bundle (quantized) against its source bundle, with ONNX Runtime only:
+held-out perplexity and greedy-token agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def perplexity(gen, ids: list[int], window: int = 256) -> float:
+    """exp(mean NLL) of `ids` under the bundle, in non-overlapping windows."""
+    nll, n = 0.0, 0
+    for a in range(0, len(ids) - 1, window):
+        chunk = ids[a:a + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = gen.logits(chunk[:-1]).astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        target = np.asarray(chunk[1:])
+        nll -= float(logp[np.arange(len(target)), target].sum())
+        n += len(target)
+    return float(np.exp(nll / max(n, 1)))
+
+
+def greedy_agreement(gen, ref, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Tokens of `gen` equal to those of `ref` (both Generators), one prompt at a time."""
+    equal, total, prefix = 0, 0, []
+    for p in prompts:
+        a = list(gen.generate_ids([p], max_new_tokens=new_tokens, eos_token_id=None).tokens[0])
+        b = list(ref.generate_ids([p], max_new_tokens=new_tokens, eos_token_id=None).tokens[0])
+        equal += sum(x == y for x, y in zip(a, b))
+        total += len(b)
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        prefix.append(k)
+    return {"tokens_equal": equal, "tokens": total, "fraction": round(equal / max(total, 1), 4), "equal_prefix": prefix}
+
+
+def calibration_split(text: str, tokenizer, calib_tokens: int = 384, heldout_tokens: int = 1024,
+                      prompts: int = 4, prompt_len: int = 16) -> tuple[list[int], list[int], list[list[int]]]:
+    """(calibration ids, held-out ids, agreement prompts) from one text: the first part
+    calibrates, the rest is held out (prompts are taken from the held-out part)."""
+    ids = tokenizer.encode(text)
+    calib, held = ids[:calib_tokens], ids[calib_tokens:calib_tokens + heldout_tokens]
+    step = max(len(held) // max(prompts, 1), prompt_len)
+    starts = [i * step for i in range(prompts) if i * step + prompt_len <= len(held)]
+    return calib, held, [held[s:s + prompt_len] for s in starts]
+
+
+__all__ = ["calibration_split", "greedy_agreement", "perplexity"]
