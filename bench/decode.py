@@ -38,6 +38,14 @@ def make_qwen2_05b(out: Path) -> None:
     )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    # a tokenizer for the text side (quantize's calibration): the demo model's 1024-token BPE,
+    # whose ids all lie inside this vocabulary
+    import shutil
+
+    import onnxport
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(onnxport.__file__).parent / "demo_model" / f, out / f)
 
 
 def bench_ort(bundle: Path, prompt: list[int], new_tokens: int, runs: int, threads: int) -> dict:

@@ -92,6 +92,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                         del model
                         model = load_model(recipe, ckpt, cfg)
                     verify_decoder_part(recipe, model, kv, tmp, manifest, cfg, verify_cfg, split)
+                if cfg.optimize:
+                    optimize_decoder_graph(model, kv, tmp, manifest, cfg, verify_cfg)
                 if cfg.dtype != "float32":
                     convert_decoder_precision(model, kv, tmp, manifest, cfg, verify_cfg)
             else:
@@ -114,6 +116,8 @@ def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | N
     if split is not None and not has_decoder:
         raise InputError(f"--layout split applies to decoder LMs; {ckpt.model_type!r} has no text decoder part "
                          f"(its parts: {', '.join(recipes)})", "drop --layout/--static")
+    if cfg.optimize and (split is not None or not has_decoder):
+        raise InputError("--optimize applies to monolithic text decoders so far", "drop --optimize")
     if cfg.dtype != "float32" and (split is not None or not has_decoder or len(recipes) > 1):
         raise InputError(f"--dtype {cfg.dtype} applies to monolithic text decoders so far",
                          "export in float32, or export the decoder part alone (--part decoder)")
@@ -306,21 +310,14 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
     """optimize/precision: the verified fp32 decoder graph -> fp16 (guarded: each candidate is
     verified against the fp32 PyTorch model with the fp16 tolerances) or bf16-stored weights.
     The manifest's graph I/O, KV dtype, precision and verification records follow."""
-    from onnxport.export.decoder import flat_cache_wrapper
     from onnxport.optimize.precision import to_bfloat16_weights, to_float16
     from onnxport.spec import feeds
-    from onnxport.verify.decoder import cases_for, first_failure, verify_decoder
+    from onnxport.verify.decoder import cases_for
 
     graph = manifest.graph(DECODER)
     path = folder / graph.file
-    vcfg = verify_cfg.for_dtype(cfg.dtype)
-    wrapper = flat_cache_wrapper(model, kv, manifest.kv_cache.layout) if cfg.verify else None
-    records = []  # one per candidate checked; the last is the accepted one
-
-    def check(candidate: Path) -> tuple[bool, str]:
-        g = _with_io_dtypes(graph, candidate)
-        records.append(verify_decoder(wrapper, candidate, g, manifest.model.vocab_size, vcfg))
-        return records[-1]["ok"], first_failure(records[-1]) or _worst(records[-1])
+    records: list[dict] = []  # one per candidate checked; the last is the accepted one
+    check = _decoder_check(model, kv, manifest, graph, verify_cfg.for_dtype(cfg.dtype), records)
 
     if cfg.dtype == "float16":
         cases = cases_for(graph)
@@ -347,6 +344,38 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
         records[-1]["float32_graph_ok"] = bool(manifest.verification and manifest.verification.get("ok"))
         manifest.verification = manifest.part(DECODER).verification = records[-1]
     return graph.precision
+
+
+def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,
+                           verify_cfg: VerifyConfig) -> dict:
+    """optimize/fusions on the verified decoder graph, kept only when it verifies again."""
+    from onnxport.optimize.fusions import fuse_for_ort
+
+    graph = manifest.graph(DECODER)
+    records: list[dict] = []
+    check = _decoder_check(model, kv, manifest, graph, verify_cfg, records) if cfg.verify else None
+    rec = fuse_for_ort(folder / graph.file, check, cfg.external_data_threshold_bytes)
+    graph.optimization = [*(graph.optimization or []), rec]
+    graph.external_data = sorted(set(external_locations(folder / graph.file)))
+    if rec["applied"] and records:
+        manifest.verification = manifest.part(DECODER).verification = records[-1]
+    return rec
+
+
+def _decoder_check(model, kv, manifest: Manifest, graph, vcfg: VerifyConfig, records: list):
+    """check(candidate file) -> (ok, message): the decoder verification against PyTorch of a
+    rewritten graph (its I/O dtypes read from the file), each record appended to `records`."""
+    from onnxport.export.decoder import flat_cache_wrapper
+    from onnxport.verify.decoder import first_failure, verify_decoder
+
+    wrapper = flat_cache_wrapper(model, kv, manifest.kv_cache.layout)
+
+    def check(candidate: Path) -> tuple[bool, str]:
+        g = _with_io_dtypes(graph, candidate)
+        records.append(verify_decoder(wrapper, candidate, g, manifest.model.vocab_size, vcfg))
+        return records[-1]["ok"], first_failure(records[-1]) or _worst(records[-1])
+
+    return check
 
 
 def _with_io_dtypes(graph, onnx_file: Path):
@@ -575,6 +604,10 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
                      "calibration": cfg.calib or "onnxport/data/calib.txt", "calibration_tokens": len(calib),
                      "attempts": attempts},
         }
+        # the source's PyTorch comparison does not describe the quantized graph: its gate does
+        qm.verification = {"ok": True, "kind": "quality gate against the source bundle",
+                           "perplexity": q.quantization["perplexity"], "greedy_agreement": agree}
+        qm.parts = [replace(p, verification=qm.verification) if p.name == DECODER else p for p in qm.parts]
         qm.export.seconds = round(time.perf_counter() - t0, 2)
         record_files(tmp, qm)
         write_manifest(tmp, qm)

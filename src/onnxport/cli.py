@@ -118,6 +118,7 @@ def export_cmd(
     copy_weights: bool = typer.Option(False, "--copy-weights", help="split: every graph holds its own weights (default: one shared weights.data, each weight stored once)."),
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
+    optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime fusions (RMSNorm, skip + norm, rotary, attention where it matches), kept only when the fused graph verifies."),
     dtype: str = typer.Option("fp32", help="fp32; fp16 (fp16 compute and KV cache; nodes past fp16's range stay fp32, each candidate verified); bf16 (weights stored in bf16, fp32 compute)."),
 ):
     """Export a model with a recipe and verify it: a decoder LM with a flat KV cache (or the split
@@ -131,7 +132,7 @@ def export_cmd(
     is_split = layout == "split" or static
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
-                       low_memory=low_memory, dtype=dtype)
+                       low_memory=low_memory, dtype=dtype, optimize=optimize)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin, share_weights=not copy_weights) if is_split else None
     with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):

@@ -25,6 +25,8 @@ class ExportConfig:
     #: fp16 guard: a node is kept in fp32 when a value it reads or writes reaches
     #: 65504 / fp16_headroom on the sample inputs
     fp16_headroom: float = 8.0
+    #: ONNX Runtime fusions on the decoder graph (optimize/fusions.py), kept only if re-verified
+    optimize: bool = False
     verify: bool = True
     force: bool = False
     allow_pickle: bool = False

@@ -74,6 +74,9 @@ class Graph:
     #: weight-only int4/int8 graphs: method, bits per layer, per-layer error, the quality gate
     #: (held-out perplexity and greedy agreement against the source bundle)
     quantization: dict | None = None
+    #: graph passes run after export, in order: {"name", "applied", "fused": {op: count},
+    #: "result"} (a pass that broke verification is rolled back and says so)
+    optimization: list | None = None
     # embedding_table (raw .bin) only
     dtype: str | None = None
     shape: list[int] | None = None

@@ -4,6 +4,7 @@ external tensors), so saving never holds all weights. No torch: optimize/ and qu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -38,7 +39,6 @@ def share_weights(folder: Path, files: list[str], data_name: str = "weights.data
     graph points at its offsets. Graphs and their old `<file>.data` are replaced one by one;
     tensors are read and written one at a time. Returns {"tensors", "unique", "bytes"}."""
     import hashlib
-    import os
 
     import onnx_ir as ir
 
@@ -79,3 +79,27 @@ def share_weights(folder: Path, files: list[str], data_name: str = "weights.data
     return {"tensors": n, "unique": len(index), "bytes": offset}
 
 
+def stage_graph(src: Path) -> Path:
+    """Where a rewritten graph (converted, fused, quantized) is written before it replaces
+    `src`: a folder beside it, under the same file name, so the external-data location it
+    records stays right after the move."""
+    folder = src.parent / f".{src.name}.staged"
+    folder.mkdir(exist_ok=True)
+    return folder / src.name
+
+
+def discard_staged(staged: Path) -> None:
+    import shutil
+
+    shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+def commit_graph(staged: Path, src: Path) -> None:
+    """Move the staged graph (and its data file) over `src` (and its data file)."""
+    for f in (src, src.with_name(src.name + ".data")):
+        f.unlink(missing_ok=True)
+    os.replace(staged, src)
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, src.with_name(src.name + ".data"))
+    discard_staged(staged)

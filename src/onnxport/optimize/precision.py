@@ -25,7 +25,6 @@ tensor is read from the fp32 file, cast, and written one at a time.
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxport.bundle.weights import commit_graph, discard_staged, stage_graph
 from onnxport.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[boo
     """Replace the fp32 graph `src` by its fp16 version, with the guard described in the module
     doc. `check(path)` returns (ok, message) for a candidate; None skips the dynamic check
     (ranges only). On failure `src` is left as it was and ExportError is raised."""
-    dst = _staging(src)
+    dst = stage_graph(src)
     safe_max = FP16_MAX / headroom
     ranges = value_ranges(src, samples)
     kept = nodes_past_range(src, ranges, safe_max)
@@ -188,16 +188,16 @@ def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[boo
         try:
             io = _convert_fp16(src, dst, keep, keep_io, external_threshold)
         except BaseException:
-            _discard(dst)
+            discard_staged(dst)
             raise
         ok, msg = check(dst) if check is not None else (True, "not checked (--no-verify)")
         result.attempts.append({"level": level, "kept": len(keep), "ok": ok, "result": msg})
         log.info("fp16 level %d (%d nodes kept in fp32): %s", level, len(keep), msg)
         if ok:
             result.kept, result.level, result.io = keep, level, io
-            _commit(dst, src)
+            commit_graph(dst, src)
             return result
-    _discard(dst)
+    discard_staged(dst)
     raise ExportError(f"fp16 drifts past its tolerance even with {len(keep)} nodes kept in fp32: {msg}",
                       "export with --dtype bf16 (fp32's range, weights in half the bytes) or --dtype fp32")
 
@@ -310,31 +310,6 @@ def _caster(source, np_dtype):
     return read
 
 
-def _staging(src: Path) -> Path:
-    """Where a converted graph is written before it replaces `src`: a folder beside it, under
-    the same file name, so the external-data location it records stays right after the move."""
-    folder = src.parent / f".{src.name}.precision"
-    folder.mkdir(exist_ok=True)
-    return folder / src.name
-
-
-def _discard(staged: Path) -> None:
-    import shutil
-
-    shutil.rmtree(staged.parent, ignore_errors=True)
-
-
-def _commit(staged: Path, src: Path) -> None:
-    """Move the converted graph (and its data file) over `src` (and its data file)."""
-    for f in (src, src.with_name(src.name + ".data")):
-        f.unlink(missing_ok=True)
-    os.replace(staged, src)
-    data = staged.with_name(staged.name + ".data")
-    if data.exists():
-        os.replace(data, src.with_name(src.name + ".data"))
-    _discard(staged)
-
-
 # --- bfloat16 (weight-only) ---------------------------------------------------------------------
 
 def to_bfloat16_weights(src: Path, external_threshold: int = 1 << 30, min_elements: int = 16) -> PrecisionResult:
@@ -369,14 +344,14 @@ def to_bfloat16_weights(src: Path, external_threshold: int = 1 << 30, min_elemen
         graph.register_initializer(stored)
         graph.insert_before(graph[0], cast) if len(graph) else graph.append(cast)
         n += 1
-    dst = _staging(src)
+    dst = stage_graph(src)
     try:
         save_model(model, dst, external_threshold)
     except BaseException:
-        _discard(dst)
+        discard_staged(dst)
         raise
     del model, graph
-    _commit(dst, src)
+    commit_graph(dst, src)
     log.info("bf16 weights: %d tensors, %d rounded", n, len(inexact))
     return PrecisionResult("bfloat16", "float32", "bfloat16", io=io, converted=n, rounded=inexact)
 

@@ -68,5 +68,11 @@ def summary(manifest: Manifest, output) -> str:
         w = manifest.weights
         line += (f"; decoder {manifest.kv_cache.num_layers} layers, {w['in_graph']} weights in graph, "
                  f"{len(w['skipped'])} skipped: {w['skipped'] or 'none'}")
+    for g in manifest.graphs:
+        if g.precision:
+            p = g.precision
+            line += (f"; {g.file}: float16, {p['kept_float32']['count']} nodes kept in float32"
+                     if p["dtype"] == "float16" else
+                     f"; {g.file}: bfloat16 weights ({'lossless' if p.get('lossless') else 'rounded'}), float32 compute")
     seconds = manifest.export.seconds
     return line + ")" + (f" in {seconds:.1f}s" if seconds is not None else "")
