@@ -4,7 +4,7 @@ Measures, batch 1, greedy: prefill latency for a PROMPT_LEN-token prompt and dec
 for NEW_TOKENS new tokens. Median of --runs runs each, both measured in this one process, one
 after the other, with the same thread count. Prints JSON (and the ratio ORT / PyTorch).
 
-    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3] [--split-static] [--int4]
+    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3] [--split-static] [--optimize] [--int4]
     python bench/decode.py --make-qwen2-0.5b /tmp/qwen2-0.5b-random   # build the shaped checkpoint
 """
 
@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--int4", action="store_true",
                     help="also quantize the bundle (onnxport quantize, RTN block 32, gate reported not enforced) "
                          "and time it, with fp32 compute and with MatMulNBits accuracy_level 4 (int8 compute)")
+    ap.add_argument("--optimize", action="store_true", help="also export with --optimize (ORT fusions) and time it")
     ap.add_argument("--make-qwen2-0.5b", dest="make", metavar="DIR")
     args = ap.parse_args()
     if args.make:
@@ -144,6 +145,16 @@ def main() -> None:
             split_res = bench_ort(sbundle, prompt, args.new_tokens, args.runs, args.threads)
             split_res["export_seconds"] = split_export_s
         quant_res = {}
+        if args.optimize:
+            from onnxport.api import export
+            from onnxport.config import ExportConfig
+
+            obundle = Path(tmp) / "optimized"
+            t0 = time.perf_counter()
+            m = export(ckpt, obundle, ExportConfig(verify=False, optimize=True))
+            quant_res["fp32_optimized"] = bench_ort(obundle, prompt, args.new_tokens, args.runs, args.threads)
+            quant_res["fp32_optimized"].update(export_seconds=time.perf_counter() - t0,
+                                               fused=m.graph("decoder").optimization[0]["fused"])
         if args.int4:
             from onnxport.api import quantize
             from onnxport.config import QuantConfig

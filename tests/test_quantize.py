@@ -36,15 +36,19 @@ def test_int4_rtn_bundle_gate_record_and_torch_free(demo_fp32, tmp_path):
             "assert 'torch' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code, str(demo_fp32), str(out)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "28 MatMul int4" in res.stdout
+    assert "29 MatMul int4" in res.stdout
     from onnxport.bundle import read_manifest
     from onnxport.runtime import Generator
 
     q = read_manifest(out).graph("decoder").quantization
-    assert _bits(out / "model.onnx") == Counter({4: 28})  # 4 layers x (q, k, v, o, gate, up, down)
+    # 4 layers x (q, k, v, o, gate, up, down) + the lm_head, which reads the tied embedding
+    # table transposed and gets its own packed copy
+    assert _bits(out / "model.onnx") == Counter({4: 29})
     assert (out / "model.onnx").stat().st_size < 0.4 * (demo_fp32 / "model.onnx").stat().st_size
-    assert q["layers"] == {"int4": 28} and q["block_size"] == 32 and q["symmetric"] is True
-    assert len(q["per_layer"]) == 28 and all(r["module"].startswith("model.layers.") for r in q["per_layer"])
+    assert q["layers"] == {"int4": 29} and q["block_size"] == 32 and q["symmetric"] is True
+    modules = [r["module"] for r in q["per_layer"]]
+    assert len(modules) == 29 and "lm_head" in modules
+    assert all(m.startswith("model.layers.") for m in modules if m != "lm_head")
     errs = [r["relative_error"] for r in q["per_layer"]]
     assert errs == sorted(errs, reverse=True) and 0.001 < errs[-1] <= errs[0] < 0.5
     ppl = q["perplexity"]
@@ -64,8 +68,8 @@ def test_gate_moves_the_most_sensitive_layers_to_int8(demo_fp32, tmp_path):
     attempts = q["gate"]["attempts"]
     assert len(attempts) >= 2 and not attempts[0]["ok"] and attempts[-1]["ok"]
     n8 = attempts[-1]["int8_layers"]
-    assert [r["bits"] for r in q["per_layer"]] == [8] * n8 + [4] * (28 - n8)  # the most sensitive ones
-    assert _bits(tmp_path / "mixed" / "model.onnx") == Counter({8: n8, 4: 28 - n8} if n8 < 28 else {8: 28})
+    assert [r["bits"] for r in q["per_layer"]] == [8] * n8 + [4] * (29 - n8)  # the most sensitive ones
+    assert _bits(tmp_path / "mixed" / "model.onnx") == Counter({8: n8, 4: 29 - n8} if n8 < 29 else {8: 29})
     assert q["greedy_agreement"]["fraction"] >= 0.5
     from onnxport.cli import app
 

@@ -564,7 +564,10 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
                 shutil.copy2(f, tmp / f.name)
         steps = ESCALATION if cfg.bits == 4 and cfg.escalate else (0.0,)
         for frac in steps:
-            int8 = list(errors)[: math.ceil(frac * len(errors))]
+            over = [n for n, e in errors.items() if cfg.max_error is not None and e > cfg.max_error and cfg.bits == 4]
+            int8 = list(dict.fromkeys(list(errors)[: math.ceil(frac * len(errors))] + over))
+            if attempts and len(int8) == attempts[-1]["int8_layers"]:
+                continue  # --max-error already moved these
             for f in (tmp / graph.file, tmp / (graph.file + ".data")):
                 f.unlink(missing_ok=True)
             quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes)
@@ -601,6 +604,7 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
             "perplexity": {"source": round(ppl_fp, 4), "quantized": round(ppl_q, 4), "heldout_tokens": len(held)},
             "greedy_agreement": agree,
             "gate": {"max_ppl_increase": cfg.max_ppl_increase, "min_agreement": cfg.min_agreement,
+                     "max_error": cfg.max_error,
                      "calibration": cfg.calib or "onnxport/data/calib.txt", "calibration_tokens": len(calib),
                      "attempts": attempts},
         }

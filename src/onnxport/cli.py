@@ -187,7 +187,8 @@ def quantize_cmd(
     accuracy_level: int = typer.Option(0, "--accuracy-level", help="MatMulNBits accuracy_level: 0 unset (fp32 compute), 4 = int8 compute (faster on CPU)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration / held-out text (default: text shipped with onnxport)."),
     max_ppl_increase: float = typer.Option(0.10, "--max-ppl-increase", help="Gate: held-out perplexity at most (1 + this) x the source bundle's."),
-    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Gate: fraction of greedy tokens equal to the source bundle's."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", "--target-agreement", help="Gate: fraction of greedy tokens equal to the source bundle's."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Layers whose relative output error on the calibration text exceeds this start at int8."),
     no_escalate: bool = typer.Option(False, "--no-escalate", help="int4: fail instead of moving the most sensitive layers to int8."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ):
@@ -197,7 +198,8 @@ def quantize_cmd(
 
     cfg = QuantConfig(bits=bits, block_size=block_size, method=method, symmetric=not asymmetric,
                       accuracy_level=accuracy_level, calib=str(calib) if calib else None,
-                      max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, escalate=not no_escalate,
+                      max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, max_error=max_error,
+                      escalate=not no_escalate,
                       force=force)
     with console.status(f"quantizing {bundle} to int{bits} ..."):
         manifest = quantize(bundle, output, cfg)

@@ -159,6 +159,8 @@ class QuantConfig:
     max_ppl_increase: float = 0.10
     #: gate: fraction of greedy tokens equal to the source bundle's (None: not gated, reported)
     min_agreement: float | None = None
+    #: gate: layers whose relative output error on the calibration set exceeds this start at int8
+    max_error: float | None = None
     agreement_tokens: int = 32
     #: int4: move the most sensitive layers to int8 until the gate holds
     escalate: bool = True
@@ -176,3 +178,5 @@ class QuantConfig:
             raise InputError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
         if self.max_ppl_increase < 0 or (self.min_agreement is not None and not 0 <= self.min_agreement <= 1):
             raise InputError("--max-ppl-increase must be >= 0 and --min-agreement between 0 and 1")
+        if self.max_error is not None and self.max_error <= 0:
+            raise InputError(f"--max-error must be > 0, got {self.max_error}")

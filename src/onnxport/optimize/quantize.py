@@ -36,18 +36,53 @@ class QuantSpec:
     accuracy_level: int = 0
 
 
-def quantizable(model) -> list[tuple[str, str, tuple[int, int]]]:
-    """(node name, weight name, (K, N)) of each MatMul whose B is a 2-D float initializer."""
+def quantizable(model) -> list[tuple[str, str, tuple[int, int], bool]]:
+    """(node name, weight name, (K, N), transposed) of each MatMul whose B is a 2-D float
+    initializer, or Transpose(perm=[1, 0]) of one: a tied lm_head reads the embedding table
+    transposed (`transposed`: B = weight.T)."""
     import onnx
 
     inits = {i.name: i for i in model.graph.initializer}
+    transposes = {n.output[0]: n.input[0] for n in model.graph.node
+                  if n.op_type == "Transpose" and n.input[0] in inits
+                  and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])}
     out = []
     for n in model.graph.node:
-        if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits:
-            t = inits[n.input[1]]
-            if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] % 2 == 0:
-                out.append((n.name, n.input[1], (int(t.dims[0]), int(t.dims[1]))))
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
+            continue
+        b = n.input[1]
+        transposed = b not in inits and b in transposes
+        t = inits.get(transposes[b] if transposed else b)
+        if t is None or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        k, m = (int(t.dims[1]), int(t.dims[0])) if transposed else (int(t.dims[0]), int(t.dims[1]))
+        if k % 2 == 0:
+            out.append((n.name, t.name, (k, m), transposed))
     return out
+
+
+def untie_transposed(model) -> int:
+    """Give each MatMul that reads Transpose(initializer) its own transposed initializer, so
+    the quantizer (which wants B constant) packs it; unused Transposes are dropped."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    n = 0
+    for name, wname, _, transposed in quantizable(model):
+        if not transposed:
+            continue
+        node = by_name[name]
+        w = numpy_helper.to_array(inits[wname])
+        new = f"{wname}.T.{name}"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), new))
+        node.input[1] = new
+        n += 1
+    used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
+    dead = [node for node in model.graph.node if node.op_type == "Transpose" and node.output[0] not in used]
+    for node in dead:
+        model.graph.node.remove(node)
+    return n
 
 
 def module_names(src: Path) -> dict[str, str]:
@@ -121,8 +156,9 @@ def sensitivity(src: Path, feeds: dict, spec: QuantSpec) -> dict[str, float]:
     inits = {i.name: i for i in model.graph.initializer}
     by_node = {n.name: n for n in model.graph.node}
     err = {}
-    for name, wname, _ in targets:
+    for name, wname, _, transposed in targets:
         w = numpy_helper.to_array(inits[wname], base_dir=str(src.parent)).astype(np.float32)
+        w = np.ascontiguousarray(w.T) if transposed else w
         x = acts[by_node[name].input[0]].reshape(-1, w.shape[0])
         ref = x @ w
         err[name] = float(np.linalg.norm(x @ (w - rtn(w, spec.bits, spec.block_size, spec.symmetric)))
@@ -140,6 +176,7 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str],
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     model = onnx.load(str(src))
+    untie_transposed(model)
     names = [t[0] for t in quantizable(model)]
     int8 = [n for n in names if n in set(int8_nodes)] if spec.bits != 8 else []
     rest = [n for n in names if n not in set(int8)]
