@@ -96,3 +96,47 @@ def test_quantize_bad_input(demo_fp32, tmp_path):
     res = runner.invoke(app, ["quantize", str(tmp_path), "-o", str(tmp_path / "b")])
     assert res.exit_code == 2 and "not an onnxport bundle" in res.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_error_model_is_the_packer(bits, symmetric):
+    """The per-layer errors and the AWQ search use `rtn`, a numpy copy of the rounding ONNX
+    Runtime packs: dequantizing a MatMulNBits weight (identity input) gives exactly it."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from onnxport.optimize.quantize import rtn
+
+    k, n = 64, 24
+    w = np.random.default_rng(bits + symmetric).standard_normal((k, n)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])], [numpy_helper.from_array(w, "W")])
+    q = MatMulNBitsQuantizer(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), bits=bits,
+                             block_size=32, is_symmetric=symmetric, op_types_to_quantize=("MatMul",))
+    q.process()
+    deq = ort.InferenceSession(q.model.model.SerializeToString()).run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+    mine = rtn(w, bits, 32, symmetric)
+    np.testing.assert_allclose(mine, deq, rtol=0, atol=1e-6)
+    assert np.abs(mine - w).max() > 1e-4  # it does quantize
+
+
+def test_awq_beats_rtn_on_held_out_perplexity(demo_fp32, tmp_path):
+    """Trained weights, int4, block 32, no escalation: AWQ's activation-aware scales give a
+    lower held-out perplexity than plain RTN (measured 85.84 vs 86.14; fp32 84.10)."""
+    from onnxport.api import quantize
+    from onnxport.config import QuantConfig
+
+    ppl = {}
+    for method in ("rtn", "awq"):
+        m = quantize(demo_fp32, tmp_path / method, QuantConfig(method=method, max_ppl_increase=1.0, escalate=False))
+        q = m.graph("decoder").quantization
+        ppl[method] = q["perplexity"]["quantized"]
+        source = q["perplexity"]["source"]
+    assert source < ppl["awq"] < ppl["rtn"], (source, ppl)
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "awq" / "model.onnx")).graph.node)
+    assert ops["MatMulNBits"] == 29 and ops["Mul"] > Counter(
+        n.op_type for n in onnx.load(str(tmp_path / "rtn" / "model.onnx")).graph.node)["Mul"]  # the 1/s scalings

@@ -532,7 +532,15 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
     import math
     from dataclasses import replace
 
-    from onnxport.optimize.quantize import ESCALATION, QuantSpec, module_names, quantize_graph, sensitivity
+    from onnxport.optimize.quantize import (
+        ESCALATION,
+        QuantSpec,
+        awq_scales,
+        calibrate,
+        module_names,
+        quantize_graph,
+        sensitivity,
+    )
     from onnxport.verify.quality import calibration_split, greedy_agreement, perplexity
 
     t0 = time.perf_counter()
@@ -552,7 +560,10 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
         raise InputError(f"the calibration text gives {len(calib) + len(held)} tokens; at least 80 are needed",
                          "pass a longer --calib text")
     spec = QuantSpec(cfg.bits, cfg.block_size, cfg.symmetric, cfg.accuracy_level)
-    errors = sensitivity(src / graph.file, reference.prefill_feeds(calib), spec)
+    acts = calibrate(src / graph.file, reference.prefill_feeds(calib))
+    scales = awq_scales(src / graph.file, acts, spec) if cfg.method == "awq" else None
+    errors = sensitivity(src / graph.file, acts, spec, scales)
+    del acts
     if not errors:
         raise InputError("the decoder graph has no MatMul with a constant weight to quantize",
                          "export the bundle with onnxport export (dynamo exporter)")
@@ -570,7 +581,7 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
                 continue  # --max-error already moved these
             for f in (tmp / graph.file, tmp / (graph.file + ".data")):
                 f.unlink(missing_ok=True)
-            quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes)
+            quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes, scales)
             q = replace(graph, external_data=sorted(set(external_locations(tmp / graph.file))), files=None)
             qm = replace(manifest, graphs=[q if g is graph else g for g in manifest.graphs])
             write_manifest(tmp, qm)
@@ -598,6 +609,8 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
         q.quantization = {
             "method": cfg.method, "bits": cfg.bits, "block_size": cfg.block_size, "symmetric": cfg.symmetric,
             "accuracy_level": cfg.accuracy_level or None, "format": "com.microsoft.MatMulNBits",
+            "awq": {"scaled_groups": len(scales), "applied_as": "Mul by 1/s before each group, W * s packed"}
+            if scales is not None else None,
             "layers": {f"int{b}": sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))},
             "per_layer": [{"node": n, "module": modules.get(n), "bits": bits[n], "relative_error": round(e, 5)}
                           for n, e in errors.items()],

@@ -182,7 +182,7 @@ def quantize_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Quantized bundle folder to write."),
     bits: int = typer.Option(4, help="4 or 8 (weight-only MatMulNBits)."),
     block_size: int = typer.Option(32, "--block-size", help="Input channels per quantization block (16-256)."),
-    method: str = typer.Option("rtn", help="rtn (round to nearest per block)."),
+    method: str = typer.Option("rtn", help="rtn (round to nearest per block) or awq (activation-aware channel scales searched on the calibration text, then RTN)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="Per-block zero points (default: symmetric)."),
     accuracy_level: int = typer.Option(0, "--accuracy-level", help="MatMulNBits accuracy_level: 0 unset (fp32 compute), 4 = int8 compute (faster on CPU)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration / held-out text (default: text shipped with onnxport)."),

@@ -149,6 +149,7 @@ class QuantConfig:
 
     bits: int = 4
     block_size: int = 32
+    #: rtn: round to nearest per block; awq: activation-aware per-channel scales first
     method: str = "rtn"
     symmetric: bool = True
     #: MatMulNBits accuracy_level (0 = unset: fp32 compute; 4 = int8 compute, faster on CPU)
@@ -172,8 +173,8 @@ class QuantConfig:
             raise InputError(f"--bits must be 4 or 8, got {self.bits}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
-        if self.method != "rtn":
-            raise InputError(f"--method {self.method!r} is not available", "use --method rtn (AWQ is not built yet)")
+        if self.method not in ("rtn", "awq"):
+            raise InputError(f"unknown --method {self.method!r}", "use --method rtn or awq")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
         if self.max_ppl_increase < 0 or (self.min_agreement is not None and not 0 <= self.min_agreement <= 1):

@@ -116,8 +116,11 @@ def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
     b = wp.reshape(-1, block, n).astype(np.float64)
     qmax = 2 ** bits - 1
     if symmetric:
-        amax = np.abs(b).max(axis=1, keepdims=True)
-        scale = amax / (2 ** (bits - 1))  # ORT: scale = absmax / (2^(bits-1)), q in [-2^(b-1), 2^(b-1)-1]
+        # as ONNX Runtime (MLAS): the value of largest magnitude, with its sign, maps to
+        # -2^(bits-1) exactly, so the full [-2^(b-1), 2^(b-1)-1] range is used
+        idx = np.abs(b).argmax(axis=1)[:, None, :]
+        signed_max = np.take_along_axis(b, idx, axis=1)
+        scale = signed_max / -(2 ** (bits - 1))
         scale[scale == 0] = 1.0
         q = np.clip(np.round(b / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         deq = q * scale
@@ -132,42 +135,123 @@ def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
     return deq.reshape(-1, n)[:k].astype(np.float32)
 
 
-def sensitivity(src: Path, feeds: dict, spec: QuantSpec) -> dict[str, float]:
-    """node name -> relative output error of its int(spec.bits) RTN weight on the calibration
-    activations (sorted, worst first)."""
+def calibrate(src: Path, feeds: dict) -> dict[str, np.ndarray]:
+    """The input activations of every quantizable MatMul on the calibration feeds, by value
+    name (one ONNX Runtime run of `src` with those values exposed)."""
     import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     model = onnx.load(str(src), load_external_data=False)
-    targets = quantizable(model)
-    xs = sorted({model.graph.node[i].input[0] for i, n in enumerate(model.graph.node)
-                 if n.name in {t[0] for t in targets}})
+    targets = {t[0] for t in quantizable(model)}
+    xs = sorted({n.input[0] for n in model.graph.node if n.name in targets})
     known = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=x) for x in xs if x not in known)
     probe = src.with_name(src.stem + ".calib.onnx")
     try:
         onnx.save(model, str(probe))
         sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-        acts = dict(zip(xs, sess.run(xs, feeds)))
-        del sess
+        return dict(zip(xs, sess.run(xs, feeds)))
     finally:
         probe.unlink(missing_ok=True)
+
+
+def _layers(src: Path, acts: dict) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(node name, input value name, W [K, N], X [tokens, K]) per quantizable MatMul."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     by_node = {n.name: n for n in model.graph.node}
-    err = {}
-    for name, wname, _, transposed in targets:
+    out = []
+    for name, wname, _, transposed in quantizable(model):
         w = numpy_helper.to_array(inits[wname], base_dir=str(src.parent)).astype(np.float32)
         w = np.ascontiguousarray(w.T) if transposed else w
-        x = acts[by_node[name].input[0]].reshape(-1, w.shape[0])
+        x_name = by_node[name].input[0]
+        out.append((name, x_name, w, acts[x_name].reshape(-1, w.shape[0]).astype(np.float32)))
+    return out
+
+
+def sensitivity(src: Path, acts: dict, spec: QuantSpec, scales: dict | None = None) -> dict[str, float]:
+    """node name -> relative output error ||X W - X Q(W)|| / ||X W|| of its spec.bits RTN
+    weight on the calibration activations (with AWQ `scales`: X/s and Q(W s)), worst first."""
+    err = {}
+    for name, x_name, w, x in _layers(src, acts):
+        s = (scales or {}).get(x_name)
+        approx = (x / s) @ rtn(w * s[:, None], spec.bits, spec.block_size, spec.symmetric) if s is not None else \
+            x @ rtn(w, spec.bits, spec.block_size, spec.symmetric)
         ref = x @ w
-        err[name] = float(np.linalg.norm(x @ (w - rtn(w, spec.bits, spec.block_size, spec.symmetric)))
-                          / max(np.linalg.norm(ref), 1e-30))
+        err[name] = float(np.linalg.norm(ref - approx) / max(np.linalg.norm(ref), 1e-30))
     return dict(sorted(err.items(), key=lambda kv: -kv[1]))
 
 
-def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str], external_threshold: int) -> None:
-    """MatMulNBits at spec.bits for every quantizable MatMul, `int8_nodes` at 8 bits."""
+def awq_scales(src: Path, acts: dict, spec: QuantSpec, grid: int = 20, max_tokens: int = 512) -> dict:
+    """AWQ (Lin et al., 2023; the search of llm-awq / AutoAWQ): for each group of MatMuls that
+    read the same activation X, per-input-channel scales s = mean|X|^alpha (normalised), alpha
+    on a grid in [0, 1), minimising sum ||X W - (X / s) Q(W s)||^2 over the group. Returns
+    {input value name: s} for the groups where some alpha > 0 beats plain RTN."""
+    groups: dict[str, list] = {}
+    for _, x_name, w, x in _layers(src, acts):
+        groups.setdefault(x_name, [x[:max_tokens], []])[1].append(w)
+    plan = {}
+    for x_name, (x, ws) in groups.items():
+        refs = [x @ w for w in ws]
+        mean = np.abs(x).mean(axis=0).astype(np.float64) + 1e-8
+        best, best_s = None, None
+        for alpha in np.arange(grid) / grid:
+            s = mean ** alpha
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+            e = sum(float(np.sum((r - (x / s) @ rtn(w * s[:, None], spec.bits, spec.block_size, spec.symmetric)) ** 2))
+                    for r, w in zip(refs, ws))
+            if best is None or e < best:
+                best, best_s = e, (s if alpha > 0 else None)
+        if best_s is not None:
+            plan[x_name] = best_s
+    return plan
+
+
+def apply_scales(model, scales: dict) -> int:
+    """Fold AWQ scales into the graph (ModelProto, weights loaded, ties undone): each MatMul
+    reading X reads X * (1/s) through one Mul per group, its weight becomes W * s. Returns
+    the number of weights scaled."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    by_node = {n.name: n for n in model.graph.node}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    n_scaled = 0
+    for name, wname, _, transposed in quantizable(model):
+        node = by_node[name]
+        s = scales.get(node.input[0])
+        if s is None or transposed:
+            continue
+        scaled_name = f"{node.input[0]}.awq"
+        if scaled_name not in inits:
+            inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{node.input[0]}.awq_inv_scale")
+            model.graph.initializer.append(inv)
+            inits[scaled_name] = inv
+            mul = helper.make_node("Mul", [node.input[0], inv.name], [scaled_name], name=f"awq_scale/{node.input[0]}")
+            idx = list(model.graph.node).index(node)
+            model.graph.node.insert(idx, mul)
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32) * s[:, None]
+        new_name = wname if uses.get(wname, 0) == 1 else f"{wname}.awq.{name}"
+        t = numpy_helper.from_array(w, new_name)
+        if new_name == wname:
+            inits[wname].CopyFrom(t)
+        else:
+            model.graph.initializer.append(t)
+        node.input[0], node.input[1] = scaled_name, new_name
+        n_scaled += 1
+    return n_scaled
+
+
+def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str], external_threshold: int,
+                   scales: dict | None = None) -> None:
+    """MatMulNBits at spec.bits for every quantizable MatMul, `int8_nodes` at 8 bits, after
+    folding AWQ `scales` (if any) into activations and weights."""
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -177,6 +261,8 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str],
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     model = onnx.load(str(src))
     untie_transposed(model)
+    if scales:
+        apply_scales(model, scales)
     names = [t[0] for t in quantizable(model)]
     int8 = [n for n in names if n in set(int8_nodes)] if spec.bits != 8 else []
     rest = [n for n in names if n not in set(int8)]
