@@ -6,7 +6,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-
 from conftest import hf_greedy
 
 PROMPTS = [[5, 17, 300, 42, 7], [11, 600, 23]]
