@@ -581,7 +581,8 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
                 continue  # --max-error already moved these
             for f in (tmp / graph.file, tmp / (graph.file + ".data")):
                 f.unlink(missing_ok=True)
-            quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes, scales)
+            quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes, scales,
+                           cfg.embedding)
             q = replace(graph, external_data=sorted(set(external_locations(tmp / graph.file))), files=None)
             qm = replace(manifest, graphs=[q if g is graph else g for g in manifest.graphs])
             write_manifest(tmp, qm)
@@ -609,6 +610,7 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
         q.quantization = {
             "method": cfg.method, "bits": cfg.bits, "block_size": cfg.block_size, "symmetric": cfg.symmetric,
             "accuracy_level": cfg.accuracy_level or None, "format": "com.microsoft.MatMulNBits",
+            "embedding": f"int{cfg.bits} GatherBlockQuantized" if cfg.embedding else "float32",
             "awq": {"scaled_groups": len(scales), "applied_as": "Mul by 1/s before each group, W * s packed"}
             if scales is not None else None,
             "layers": {f"int{b}": sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))},

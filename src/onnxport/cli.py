@@ -189,6 +189,7 @@ def quantize_cmd(
     max_ppl_increase: float = typer.Option(0.10, "--max-ppl-increase", help="Gate: held-out perplexity at most (1 + this) x the source bundle's."),
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", "--target-agreement", help="Gate: fraction of greedy tokens equal to the source bundle's."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Layers whose relative output error on the calibration text exceeds this start at int8."),
+    quantize_embedding: bool = typer.Option(False, "--quantize-embedding", help="Also quantize the token embedding table (GatherBlockQuantized)."),
     no_escalate: bool = typer.Option(False, "--no-escalate", help="int4: fail instead of moving the most sensitive layers to int8."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ):
@@ -199,12 +200,13 @@ def quantize_cmd(
     cfg = QuantConfig(bits=bits, block_size=block_size, method=method, symmetric=not asymmetric,
                       accuracy_level=accuracy_level, calib=str(calib) if calib else None,
                       max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, max_error=max_error,
-                      escalate=not no_escalate,
+                      escalate=not no_escalate, embedding=quantize_embedding,
                       force=force)
     with console.status(f"quantizing {bundle} to int{bits} ..."):
         manifest = quantize(bundle, output, cfg)
     q = manifest.graph("decoder").quantization
-    out.print(f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}; held-out perplexity "
+    emb = f", embedding {q['embedding'].split()[0]}" if q.get("embedding", "float32") != "float32" else ""
+    out.print(f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}{emb}; held-out perplexity "
               f"{q['perplexity']['quantized']:.3f} (source {q['perplexity']['source']:.3f}); greedy tokens equal to "
               f"the source: {q['greedy_agreement']['tokens_equal']}/{q['greedy_agreement']['tokens']}", soft_wrap=True)
 

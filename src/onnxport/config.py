@@ -165,6 +165,8 @@ class QuantConfig:
     agreement_tokens: int = 32
     #: int4: move the most sensitive layers to int8 until the gate holds
     escalate: bool = True
+    #: also quantize the token embedding table (GatherBlockQuantized, same bits and block)
+    embedding: bool = False
     force: bool = False
     external_data_threshold_bytes: int = 1 << 30
 

@@ -249,9 +249,11 @@ def apply_scales(model, scales: dict) -> int:
 
 
 def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str], external_threshold: int,
-                   scales: dict | None = None) -> None:
+                   scales: dict | None = None, embedding: bool = False) -> None:
     """MatMulNBits at spec.bits for every quantizable MatMul, `int8_nodes` at 8 bits, after
-    folding AWQ `scales` (if any) into activations and weights."""
+    folding AWQ `scales` (if any) into activations and weights; with `embedding`, token
+    embedding Gathers become GatherBlockQuantized (spec.bits, blocks along the hidden axis;
+    ONNX Runtime's quantizer raises the opset to 21 for the int4 type)."""
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -274,6 +276,11 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str],
                                  accuracy_level=spec.accuracy_level or None,
                                  nodes_to_exclude=[n for n in names if n not in set(nodes)],
                                  op_types_to_quantize=("MatMul",))
+        q.process()
+        model = q.model.model
+    if embedding:
+        q = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                 op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
         q.process()
         model = q.model.model
     save_model(ir.serde.deserialize_model(model), dst, external_threshold)
