@@ -129,3 +129,26 @@ def test_split_bad_options(tmp_path, tiny_checkpoints):
         res = CliRunner().invoke(app, ["export", str(ck), "-o", str(out), *args])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, (args, res.output)
         assert not out.exists()
+
+
+def test_max_part_size_picks_the_pack(tmp_path, tiny_checkpoints):
+    """--max-part-size chooses the most layers per block graph under the size; a size below one
+    layer, or one that cannot be read, is a one-line error with nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from onnxport.cli import app
+    from onnxport.config import parse_size
+    from onnxport.export.split import pack_for_size
+    from onnxport.recipes.generic import GenericDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints("llama"))
+    layer = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    recipe = GenericDecoder("llama")
+    assert pack_for_size(recipe, model, 2, int(2.5 * layer)) == 2
+    assert pack_for_size(recipe, model, 2, int(1.5 * layer)) == 1
+    assert parse_size("1.5GiB") == 1610612736 and parse_size("500MB") == 500_000_000
+    for size, needle in [("1KB", "more than --max-part-size"), ("lots", "cannot read the size")]:
+        out = tmp_path / size
+        res = CliRunner().invoke(app, ["export", str(tiny_checkpoints("llama")), "-o", str(out), "--max-part-size", size])
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
+        assert not out.exists()

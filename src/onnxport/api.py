@@ -240,6 +240,11 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
             graph.fallback_from = {"dynamo": e.message[:300]}
         graphs = [graph]
     else:
+        if split.max_part_bytes is not None:
+            from onnxport.export.split import pack_for_size
+
+            split = replace(split, pack=pack_for_size(recipe, model, kv.num_layers, split.max_part_bytes))
+            log.info("--max-part-size: %d layers per block graph", split.pack)
         graphs, used = export_split(recipe, model, kv, cfg, split, folder)
         manifest.layout = Layout(SPLIT, **asdict(split))
         if split.rope == "outside":

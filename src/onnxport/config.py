@@ -123,8 +123,13 @@ class SplitConfig:
     #: a tied embedding and lm_head); False keeps every graph self-contained, for toolchains
     #: that compile one file at a time
     share_weights: bool = True
+    #: pick `pack` (layers per block graph) as the most layers whose weights stay under this
+    #: many bytes (--max-part-size); None: use `pack`
+    max_part_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_part_bytes is not None and self.max_part_bytes <= 0:
+            raise InputError(f"--max-part-size must be positive, got {self.max_part_bytes}")
         if self.pack < 1:
             raise InputError(f"--pack must be >= 1, got {self.pack}")
         if self.rope not in ("inside", "outside"):
@@ -183,3 +188,15 @@ class QuantConfig:
             raise InputError("--max-ppl-increase must be >= 0 and --min-agreement between 0 and 1")
         if self.max_error is not None and self.max_error <= 0:
             raise InputError(f"--max-error must be > 0, got {self.max_error}")
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '1.5GiB', '500MB', '4096' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text or "")
+    if not m:
+        raise InputError(f"cannot read the size {text!r}", "write it like 2GB, 1.5GiB, 500MB or a byte count")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base ** power)

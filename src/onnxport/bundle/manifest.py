@@ -156,6 +156,8 @@ class Layout:
     embedding_bin: bool | None = None
     #: the split graphs read their weights from one shared `weights.data`
     share_weights: bool | None = None
+    #: --max-part-size in bytes (`pack` is what it chose)
+    max_part_bytes: int | None = None
     # --rope outside: what the runtime needs to compute cos/sin
     inv_freq: list[float] | None = None
     attention_scaling: float | None = None

@@ -207,6 +207,18 @@ def example_feeds(entry: Graph, sizes: dict, seed: int, vocab: int, past_len: in
                  static_cache=entry.role == "block_cache")
 
 
+def pack_for_size(recipe, model, num_layers: int, limit: int) -> int:
+    """The most consecutive layers whose weights (in the trace dtype) stay under `limit` bytes."""
+    from onnxport.errors import InputError
+
+    layers = recipe.base_model(model).layers
+    sizes = [sum(p.numel() * p.element_size() for p in layers[i].parameters()) for i in range(num_layers)]
+    if max(sizes) > limit:
+        raise InputError(f"one decoder layer holds {max(sizes) / 1e6:.1f} MB of weights, more than --max-part-size "
+                         f"({limit / 1e6:.1f} MB)", "raise --max-part-size; a layer is the smallest part")
+    return max(1, min(num_layers, limit // max(sizes)))
+
+
 def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[Graph], set[str]]:
     """Export every graph of the split plan into `folder`; return the entries and the union of
     parameters the exported graphs read."""
