@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import TINY_ARCHS, hf_greedy, make_tiny_checkpoint
 from typer.testing import CliRunner
 
-from conftest import TINY_ARCHS, hf_greedy, make_tiny_checkpoint
 from onnxport.errors import RuntimeInputError
 from onnxport.runtime import Generator
 
