@@ -131,3 +131,46 @@ def test_debug_shows_traceback(tmp_path):
 def test_generate_on_missing_bundle(tmp_path):
     res = run("generate", tmp_path / "nothing", "-p", "hi")
     assert_clean_failure(res, None, "does not exist")
+
+
+def test_sharded_checkpoint_that_disagrees_with_its_index(tmp_path, tiny_checkpoints):
+    """Sharded checkpoints are read through their index: a missing shard, a stale extra shard,
+    a tensor in two files or in another shard than the index says is a one-line error before
+    any model is built (no weight is silently taken from the wrong file)."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from onnxport.checkpoint import open_checkpoint
+    from onnxport.errors import CheckpointError
+
+    good = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoints("llama")).save_pretrained(good, max_shard_size="200KB")
+    shards = sorted(good.glob("*.safetensors"))
+    assert len(shards) >= 2 and len(open_checkpoint(good).tensors) > 10
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        edit(d)
+        with pytest.raises(CheckpointError) as e:
+            open_checkpoint(d)
+        return e.value.message
+
+    assert "which is missing" in broken("missing", lambda d: (d / shards[0].name).unlink())
+    assert "is not listed in" in broken("stray", lambda d: shutil.copy(d / shards[0].name, d / "old.safetensors"))
+
+    def move(d):
+        idx = json.loads((d / "model.safetensors.index.json").read_text())
+        counts = {}
+        for v in idx["weight_map"].values():
+            counts[v] = counts.get(v, 0) + 1
+        src = next(f for f, c in counts.items() if c > 1)  # a shard that stays named after the move
+        name = next(k for k, v in idx["weight_map"].items() if v == src)
+        idx["weight_map"][name] = next(f for f in counts if f != src)
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+    assert "but it is in" in broken("moved", move)
+    res = run("export", tmp_path / "missing", "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "which is missing" in res.output and not (tmp_path / "o").exists()

@@ -123,6 +123,40 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def _index_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index.name} is not valid JSON ({e})", "fetch the checkpoint again") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index.name} has no weight_map", "fetch the checkpoint again")
+    return weight_map
+
+
+def _shards_from_index(folder: Path, index: Path, st_files: list[Path]) -> list[Path]:
+    """The shard files a sharded checkpoint's index names: all present, and no other
+    *.safetensors beside them (a stale shard would mix weights of two versions)."""
+    named = sorted(set(_index_map(index).values()))
+    missing = [n for n in named if not (folder / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{index.name} names {missing[0]}, which is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                              "the download is incomplete; fetch the missing shards")
+    stray = [f.name for f in st_files if f.name not in named]
+    if stray:
+        raise CheckpointError(f"{stray[0]} is not listed in {index.name}",
+                              "remove stale weight files from the checkpoint folder, or fix the index")
+    return [folder / n for n in named]
+
+
+def _check_index(index: Path, where: dict[str, str]) -> None:
+    for name, file in _index_map(index).items():
+        if where.get(name) != file:
+            got = f"it is in {where[name]}" if name in where else "no shard holds it"
+            raise CheckpointError(f"{index.name} puts {name!r} in {file}, but {got}",
+                                  "the shards and their index disagree; fetch the checkpoint again")
+
+
 def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     """Validate a checkpoint folder and read its config and tensor headers (no weights)."""
     p = Path(path)
@@ -152,10 +186,22 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         )
     st_files = sorted(p.glob("*.safetensors"))
     pk_files = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        st_files = _shards_from_index(p, index, st_files)
     if st_files:
         ckpt = Checkpoint(p, config, st_files, pickle_weights=False)
+        where: dict[str, str] = {}
         for f in st_files:
-            ckpt.tensors.update(read_safetensors_header(f))
+            header = read_safetensors_header(f)
+            for name in header:
+                if name in where:  # never let one file silently replace another's tensor
+                    raise CheckpointError(f"tensor {name!r} is in both {where[name]} and {f.name}",
+                                          "remove the stale or duplicate weight file")
+                where[name] = f.name
+            ckpt.tensors.update(header)
+        if index.is_file():
+            _check_index(index, where)
         return ckpt
     if pk_files:
         if not allow_pickle:
