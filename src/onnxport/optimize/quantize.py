@@ -6,9 +6,15 @@ The packing is ONNX Runtime's `MatMulNBitsQuantizer` (RTN: round to nearest per 
 - **sensitivity**: the fp graph runs on calibration tokens with every quantizable MatMul's
   input exposed; each weight's quantized copy (the same RTN blocks, in numpy) gives that
   layer's relative output error ||X (W - Q(W))|| / ||X W||.
+- **AWQ** (`awq_scales`, `apply_scales`): per input group, channel scales s = mean|X|^alpha
+  searched to minimise the group's output error; the graph reads X / s through one Mul and
+  packs W * s.
 - **gate**: held-out perplexity and greedy-token agreement of the quantized graph against the
   fp graph, measured with ONNX Runtime. When the gate fails, the most sensitive layers move to
   int8 (10 %, 25 %, 50 %, then all); when even all-int8 fails, quantize fails with a hint.
+
+`rtn` reproduces ONNX Runtime's block rounding exactly (tested against dequantized
+MatMulNBits weights), so the errors measured here are those of the packed graph.
 
 Everything here is onnxruntime + numpy: the quantized bundle and its gate need no torch.
 """
