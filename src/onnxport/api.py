@@ -339,8 +339,7 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
                                         "export in float32; nothing was written")
     new = _with_io_dtypes(graph, path)
     graph.inputs, graph.outputs = new.inputs, new.outputs
-    data = path.with_name(path.name + ".data")
-    graph.external_data = [data.name] if data.exists() else []
+    graph.external_data = sorted(set(external_locations(path)))
     graph.precision = result.record()
     if manifest.kv_cache is not None:
         manifest.kv_cache.dtype = next((t.dtype for t in graph.inputs if t.name in manifest.kv_cache.past_names),

@@ -34,6 +34,7 @@ import numpy as np
 
 from onnxport.bundle.weights import commit_graph, discard_staged, stage_graph
 from onnxport.errors import ExportError
+from onnxport.optimize.probe import graph_structure, run_exposing
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +89,13 @@ class PrecisionResult:
 
 # --- fp32 value ranges ------------------------------------------------------------------------
 
-def value_ranges(src: Path, samples: list[dict]) -> dict[str, float]:
+def value_ranges(src: Path, structure, samples: list[dict]) -> dict[str, float]:
     """max finite |x| (ignoring mask-like values >= 1e30) of every float value of the graph at
-    `src` over the sample feeds: node outputs, graph inputs and weights."""
+    `src` (`structure`: its probe.graph_structure) over the sample feeds: node outputs, graph
+    inputs and weights."""
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
 
-    model = onnx.load(str(src), load_external_data=False)
-    _name_nodes(model.graph)
-    known = {o.name for o in model.graph.output}
-    extra = [n for node in model.graph.node for n in node.output if n and n not in known]
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
     ranges: dict[str, float] = {}
 
     def note(name: str, arr: np.ndarray) -> None:
@@ -110,26 +106,14 @@ def value_ranges(src: Path, samples: list[dict]) -> dict[str, float]:
         if a.size:
             ranges[name] = max(ranges.get(name, 0.0), float(a.max()))
 
-    # the probe file sits beside the graph so relative external-data locations resolve
-    probe = src.with_name(src.stem + ".ranges.onnx")
-    try:
-        onnx.save(model, str(probe))
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        for feeds in samples:
-            for name, arr in zip(names, sess.run(names, feeds)):
-                note(name, arr)
-            for name, arr in feeds.items():
-                note(name, arr)
-        del sess
-    finally:
-        probe.unlink(missing_ok=True)
-    for init in model.graph.initializer:
+    values = [n for node in structure.graph.node for n in node.output if n]
+    for feeds, outs in zip(samples, run_exposing(src, structure, values, samples)):
+        for name, arr in [*outs.items(), *feeds.items()]:
+            note(name, arr)
+    for init in structure.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT:
             note(init.name, numpy_helper.to_array(init, base_dir=str(src.parent)))
-    for node in model.graph.node:  # Constant nodes hold weights too (folded constants)
+    for node in structure.graph.node:  # Constant nodes hold weights too (folded constants)
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
@@ -137,23 +121,12 @@ def value_ranges(src: Path, samples: list[dict]) -> dict[str, float]:
     return ranges
 
 
-def _name_nodes(graph) -> None:
-    seen = set()
-    for i, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
-        seen.add(node.name)
-
-
-def nodes_past_range(src: Path, ranges: dict[str, float], safe_max: float) -> dict[str, tuple[str, str]]:
-    """node name -> (op type, reason) for the nodes that read or write a value beyond safe_max."""
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=False)
-    _name_nodes(model.graph)
-    weights = {i.name for i in model.graph.initializer}
+def nodes_past_range(structure, ranges: dict[str, float], safe_max: float) -> dict[str, tuple[str, str]]:
+    """node name -> (op type, reason) for the nodes of `structure` that read or write a value
+    beyond safe_max."""
+    weights = {i.name for i in structure.graph.initializer}
     kept = {}
-    for node in model.graph.node:
+    for node in structure.graph.node:
         if node.op_type in ("Constant", "Shape", "Cast"):
             continue
         for name in [*node.input, *node.output]:
@@ -175,18 +148,16 @@ def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[boo
     """Replace the fp32 graph `src` by its fp16 version, with the guard described in the module
     doc. `check(path)` returns (ok, message) for a candidate; None skips the dynamic check
     (ranges only). On failure `src` is left as it was and ExportError is raised."""
-    dst = stage_graph(src)
     safe_max = FP16_MAX / headroom
-    ranges = value_ranges(src, samples)
-    kept = nodes_past_range(src, ranges, safe_max)
+    structure = graph_structure(src)
+    kept = nodes_past_range(structure, value_ranges(src, structure, samples), safe_max)
+    escalated = {**kept, **{n.name: (n.op_type, "norm / softmax / exp kept in fp32 (escalation)")
+                            for n in structure.graph.node if n.op_type in SENSITIVE_OPS and n.name not in kept}}
     result = PrecisionResult("float16", "float16", "float16", headroom=headroom)
-    levels = [dict(kept), None]
-    for level, keep in enumerate(levels):
-        if keep is None:
-            keep = dict(kept)
-            keep.update(_ops_of(src, SENSITIVE_OPS, "norm / softmax / exp kept in fp32 (escalation)", keep))
+    dst = stage_graph(src)
+    for level, keep in enumerate([kept, escalated]):
         try:
-            io = _convert_fp16(src, dst, keep, keep_io, external_threshold)
+            io = _convert_fp16(src, structure, dst, keep, keep_io, external_threshold)
         except BaseException:
             discard_staged(dst)
             raise
@@ -202,24 +173,18 @@ def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[boo
                       "export with --dtype bf16 (fp32's range, weights in half the bytes) or --dtype fp32")
 
 
-def _ops_of(src: Path, ops: tuple[str, ...], reason: str, already: dict) -> dict:
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=False)
-    _name_nodes(model.graph)
-    return {n.name: (n.op_type, reason) for n in model.graph.node if n.op_type in ops and n.name not in already}
-
-
-def _convert_fp16(src: Path, dst: Path, keep: dict, keep_io: tuple[str, ...], external_threshold: int) -> dict:
-    """ORT's converter on the graph without its weight bytes, then the weights cast one by one."""
+def _convert_fp16(src: Path, structure, dst: Path, keep: dict, keep_io: tuple[str, ...],
+                  external_threshold: int) -> dict:
+    """ORT's converter on the graph without its weight bytes (a copy of `structure`), then the
+    weights cast one by one."""
     from unittest import mock
 
     import onnx
     from onnx import helper
     from onnxruntime.transformers import float16
 
-    model = onnx.load(str(src), load_external_data=False)
-    _name_nodes(model.graph)
+    model = onnx.ModelProto()
+    model.CopyFrom(structure)
     before = {i.name: i.data_type for i in model.graph.initializer}
     float_io = [v.name for v in [*model.graph.input, *model.graph.output]
                 if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name in keep_io]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxport.optimize.probe import graph_structure, run_exposing
+
 log = logging.getLogger(__name__)
 
 #: fractions of the most sensitive layers moved to int8, in order, when the gate fails
@@ -144,50 +146,43 @@ def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
 def calibrate(src: Path, feeds: dict) -> dict[str, np.ndarray]:
     """The input activations of every quantizable MatMul on the calibration feeds, by value
     name (one ONNX Runtime run of `src` with those values exposed)."""
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.load(str(src), load_external_data=False)
-    targets = {t[0] for t in quantizable(model)}
-    xs = sorted({n.input[0] for n in model.graph.node if n.name in targets})
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=x) for x in xs if x not in known)
-    probe = src.with_name(src.stem + ".calib.onnx")
-    try:
-        onnx.save(model, str(probe))
-        sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-        return dict(zip(xs, sess.run(xs, feeds)))
-    finally:
-        probe.unlink(missing_ok=True)
+    structure = graph_structure(src)
+    targets = {t[0] for t in quantizable(structure)}
+    xs = sorted({n.input[0] for n in structure.graph.node if n.name in targets})
+    return next(run_exposing(src, structure, xs, [feeds]))
 
 
-def _layers(src: Path, acts: dict) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
-    """(node name, input value name, W [K, N], X [tokens, K]) per quantizable MatMul."""
-    import onnx
+def _layer_groups(src: Path, acts: dict):
+    """Per activation read by quantizable MatMuls: (input value name, X [tokens, K],
+    [(node name, W [K, N]), ...]). Weights are read one group at a time, so a large model's
+    are never all in memory."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(src), load_external_data=False)
-    inits = {i.name: i for i in model.graph.initializer}
-    by_node = {n.name: n for n in model.graph.node}
-    out = []
-    for name, wname, _, transposed in quantizable(model):
-        w = numpy_helper.to_array(inits[wname], base_dir=str(src.parent)).astype(np.float32)
-        w = np.ascontiguousarray(w.T) if transposed else w
-        x_name = by_node[name].input[0]
-        out.append((name, x_name, w, acts[x_name].reshape(-1, w.shape[0]).astype(np.float32)))
-    return out
+    structure = graph_structure(src)
+    inits = {i.name: i for i in structure.graph.initializer}
+    by_node = {n.name: n for n in structure.graph.node}
+    groups: dict[str, list] = {}
+    for name, wname, _, transposed in quantizable(structure):
+        groups.setdefault(by_node[name].input[0], []).append((name, wname, transposed))
+    for x_name, members in groups.items():
+        ws = []
+        for name, wname, transposed in members:
+            w = numpy_helper.to_array(inits[wname], base_dir=str(src.parent)).astype(np.float32)
+            ws.append((name, np.ascontiguousarray(w.T) if transposed else w))
+        yield x_name, acts[x_name].reshape(-1, ws[0][1].shape[0]).astype(np.float32), ws
 
 
 def sensitivity(src: Path, acts: dict, spec: QuantSpec, scales: dict | None = None) -> dict[str, float]:
     """node name -> relative output error ||X W - X Q(W)|| / ||X W|| of its spec.bits RTN
     weight on the calibration activations (with AWQ `scales`: X/s and Q(W s)), worst first."""
     err = {}
-    for name, x_name, w, x in _layers(src, acts):
+    for x_name, x, ws in _layer_groups(src, acts):
         s = (scales or {}).get(x_name)
-        approx = (x / s) @ rtn(w * s[:, None], spec.bits, spec.block_size, spec.symmetric) if s is not None else \
-            x @ rtn(w, spec.bits, spec.block_size, spec.symmetric)
-        ref = x @ w
-        err[name] = float(np.linalg.norm(ref - approx) / max(np.linalg.norm(ref), 1e-30))
+        for name, w in ws:
+            approx = (x / s) @ rtn(w * s[:, None], spec.bits, spec.block_size, spec.symmetric) if s is not None \
+                else x @ rtn(w, spec.bits, spec.block_size, spec.symmetric)
+            ref = x @ w
+            err[name] = float(np.linalg.norm(ref - approx) / max(np.linalg.norm(ref), 1e-30))
     return dict(sorted(err.items(), key=lambda kv: -kv[1]))
 
 
@@ -196,11 +191,9 @@ def awq_scales(src: Path, acts: dict, spec: QuantSpec, grid: int = 20, max_token
     read the same activation X, per-input-channel scales s = mean|X|^alpha (normalised), alpha
     on a grid in [0, 1), minimising sum ||X W - (X / s) Q(W s)||^2 over the group. Returns
     {input value name: s} for the groups where some alpha > 0 beats plain RTN."""
-    groups: dict[str, list] = {}
-    for _, x_name, w, x in _layers(src, acts):
-        groups.setdefault(x_name, [x[:max_tokens], []])[1].append(w)
     plan = {}
-    for x_name, (x, ws) in groups.items():
+    for x_name, x, named in _layer_groups(src, acts):
+        x, ws = x[:max_tokens], [w for _, w in named]
         refs = [x @ w for w in ws]
         mean = np.abs(x).mean(axis=0).astype(np.float64) + 1e-8
         best, best_s = None, None
