@@ -4,20 +4,30 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
 
 - `torch.onnx`   plain `torch.onnx.export(model, input_ids, dynamo=True)` of the loaded model (no
                   cache I/O): what a user writes by hand
+- `genai`        onnxruntime-genai's model builder, fp32 CPU (skipped with a message when
+                  onnxruntime-genai is not installed: `pip install onnxruntime-genai`)
 - `onnxport`     `onnxport export --no-verify` (model loaded in float32, then traced)
 - `low-memory`   `onnxport export --low-memory --no-verify` (meta-device trace, weights streamed
                   from the checkpoint one tensor at a time)
-- `low-memory+verify`  the same with verification (loads the model for the PyTorch reference)
+- `low-memory+verify`  the same with verification: ONNX Runtime runs the graph in segments of
+                  at most 1 GiB of weights, the PyTorch reference reads each module's weights
+                  when it runs (bounded memory end to end)
+- `low-memory+fp16`, `low-memory+fp16+verify`  --dtype fp16 (guarded; the fp32 graph is
+                  written first and converted tensor by tensor)
 
-RSS is reported as a multiple of the checkpoint's float32 weight bytes. Prints JSON.
+RSS is reported as a multiple of the checkpoint's float32 weight bytes. Prints JSON; `--save
+FILE` also writes it.
 
-    python bench/decode.py --make-qwen2-0.5b /tmp/qwen2-0.5b-random
+    python bench/make_checkpoint.py qwen2-0.5b /tmp/qwen2-0.5b-random --dtype fp32
     python bench/export.py /tmp/qwen2-0.5b-random [--modes onnxport,low-memory]
+    python bench/make_checkpoint.py llama2-7b /tmp/llama2-7b-bf16 --dtype bf16
+    python bench/export.py /tmp/llama2-7b-bf16 --modes low-memory+fp16+verify,low-memory+verify
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import shutil
@@ -27,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("torch.onnx", "onnxport", "low-memory", "low-memory+verify")
+MODES = ("torch.onnx", "genai", "onnxport", "low-memory", "low-memory+verify", "low-memory+fp16+verify")
 
 
 def weight_bytes_fp32(ckpt: Path) -> int:
@@ -46,8 +56,9 @@ def weight_bytes_fp32(ckpt: Path) -> int:
 
 
 def run_one(mode: str, ckpt: Path, out: Path) -> None:
-    """In the child: do one export, print {"seconds", "peak_rss_bytes"}."""
+    """In the child: do one export, print {"seconds", "peak_rss_bytes", ...}."""
     t0 = time.perf_counter()
+    extra: dict = {}
     if mode == "torch.onnx":
         import torch
         from transformers import AutoModelForCausalLM
@@ -60,20 +71,39 @@ def run_one(mode: str, ckpt: Path, out: Path) -> None:
             prog = torch.onnx.export(model, (ids,), input_names=["input_ids"], dynamo=True, verbose=False,
                                      dynamic_shapes=({1: torch.export.Dim.DYNAMIC},))
         prog.save(str(out / "model.onnx"), external_data=True)
+    elif mode.startswith("genai"):
+        # the builder's command line, run in this process so ru_maxrss is its peak
+        import runpy
+
+        sys.argv = ["builder", "-i", str(ckpt), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c",
+                    str(out.parent / "cache")]
+        runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+        extra["graph_bytes"] = sum(f.stat().st_size for f in out.glob("model.onnx*"))
     else:
         from onnxport.api import export
         from onnxport.config import ExportConfig
 
-        export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify")))
+        m = export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify"),
+                                           dtype="float16" if "+fp16" in mode else "float32"))
+        extra["graph_bytes"] = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+        if m.verification:
+            extra["verified"] = m.verification.get("ok")
+            extra["checks"] = m.verification.get("checks")
+            extra["worst_logits_max_abs_diff"] = max(
+                c["outputs"]["logits"]["max_abs_diff"] for c in m.verification["cases"])
+        if m.graph("decoder").precision:
+            extra["fp16_kept_float32"] = m.graph("decoder").precision["kept_float32"]["count"]
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": round(seconds, 1), "peak_rss_bytes": peak}))
+    print(json.dumps({"seconds": round(seconds, 1), "peak_rss_bytes": peak, **extra}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--save", type=Path, help="also write the JSON here")
+    ap.add_argument("--tmp", help="folder for the bundles (default: the system temp folder)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -83,7 +113,11 @@ def main() -> None:
     weights = weight_bytes_fp32(args.checkpoint)
     results = {"checkpoint": str(args.checkpoint), "fp32_weight_bytes": weights, "modes": {}}
     for mode in args.modes.split(","):
-        tmp = Path(tempfile.mkdtemp(prefix="onnxport-bench-export-"))
+        if mode.startswith("genai") and importlib.util.find_spec("onnxruntime_genai") is None:
+            results["modes"][mode] = {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
+            print(json.dumps({mode: results["modes"][mode]}), file=sys.stderr)
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix="onnxport-bench-export-", dir=args.tmp))
         try:
             p = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--one", mode, "--out",
                                 str(tmp / "out")], capture_output=True, text=True)
@@ -101,7 +135,10 @@ def main() -> None:
     if "peak_rss_bytes" in base and "peak_rss_bytes" in low:
         results["low_memory_rss_ratio"] = round(low["peak_rss_bytes"] / base["peak_rss_bytes"], 3)
         results["low_memory_time_ratio"] = round(low["seconds"] / base["seconds"], 3)
-    print(json.dumps(results, indent=1))
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.save:
+        args.save.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 weight is streamed from the safetensors checkpoint into the graph's external data, cast once
 to the graph dtype. Proven on a tied, bf16-stored checkpoint with a lowered external-data
 threshold: verification passes, greedy tokens equal transformers', every weight is accounted
-for, and no parameter of the traced model ever holds data."""
+for, and no parameter of the traced model ever holds data.
+
+Verification stays bounded too, proven here with a lowered segment budget: ONNX Runtime runs
+the graph segment by segment (runtime/segments.py: each segment's weights loaded alone, the
+results equal to one session's), and the PyTorch reference is the meta model whose modules
+read their weights from the checkpoint only while they run (export/stream.StreamedForward)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from onnxport.cli import app
 from onnxport.runtime import Generator
 
 PROMPTS = [[5, 17, 300, 42, 7, 99], [11, 600, 23]]
+#: a segment budget far below the tiny model's ~0.56 MB of fp32 weights: many segments
+SEGMENT_BYTES = 40_000
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,7 @@ def bf16_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def low_memory_bundle(bf16_checkpoint, tmp_path_factory):
     from onnxport import export
-    from onnxport.config import ExportConfig
+    from onnxport.config import ExportConfig, VerifyConfig
     from onnxport.export import stream
 
     materialized = []
@@ -48,7 +55,8 @@ def low_memory_bundle(bf16_checkpoint, tmp_path_factory):
     stream.skeleton_model = spy
     try:
         out = tmp_path_factory.mktemp("b") / "bundle"
-        manifest = export(bf16_checkpoint, out, ExportConfig(low_memory=True, external_data_threshold_bytes=1))
+        manifest = export(bf16_checkpoint, out, ExportConfig(low_memory=True, external_data_threshold_bytes=1),
+                          VerifyConfig(segment_bytes=SEGMENT_BYTES))
     finally:
         stream.skeleton_model = orig
     return out, manifest, materialized
@@ -58,6 +66,9 @@ def test_low_memory_export_verifies_and_matches_transformers(low_memory_bundle, 
     out, manifest, materialized = low_memory_bundle
     assert not materialized  # the traced model never held a weight
     assert manifest.verification["ok"]
+    checks = manifest.verification["checks"]
+    assert checks["onnxruntime"]["mode"] == "segments" and checks["onnxruntime"]["segments"] >= 8
+    assert checks["pytorch"].startswith("streamed")
     assert manifest.weights["skipped"] == {"lm_head.weight": "tied to model.embed_tokens.weight"}
     assert (out / "model.onnx.data").stat().st_size > 0
     mf = json.loads((out / "manifest.json").read_text())
@@ -110,3 +121,92 @@ def test_low_memory_refuses_a_renamed_checkpoint_tensor(bf16_checkpoint, tmp_pat
     assert res.exit_code != 0, res.output
     assert "weight_renamed" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_segmented_run_equals_one_session(low_memory_bundle):
+    """Cut anywhere, the segments compute the whole graph: same outputs as one session, for
+    every verification shape, at budgets from one node per segment to the whole graph."""
+    import onnx
+
+    from onnxport.bundle import read_manifest
+    from onnxport.runtime.segments import SegmentedRunner, plan_segments, weight_bytes
+    from onnxport.runtime.session import make_session
+    from onnxport.spec import DECODER_CASES, feeds
+
+    out = low_memory_bundle[0]
+    graph = read_manifest(out).graph("decoder")
+    structure = onnx.load(str(out / graph.file), load_external_data=False)
+    total = weight_bytes(structure)
+    xs = [feeds(graph.inputs, c.sizes, i, 1024, left_pad=c.left_pad) for i, c in enumerate(DECODER_CASES)]
+    whole = make_session(out / graph.file)
+    refs = [dict(zip(graph.output_names, whole.run(graph.output_names, x))) for x in xs]
+    for budget in (1, SEGMENT_BYTES, total):
+        segments = plan_segments(structure, budget)
+        assert (len(segments) == 1) == (budget == total)
+        # each segment holds at most the budget, unless one node alone reads more
+        assert all(s.weight_bytes <= budget or s.stop - s.start == 1 for s in segments)
+        got = SegmentedRunner(out / graph.file, budget, structure=structure).run(graph.output_names, xs)
+        for ref, g in zip(refs, got):
+            for name in graph.output_names:
+                np.testing.assert_allclose(g[name], ref[name], atol=1e-5, rtol=1e-5, err_msg=f"{name} at {budget}")
+
+
+def test_streamed_reference_holds_one_module_at_a_time(bf16_checkpoint):
+    """The streamed PyTorch model computes transformers' logits, and between module calls no
+    parameter holds data."""
+    from transformers import AutoModelForCausalLM
+
+    from onnxport.checkpoint import open_checkpoint
+    from onnxport.export.stream import skeleton_model, streamed_reference
+    from onnxport.recipes import get_recipes
+
+    ckpt = open_checkpoint(bf16_checkpoint)
+    recipe = get_recipes(ckpt.model_type, ("decoder",), ckpt.config)["decoder"]
+    model, buffers = skeleton_model(recipe, ckpt, torch.float32)
+    model._onnxport_buffers = buffers
+    streamer = streamed_reference(model, ckpt, torch.float32)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert all(p.device.type == "meta" for p in model.parameters())
+    largest = max(sum(p.numel() * 4 for p in m.parameters(recurse=False)) for m in model.modules())
+    assert streamer.peak_module_bytes == largest < sum(p.numel() * 4 for p in model.parameters()) / 2
+    ref_model = AutoModelForCausalLM.from_pretrained(bf16_checkpoint, dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids).logits
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_low_memory_fp16_is_guarded_and_verified_in_segments(bf16_checkpoint, tmp_path):
+    """--low-memory --dtype fp16: the guard's range pass and every candidate check run in
+    segments against the streamed reference; the PyTorch reference runs once per shape."""
+    from onnxport import export
+    from onnxport.config import ExportConfig, VerifyConfig
+    from onnxport.export import stream
+
+    calls = []
+    orig = stream.StreamedForward._loader
+
+    def counting(self, module, prefix, names):
+        hook = orig(self, module, prefix, names)
+
+        def wrapped(m, args):
+            if prefix == "lm_head":
+                calls.append(1)
+            return hook(m, args)
+
+        return wrapped
+
+    stream.StreamedForward._loader = counting
+    try:
+        manifest = export(bf16_checkpoint, tmp_path / "b", ExportConfig(low_memory=True, dtype="fp16",
+                                                                      external_data_threshold_bytes=1),
+                          VerifyConfig(segment_bytes=SEGMENT_BYTES))
+    finally:
+        stream.StreamedForward._loader = orig
+    v = manifest.verification
+    assert v["ok"] and v["tolerance"]["dtype"] == "float16"
+    assert v["checks"]["onnxruntime"]["mode"] == "segments"
+    assert manifest.graph("decoder").precision["dtype"] == "float16"
+    assert len(calls) == 4  # 4 verification shapes, the reference computed once for fp32 and fp16

@@ -87,15 +87,20 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                 kv = export_decoder_part(recipe, model, ckpt, cfg, split, tmp, manifest)
                 # optimize/: no passes yet (fusions, fp16, int4 come as passes there)
                 write_manifest(tmp, manifest)  # the split runtime reads it during verification
+                # the fp16 guard reads every value's range: the fp32 verification run records them
+                ranges = _value_ranges() if cfg.dtype == "float16" and cfg.verify and not cfg.optimize else None
                 if cfg.verify:
-                    if streamed:  # the weights were streamed; the reference needs them loaded
-                        del model
-                        model = load_model(recipe, ckpt, cfg)
-                    verify_decoder_part(recipe, model, kv, tmp, manifest, cfg, verify_cfg, split)
+                    if streamed:  # the reference reads each module's weights when it runs
+                        from onnxport.export.stream import streamed_reference
+
+                        streamed_reference(model, ckpt, _torch_dtype(cfg.trace_dtype))
+                    verify_decoder_part(recipe, model, kv, tmp, manifest, cfg, verify_cfg, split,
+                                        observe=ranges.note if ranges is not None else None)
                 if cfg.optimize:
                     optimize_decoder_graph(model, kv, tmp, manifest, cfg, verify_cfg)
                 if cfg.dtype != "float32":
-                    convert_decoder_precision(model, kv, tmp, manifest, cfg, verify_cfg)
+                    convert_decoder_precision(model, kv, tmp, manifest, cfg, verify_cfg,
+                                              ranges.max if ranges is not None else None)
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
             del model
@@ -139,6 +144,18 @@ def new_manifest(ckpt: Checkpoint, recipes: dict, cfg: ExportConfig, split: Spli
         export=ExportInfo("auto" if cfg.fallback and decoder is None else cfg.exporter, cfg.opset, cfg.dtype,
                           getattr(decoder, "attn_implementation", None)),
         layout=Layout(kind), graphs=[])
+
+
+def _value_ranges():
+    from onnxport.optimize.precision import ValueRanges
+
+    return ValueRanges()
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
 
 
 def _quiet_transformers() -> None:
@@ -290,7 +307,7 @@ def kv_record(kv, cfg: ExportConfig):
 
 
 def verify_decoder_part(recipe, model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,
-                        verify_cfg: VerifyConfig, split: SplitConfig | None) -> dict:
+                        verify_cfg: VerifyConfig, split: SplitConfig | None, observe=None) -> dict:
     """ORT vs PyTorch for the decoder graphs; record it; raise VerificationError on a mismatch."""
     from onnxport.export.decoder import flat_cache_wrapper
     from onnxport.verify.decoder import first_failure, verify_decoder
@@ -299,7 +316,8 @@ def verify_decoder_part(recipe, model, kv, folder: Path, manifest: Manifest, cfg
     if split is None:
         graph = manifest.graph("decoder")
         wrapper = flat_cache_wrapper(model, kv, manifest.kv_cache.layout)
-        record = verify_decoder(wrapper, folder / graph.file, graph, manifest.model.vocab_size, verify_cfg)
+        record = verify_decoder(wrapper, folder / graph.file, graph, manifest.model.vocab_size, verify_cfg,
+                                reference=_reference_cache(model), observe=observe)
     else:
         record = verify_split(recipe, model, folder, manifest, split, cfg, verify_cfg)
     manifest.verification = record
@@ -311,7 +329,7 @@ def verify_decoder_part(recipe, model, kv, folder: Path, manifest: Manifest, cfg
 
 
 def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,
-                              verify_cfg: VerifyConfig) -> dict:
+                              verify_cfg: VerifyConfig, ranges: dict | None = None) -> dict:
     """optimize/precision: the verified fp32 decoder graph -> fp16 (guarded: each candidate is
     verified against the fp32 PyTorch model with the fp16 tolerances) or bf16-stored weights.
     The manifest's graph I/O, KV dtype, precision and verification records follow."""
@@ -329,7 +347,8 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
         samples = [feeds(graph.inputs, c.sizes, verify_cfg.seed + i, manifest.model.vocab_size, left_pad=c.left_pad)
                    for i, c in enumerate(cases)]
         result = to_float16(path, samples, check if cfg.verify else None, headroom=cfg.fp16_headroom,
-                            external_threshold=cfg.external_data_threshold_bytes)
+                            external_threshold=cfg.external_data_threshold_bytes,
+                            segment_bytes=verify_cfg.segment_bytes, ranges=ranges)
     else:
         result = to_bfloat16_weights(path, external_threshold=cfg.external_data_threshold_bytes)
         if cfg.verify:
@@ -366,6 +385,15 @@ def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: Exp
     return rec
 
 
+def _reference_cache(model) -> dict:
+    """PyTorch outputs per verification case, kept on the model: the fp32 check, fusions and
+    the fp16 guard's attempts compare against the same reference, computed once (a streamed
+    7B reference costs a full read of the checkpoint per case)."""
+    if getattr(model, "_onnxport_reference", None) is None:
+        model._onnxport_reference = {}
+    return model._onnxport_reference
+
+
 def _decoder_check(model, kv, manifest: Manifest, graph, vcfg: VerifyConfig, records: list):
     """check(candidate file) -> (ok, message): the decoder verification against PyTorch of a
     rewritten graph (its I/O dtypes read from the file), each record appended to `records`."""
@@ -376,7 +404,8 @@ def _decoder_check(model, kv, manifest: Manifest, graph, vcfg: VerifyConfig, rec
 
     def check(candidate: Path) -> tuple[bool, str]:
         g = _with_io_dtypes(graph, candidate)
-        records.append(verify_decoder(wrapper, candidate, g, manifest.model.vocab_size, vcfg))
+        records.append(verify_decoder(wrapper, candidate, g, manifest.model.vocab_size, vcfg,
+                                      reference=_reference_cache(model)))
         return records[-1]["ok"], first_failure(records[-1]) or _worst(records[-1])
 
     return check

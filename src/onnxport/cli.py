@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -81,6 +82,29 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
         logging.getLogger("torch").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def _working(label: str):
+    """A spinner with `label`, and a bar per long phase the library reports (tracing, writing
+    weights, running segments, verifying); all on stderr and gone when done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from onnxport import progress
+
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+    tasks: dict[str, int] = {}
+    main = bars.add_task(label, total=None)
+
+    def on_progress(task: str, done: int, total: int | None) -> None:
+        if task not in tasks:
+            tasks[task] = bars.add_task(task, total=total)
+        bars.update(tasks[task], completed=done, total=total)
+        bars.update(main, description=f"{label} ({task})")
+
+    with bars, progress.listening(on_progress):
+        yield
+
+
 def _print_bundle(manifest, output: Path, verbose_modules: bool = True) -> None:
     """Verification tables of every part, then the one-line summary."""
     from onnxport.report.console import decoder_table, module_lines, modules_table, summary
@@ -137,7 +161,7 @@ def export_cmd(
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin, share_weights=not copy_weights,
                         max_part_bytes=parse_size(max_part_size) if max_part_size else None) if is_split else None
-    with console.status(f"exporting {model_dir} with torch.onnx ({cfg.exporter}) ..."):
+    with _working(f"exporting {model_dir} with torch.onnx ({cfg.exporter})"):
         manifest = export(model_dir, output, cfg, split=split, parts=tuple(part) if part else None)
     _print_bundle(manifest, output)
 
@@ -171,7 +195,7 @@ def export_module_cmd(
         raise InputError(f"--no-rewrite {unknown[0]!r} is not a rewrite", f"rewrites: {', '.join(all_patches())}")
     cfg = ExportConfig(opset=opset, exporter=exporter, force=force, allow_pickle=allow_pickle,
                        skip_patches=tuple(no_rewrite or ()))
-    with console.status(f"exporting {module} of {model_dir} ..."):
+    with _working(f"exporting {module} of {model_dir}"):
         manifest = export_module(model_dir, output, module, inputs, cfg, outputs=outputs, method=method,
                                  verify_dims=verify_dims, model_class=model_class, trust_remote_code=trust_remote_code)
     _print_bundle(manifest, output)
@@ -204,7 +228,7 @@ def quantize_cmd(
                       max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, max_error=max_error,
                       escalate=not no_escalate, embedding=quantize_embedding,
                       force=force)
-    with console.status(f"quantizing {bundle} to int{bits} ..."):
+    with _working(f"quantizing {bundle} to int{bits}"):
         manifest = quantize(bundle, output, cfg)
     q = manifest.graph("decoder").quantization
     emb = f", embedding {q['embedding'].split()[0]}" if q.get("embedding", "float32") != "float32" else ""
@@ -223,7 +247,7 @@ def verify_cmd(
     """Compare ONNX Runtime with PyTorch for every part; exit 4 on any mismatch."""
     from onnxport.api import verify
 
-    with console.status("verifying ..."):
+    with _working(f"verifying {bundle}"):
         manifest = verify(bundle, model, allow_pickle=allow_pickle)
     _print_bundle(manifest, bundle, verbose_modules=False)
 
@@ -316,7 +340,7 @@ def demo_cmd(
     with tempfile.TemporaryDirectory() as tmp:
         target = output or Path(tmp) / "demo_bundle"
         t0 = time.perf_counter()
-        with console.status("exporting the demo model ..."):
+        with _working("exporting the demo model"):
             manifest = export(src, target, ExportConfig(force=output is not None))
         t_export = time.perf_counter() - t0
         _print_bundle(manifest, target)

@@ -72,11 +72,14 @@ class ExportConfig:
 
 #: (atol, rtol, min_cosine) per converted dtype, against the fp32 PyTorch model; the bound on
 #: max|diff| is atol + rtol * max|reference|. Measured on the trained demo model's logits (max
-#: ~12): fp16 compute differs by <= 0.0094 (7.8e-4 relative), bf16-stored weights (its fp16
-#: weights rounded to bf16) by <= 0.065 (6e-3 relative). Bounds keep >= 3x margin; a graph
-#: error (wrong mask, rotary, layout) moves logits by O(1) and cosine far below these.
+#: ~12, 4 layers): fp16 compute differs by <= 0.0094 (7.8e-4 relative), bf16-stored weights
+#: (its fp16 weights rounded to bf16) by <= 0.065 (6e-3 relative). fp16 rounding grows with
+#: depth and width: a Llama-2-7B-shaped model (32 layers, hidden 4096) differs by 0.055 at
+#: logits of max 5.4 (1.0e-2 relative, cosine 0.99996) with or without norms kept in fp32, so
+#: fp16's rtol is 2e-2. Cosine stays the sharp test: a graph error (wrong mask, rotary,
+#: layout) moves logits by O(1) and cosine far below these.
 DTYPE_TOLERANCES = {
-    "float16": (5e-3, 5e-3, 0.9995),
+    "float16": (5e-3, 2e-2, 0.9995),
     "bfloat16": (2e-2, 2e-2, 0.999),
 }
 
@@ -96,6 +99,9 @@ class VerifyConfig:
     seed: int = 0
     #: the graph dtype these tolerances are for
     dtype: str = "float32"
+    #: ONNX Runtime runs a graph whose weights pass this many bytes one segment at a time
+    #: (runtime/segments.py), so verifying a model larger than memory stays bounded
+    segment_bytes: int = 1 << 30
 
     def for_dtype(self, dtype: str) -> VerifyConfig:
         """The tolerances for a graph in `dtype` (against the fp32 PyTorch model). float32
@@ -103,11 +109,14 @@ class VerifyConfig:
         if dtype == "float32":
             return self
         atol, rtol, min_cosine = DTYPE_TOLERANCES[dtype]
-        return VerifyConfig(atol=atol, rtol=rtol, min_cosine=min_cosine, seed=self.seed, dtype=dtype)
+        return VerifyConfig(atol=atol, rtol=rtol, min_cosine=min_cosine, seed=self.seed, dtype=dtype,
+                            segment_bytes=self.segment_bytes)
 
     def __post_init__(self) -> None:
         if not (self.atol > 0 and self.rtol >= 0 and 0 < self.min_cosine <= 1):
             raise InputError("verify tolerances must be atol > 0, rtol >= 0 and 0 < min_cosine <= 1")
+        if self.segment_bytes <= 0:
+            raise InputError(f"the verification segment size must be positive, got {self.segment_bytes}")
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,8 @@ def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int 
     `left_pad` zeros in row 0; a 4-D one (split layouts) is the additive causal mask for queries
     at positions `past`.., keys over the whole cache (`static_cache`: slots past the written
     ones are blocked, the new token's key sits in the last slot), `sliding_attention_mask`
-    also windowed; `position_ids` follow the mask; everything else is standard normal."""
+    also windowed; `position_ids` follow the mask; everything else is standard normal (at
+    fp16 precision whatever the dtype: the same values for a graph and its fp16 version)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     total = sizes.get(TOTAL)
@@ -291,5 +292,7 @@ def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int 
         elif dtype.kind in "iub":
             out[name] = rng.integers(0, 2, size=shape).astype(dtype)
         else:
-            out[name] = rng.standard_normal(shape).astype(dtype)
+            # drawn at fp16 precision, so a graph converted to fp16 gets the very values its
+            # fp32 original got (and the PyTorch reference computed for it still applies)
+            out[name] = rng.standard_normal(shape).astype(np.float16).astype(dtype)
     return out

@@ -23,7 +23,12 @@ def save_model(model, out_file: Path, external_threshold: int) -> None:
                 init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
         ir.save(model, str(out_file))
     else:
-        ir.save(model, str(out_file), external_data=out_file.name + ".data")
+        from onnxport import progress
+
+        def written(_tensor, info) -> None:
+            progress.update(f"writing {out_file.name}.data", info.index + 1, info.total)
+
+        ir.save(model, str(out_file), external_data=out_file.name + ".data", callback=written)
 
 
 #: shared weight files align each tensor to this many bytes (page-friendly for memory maps)

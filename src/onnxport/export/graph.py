@@ -48,6 +48,9 @@ def export_graph(
     gives the initializers of a module traced on the meta device their data."""
     from onnxport.patches import apply_patches
 
+    from onnxport import progress
+
+    progress.update(f"tracing {out_file.name} ({exporter})", 0, None)
     tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")
     input_names = [i.name for i in inputs]
     output_names = [o.name for o in outputs]
@@ -156,6 +159,9 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefi
         optimize=bind is None,
     )
     if bind is not None:
+        # the weights are unbound on purpose while the optimizer runs: its deduplication pass
+        # would warn once per weight
+        logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
         bind.before_optimize(prog.model)
         prog.optimize()
         bind.after_optimize(prog.model)

@@ -112,25 +112,85 @@ class CheckpointWeights:
         if tuple(info.shape) != tuple(shape):
             raise CheckpointError(f"weight {src!r} has shape {list(info.shape)} in {info.file}, the graph needs "
                                   f"{list(shape)}", "config.json does not belong to these weights")
-        path, dtype = self.ckpt.path / info.file, self.dtype
+        path = self.ckpt.path / info.file
+        # only floating tensors take the graph's dtype (an int buffer stays int)
+        dtype = self.dtype if getattr(torch, info.dtype).is_floating_point else getattr(torch, info.dtype)
+        return reader_tensor(CheckpointTensorReader(path, info, src, dtype), name)
 
-        def load():
-            # a plain read of the tensor's bytes (offsets from the header onnxport validated):
-            # safetensors' own reader maps the whole file, and every page it touches stays
-            # resident while the map lives, so streaming through it costs the whole file
-            buf = bytearray(info.nbytes)
-            with open(path, "rb") as f:
-                f.seek(info.offset)
-                got = f.readinto(buf)
-            if got != info.nbytes:
-                raise CheckpointError(f"{info.file} is truncated at tensor {src!r}", "fetch the file again")
-            t = torch.frombuffer(buf, dtype=getattr(torch, info.dtype)).reshape(info.shape) if info.nbytes else \
-                torch.empty(info.shape, dtype=getattr(torch, info.dtype))
-            # onnx-ir writes an ndarray-backed tensor with ndarray.tofile: no second copy
-            return ir.Tensor(np.ascontiguousarray(t.to(dtype).numpy()), name=name)
 
-        return ir.LazyTensor(load, dtype=ir.DataType.from_numpy(np.dtype(str(dtype).removeprefix("torch."))),
-                             shape=ir.Shape(list(shape)), name=name)
+#: bytes of a checkpoint tensor read, cast and written at a time
+CHUNK_BYTES = 16 << 20
+
+
+def reader_tensor(reader: CheckpointTensorReader, name: str):
+    """An onnx-ir lazy tensor that reads (and writes) itself through `reader`."""
+    import onnx_ir as ir
+
+    t = ir.LazyTensor(lambda: reader, dtype=ir.DataType.from_numpy(np.dtype(str(reader.dtype).removeprefix("torch."))),
+                      shape=ir.Shape(list(reader.shape)), name=name)
+    t.meta["onnxport_reader"] = reader
+    return t
+
+
+class CheckpointTensorReader:
+    """One safetensors tensor, read by offset with plain file reads (safetensors' own reader
+    maps the whole file, and every page it touches stays resident while the map lives) and
+    cast to `dtype`. `tofile` (how onnx-ir writes external data) streams it in chunks of
+    CHUNK_BYTES, so writing a 500 MB embedding table never holds it; `numpy()` reads it whole."""
+
+    def __init__(self, path, info, name: str, dtype: torch.dtype, perm: tuple[int, ...] | None = None):
+        self.path, self.info, self.name, self.dtype = path, info, name, dtype
+        self.src_dtype = getattr(torch, info.dtype)
+        #: read transposed (a folded Transpose of the weight): permuted in the stored dtype,
+        #: before the cast, so a bf16 table is transposed at half the bytes
+        self.perm = tuple(perm) if perm is not None else None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.info.shape[p] for p in self.perm) if self.perm else tuple(self.info.shape)
+
+    def transposed(self, perm) -> CheckpointTensorReader:
+        assert self.perm is None
+        return CheckpointTensorReader(self.path, self.info, self.name, self.dtype, perm)
+
+    def _stored(self) -> torch.Tensor:
+        with open(self.path, "rb") as f:
+            f.seek(self.info.offset)
+            t = self._read(f, self.info.nbytes).reshape(self.info.shape)
+        return t.permute(self.perm).contiguous() if self.perm else t
+
+    def _read(self, f, nbytes: int) -> torch.Tensor:
+        buf = bytearray(nbytes)
+        if f.readinto(buf) != nbytes:
+            raise CheckpointError(f"{self.info.file} is truncated at tensor {self.name!r}", "fetch the file again")
+        return torch.frombuffer(buf, dtype=self.src_dtype) if nbytes else torch.empty(0, dtype=self.src_dtype)
+
+    def numpy(self) -> np.ndarray:
+        return np.ascontiguousarray(self._stored().to(self.dtype).numpy())
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        return self.numpy().tobytes()
+
+    def tofile(self, file) -> None:
+        if self.perm:  # whole (stored dtype), permuted, then cast chunk by chunk
+            flat = self._stored().reshape(-1)
+            step = max(1, CHUNK_BYTES // self.src_dtype.itemsize)
+            for i in range(0, flat.numel(), step):
+                file.write(flat[i:i + step].to(self.dtype).numpy().tobytes())
+            return
+        item = self.src_dtype.itemsize
+        step = max(item, CHUNK_BYTES // item * item)
+        left = self.info.nbytes
+        with open(self.path, "rb") as f:
+            f.seek(self.info.offset)
+            while left > 0:
+                n = min(step, left)
+                file.write(self._read(f, n).to(self.dtype).numpy().tobytes())
+                left -= n
 
 
 class Binder:
@@ -170,7 +230,113 @@ class Binder:
         if missing:
             raise ExportError(f"initializer {missing[0]!r} has no data after optimization", HINT)
         log.info("bound %d initializers lazily to the checkpoint", n)
+        folded = fold_weight_transposes(model.graph, set(self.shapes))
+        if folded:
+            log.info("folded %d weight transposes lazily", folded)
         return n
+
+
+def fold_weight_transposes(graph, weights: set[str]) -> int:
+    """`Transpose(W)` of a streamed weight becomes a stored transposed initializer, as the
+    exporter's constant folding does for an in-memory model (it could not fold these: their
+    data was not bound yet). The transpose happens lazily when the tensor is written. Without
+    this the graph would transpose every linear weight at run time (ORT folds it at load, at
+    twice the memory), and quantizers would find no MatMul with a constant weight."""
+    import onnx_ir as ir
+
+    n = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        w = node.inputs[0]
+        if w is None or w.name not in weights or w.const_value is None or node.outputs[0].is_graph_output():
+            continue
+        if len(w.uses()) != 1:  # a tied table (embedding and lm_head): stored once, as in-memory exports do
+            continue
+        perm = node.attributes.get("perm")
+        perm = list(perm.as_ints()) if perm is not None else list(reversed(range(len(w.const_value.shape))))
+        reader = w.const_value.meta.get("onnxport_reader")
+        if reader is None or reader.perm is not None:
+            continue
+        name, transposed = w.name, reader.transposed(perm)
+        value = ir.Value(name=name, type=ir.TensorType(w.const_value.dtype), shape=ir.Shape(list(transposed.shape)))
+        value.const_value = reader_tensor(transposed, name)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(w.name)
+        graph.register_initializer(value)
+        n += 1
+    return n
+
+
+class StreamedForward:
+    """Makes a meta-device model (a `skeleton_model`) runnable as a PyTorch reference in
+    bounded memory: each module's own parameters are read from the checkpoint (cast to the
+    trace dtype) just before it runs and dropped right after, so at most one module's weights
+    are in memory (a linear layer, an embedding table, an expert bank), whatever the model's
+    size. Buffers get their real values once. The outputs are the model's own, computed with
+    the checkpoint's weights: the reference for verifying a `--low-memory` export.
+
+    A model that reads a parameter outside its owner's forward (the tensor would still be on
+    the meta device) fails with one line instead of computing with it."""
+
+    def __init__(self, model, weights: CheckpointWeights):
+        self.model, self.weights = model, weights
+        self.handles = []
+        self.loaded_bytes = 0
+        self.peak_module_bytes = 0
+        for name, buf in weights.buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            if leaf in module._buffers and module._buffers[leaf] is not None:
+                saved = name in weights.ckpt.tensors  # a buffer the checkpoint stores is read from it
+                module._buffers[leaf] = torch.from_numpy(weights.lazy(name, tuple(buf.shape)).numpy()) if saved \
+                    else buf
+        for prefix, module in model.named_modules():
+            names = [n for n, p in module._parameters.items() if p is not None]
+            if names:
+                self.handles.append(module.register_forward_pre_hook(self._loader(module, prefix, names)))
+                self.handles.append(module.register_forward_hook(self._unloader(module, names)))
+
+    def _loader(self, module, prefix: str, names: list[str]):
+        def hook(_module, _args):
+            saved = {}
+            total = 0
+            for n in names:
+                p = module._parameters[n]
+                full = f"{prefix}.{n}" if prefix else n
+                arr = self.weights.lazy(full, tuple(p.shape)).numpy()
+                saved[n] = p
+                module._parameters[n] = torch.nn.Parameter(torch.from_numpy(arr), requires_grad=False)
+                total += arr.nbytes
+            module._onnxport_meta_params = saved
+            self.loaded_bytes += total
+            self.peak_module_bytes = max(self.peak_module_bytes, total)
+
+        return hook
+
+    def _unloader(self, module, names: list[str]):
+        def hook(_module, _args, _out):
+            saved = getattr(module, "_onnxport_meta_params", None) or {}
+            for n, p in saved.items():
+                module._parameters[n] = p
+            module._onnxport_meta_params = None
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def streamed_reference(model, ckpt, dtype: torch.dtype) -> StreamedForward:
+    """Install weight streaming on the `--low-memory` skeleton `model` (kept on it): from now on
+    its forward reads each module's weights from `ckpt` when that module runs."""
+    weights = CheckpointWeights(ckpt, model, model._onnxport_buffers, dtype)
+    streamer = StreamedForward(model, weights)
+    model._onnxport_streamer = streamer
+    return streamer
 
 
 def _is_meta(tensor) -> bool:

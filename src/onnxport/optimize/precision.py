@@ -34,7 +34,7 @@ import numpy as np
 
 from onnxport.bundle.weights import commit_graph, discard_staged, stage_graph
 from onnxport.errors import ExportError
-from onnxport.optimize.probe import graph_structure, run_exposing
+from onnxport.optimize.probe import graph_structure
 
 log = logging.getLogger(__name__)
 
@@ -89,36 +89,31 @@ class PrecisionResult:
 
 # --- fp32 value ranges ------------------------------------------------------------------------
 
-def value_ranges(src: Path, structure, samples: list[dict]) -> dict[str, float]:
-    """max finite |x| (ignoring mask-like values >= 1e30) of every float value of the graph at
-    `src` (`structure`: its probe.graph_structure) over the sample feeds: node outputs, graph
-    inputs and weights."""
-    import onnx
-    from onnx import numpy_helper
+class ValueRanges:
+    """max finite |x| per value name (ignoring mask-like values >= 1e30), fed by `note` with
+    every feed, weight and computed value of runs of the fp32 graph."""
 
-    ranges: dict[str, float] = {}
+    def __init__(self):
+        self.max: dict[str, float] = {}
 
-    def note(name: str, arr: np.ndarray) -> None:
+    def note(self, name: str, arr: np.ndarray) -> None:
         if arr.dtype.kind != "f" or arr.size == 0:
             return
         a = np.abs(arr.astype(np.float32, copy=False))
         a = a[np.isfinite(a) & (a < INF_LIKE)]
         if a.size:
-            ranges[name] = max(ranges.get(name, 0.0), float(a.max()))
+            self.max[name] = max(self.max.get(name, 0.0), float(a.max()))
 
-    values = [n for node in structure.graph.node for n in node.output if n]
-    for feeds, outs in zip(samples, run_exposing(src, structure, values, samples)):
-        for name, arr in [*outs.items(), *feeds.items()]:
-            note(name, arr)
-    for init in structure.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT:
-            note(init.name, numpy_helper.to_array(init, base_dir=str(src.parent)))
-    for node in structure.graph.node:  # Constant nodes hold weights too (folded constants)
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
-                    note(node.output[0], numpy_helper.to_array(a.t))
-    return ranges
+
+def value_ranges(src: Path, samples: list[dict], segment_bytes: int = 1 << 30) -> dict[str, float]:
+    """max finite |x| of every float value of the graph at `src` over the sample feeds: node
+    outputs, graph inputs and weights (Constant node outputs included). A graph past
+    `segment_bytes` of weights runs one segment at a time."""
+    from onnxport.runtime.segments import run_feeds
+
+    ranges = ValueRanges()
+    run_feeds(src, [], samples, segment_bytes, observe=ranges.note)
+    return ranges.max
 
 
 def nodes_past_range(structure, ranges: dict[str, float], safe_max: float) -> dict[str, tuple[str, str]]:
@@ -144,13 +139,18 @@ def nodes_past_range(structure, ranges: dict[str, float], safe_max: float) -> di
 
 def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[bool, str]] | None,
                keep_io: tuple[str, ...] = ("logits",), headroom: float = 8.0,
-               external_threshold: int = 1 << 30) -> PrecisionResult:
+               external_threshold: int = 1 << 30, segment_bytes: int = 1 << 30,
+               ranges: dict[str, float] | None = None) -> PrecisionResult:
     """Replace the fp32 graph `src` by its fp16 version, with the guard described in the module
     doc. `check(path)` returns (ok, message) for a candidate; None skips the dynamic check
-    (ranges only). On failure `src` is left as it was and ExportError is raised."""
+    (ranges only). `ranges`: the value ranges of `src` on `samples` when a run already read
+    them (the fp32 verification can, saving a pass over a large graph). On failure `src` is
+    left as it was and ExportError is raised."""
     safe_max = FP16_MAX / headroom
     structure = graph_structure(src)
-    kept = nodes_past_range(structure, value_ranges(src, structure, samples), safe_max)
+    if ranges is None:
+        ranges = value_ranges(src, samples, segment_bytes)
+    kept = nodes_past_range(structure, ranges, safe_max)
     escalated = {**kept, **{n.name: (n.op_type, "norm / softmax / exp kept in fp32 (escalation)")
                             for n in structure.graph.node if n.op_type in SENSITIVE_OPS and n.name not in kept}}
     result = PrecisionResult("float16", "float16", "float16", headroom=headroom)

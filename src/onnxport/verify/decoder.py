@@ -7,6 +7,7 @@ from pathlib import Path
 
 from onnxport.bundle import Graph
 from onnxport.config import VerifyConfig
+from onnxport.progress import update as report
 from onnxport.export.decoder import wrapper_args
 from onnxport.spec import DECODER_CASES, FULL_CASES, STEP_CASES, ShapeCase, feeds
 from onnxport.verify.compare import compare
@@ -15,34 +16,49 @@ log = logging.getLogger(__name__)
 
 
 def verify_decoder(
-    wrapper, onnx_file: Path, graph: Graph, vocab_size: int, cfg: VerifyConfig, cases=None
+    wrapper, onnx_file: Path, graph: Graph, vocab_size: int, cfg: VerifyConfig, cases=None,
+    reference: dict | None = None, observe=None,
 ) -> dict:
     """Run `wrapper` (a FlatCacheDecoder) and the ONNX graph on each case; compare every output.
     Default cases: DECODER_CASES, STEP_CASES for a one-token-per-call graph (recurrent state),
     FULL_CASES for a graph without a cache.
 
+    `reference` caches the PyTorch outputs per case across calls (candidates of one graph:
+    the fp16 guard's attempts, fusions), so a streamed reference runs once. `observe(name,
+    array)` sees every value ONNX Runtime computes (runtime/segments.run_feeds).
+
     Returns the manifest's `verification` record; `ok` is False if any output at any shape
     breaks the tolerance. Callers decide whether that raises."""
     import torch
 
-    from onnxport.runtime.session import make_session
+    from onnxport.runtime.segments import run_feeds
 
     if cases is None:
         cases = cases_for(graph)
-    sess = make_session(onnx_file)
     out_names = graph.output_names
+    xs = [feeds(graph.inputs, case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad)
+          for i, case in enumerate(cases)]
+    # all cases through ONNX Runtime first: a graph past the memory budget runs segment by
+    # segment, each segment's weights loaded once for every case
+    got_all, ran = run_feeds(onnx_file, out_names, xs, cfg.segment_bytes, observe=observe)
     results = []
-    for i, case in enumerate(cases):
-        x = feeds(graph.inputs, case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad)
-        got = sess.run(out_names, x)
-        # the PyTorch reference runs in float32 whatever the graph's cache dtype
-        t = {k: torch.from_numpy(v.astype("float32") if v.dtype.kind == "f" else v) for k, v in x.items()}
-        with torch.no_grad():
-            ref = wrapper(*wrapper_args(graph.inputs, t))
+    for i, (case, x, got) in enumerate(zip(cases, xs, got_all)):
+        report("verifying against PyTorch", i, len(cases))
+        # spec.feeds draws the same values whatever a graph's float dtype: one reference per shape
+        key = (case.label, cfg.seed + i)
+        if reference is not None and key in reference:
+            ref = reference[key]
+        else:
+            # the PyTorch reference runs in float32 whatever the graph's cache dtype
+            t = {k: torch.from_numpy(v.astype("float32") if v.dtype.kind == "f" else v) for k, v in x.items()}
+            with torch.no_grad():
+                ref = [e.numpy() for e in wrapper(*wrapper_args(graph.inputs, t))]
+            if reference is not None:
+                reference[key] = ref
         outputs = {}
         mask = x.get("attention_mask") if case.left_pad else None
-        for name, a, e in zip(out_names, got, ref):
-            e = e.numpy()
+        for name, e in zip(out_names, ref):
+            a = got[name]
             if mask is not None and mask.ndim == 2:
                 a, e = unpadded(name, a, mask, getattr(wrapper, "bshd", False)), unpadded(
                     name, e, mask, getattr(wrapper, "bshd", False))
@@ -52,9 +68,15 @@ def verify_decoder(
             record["compared"] = "unpadded positions"
         results.append(record)
         log.info("verify %s: %s", case.label, "ok" if results[-1]["ok"] else "FAILED")
+        report("verifying against PyTorch", i + 1, len(cases))
+    streamer = getattr(getattr(wrapper, "model", None), "_onnxport_streamer", None)
+    checks = {"onnxruntime": ran,
+              "pytorch": "streamed: each module's weights read from the checkpoint when it runs, then dropped"
+              if streamer is not None else "model in memory"}
     return {
         "ok": all(r["ok"] for r in results),
         "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_cosine": cfg.min_cosine, "dtype": cfg.dtype},
+        "checks": checks,
         "cases": results,
     }
 
