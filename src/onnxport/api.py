@@ -121,6 +121,9 @@ def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | N
     if split is not None and not has_decoder:
         raise InputError(f"--layout split applies to decoder LMs; {ckpt.model_type!r} has no text decoder part "
                          f"(its parts: {', '.join(recipes)})", "drop --layout/--static")
+    if cfg.attention != "default" and (split is not None or not has_decoder):
+        raise InputError(f"--attention {cfg.attention} applies to monolithic text decoders",
+                         "drop --attention, or export the monolithic layout")
     if cfg.optimize and (split is not None or not has_decoder):
         raise InputError("--optimize applies to monolithic text decoders so far", "drop --optimize")
     if cfg.dtype != "float32" and (split is not None or not has_decoder or len(recipes) > 1):
@@ -370,19 +373,23 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
 
 
 def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,
-                           verify_cfg: VerifyConfig) -> dict:
-    """optimize/fusions on the verified decoder graph, kept only when it verifies again."""
-    from onnxport.optimize.fusions import fuse_for_ort
+                           verify_cfg: VerifyConfig) -> list[dict]:
+    """optimize/ passes on the verified decoder graph (ORT fusions, then MatMul packing), each
+    kept only when it verifies again."""
+    from onnxport.optimize.fusions import run_pass
 
     graph = manifest.graph(DECODER)
-    records: list[dict] = []
-    check = _decoder_check(model, kv, manifest, graph, verify_cfg, records) if cfg.verify else None
-    rec = fuse_for_ort(folder / graph.file, check, cfg.external_data_threshold_bytes)
-    graph.optimization = [*(graph.optimization or []), rec]
-    graph.external_data = sorted(set(external_locations(folder / graph.file)))
-    if rec["applied"] and records:
-        manifest.verification = manifest.part(DECODER).verification = records[-1]
-    return rec
+    done = []
+    for name in ("ort_fusions", "matmul_packing"):
+        records: list[dict] = []
+        check = _decoder_check(model, kv, manifest, graph, verify_cfg, records) if cfg.verify else None
+        rec = run_pass(folder / graph.file, name, check, cfg.external_data_threshold_bytes)
+        graph.optimization = [*(graph.optimization or []), rec]
+        graph.external_data = sorted(set(external_locations(folder / graph.file)))
+        if rec["applied"] and records:
+            manifest.verification = manifest.part(DECODER).verification = records[-1]
+        done.append(rec)
+    return done
 
 
 def _reference_cache(model) -> dict:

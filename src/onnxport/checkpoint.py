@@ -18,6 +18,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    # chat templates stored beside the tokenizer config (transformers >= 4.43 / 5.x)
+    "chat_template.jinja",
+    "chat_template.json",
     "special_tokens_map.json",
     "tokenizer.model",
     "vocab.json",

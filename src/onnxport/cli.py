@@ -144,6 +144,7 @@ def export_cmd(
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
     optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime fusions (RMSNorm, skip + norm, rotary, attention where it matches), kept only when the fused graph verifies."),
+    attention: str = typer.Option("default", help="default (the model's own attention ops) or gqa (one com.microsoft.GroupQueryAttention per layer, cache appended in place: the runtime then uses one cache buffer, no per-step copy)."),
     dtype: str = typer.Option("fp32", help="fp32; fp16 (fp16 compute and KV cache; nodes past fp16's range stay fp32, each candidate verified); bf16 (weights stored in bf16, fp32 compute)."),
 ):
     """Export a model with a recipe and verify it: a decoder LM with a flat KV cache (or the split
@@ -157,7 +158,7 @@ def export_cmd(
     is_split = layout == "split" or static or max_part_size is not None
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
-                       low_memory=low_memory, dtype=dtype, optimize=optimize)
+                       low_memory=low_memory, dtype=dtype, optimize=optimize, attention=attention)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin, share_weights=not copy_weights,
                         max_part_bytes=parse_size(max_part_size) if max_part_size else None) if is_split else None
@@ -266,11 +267,45 @@ def _stream_printer(gen):
     return on_token
 
 
+def _read_messages(path: Path) -> list:
+    """--messages: a JSON list of messages (one conversation) or a list of conversations."""
+    import json
+
+    from onnxport.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"--messages {path} is not a file", "write the conversation as a JSON list of messages")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--messages {path} is not valid JSON: {e}",
+                         'write e.g. [{"role": "user", "content": "hi"}]') from None
+    if not isinstance(data, list) or not data:
+        raise InputError(f"--messages {path} must hold a non-empty JSON list of messages",
+                         'write e.g. [{"role": "user", "content": "hi"}]')
+    return data
+
+
+def _generate_chat(gen, chats: list, system: str | None, stream: bool, sampling: dict) -> None:
+    """--chat: replies only (the rendered template is not echoed); streamed for one conversation."""
+    from onnxport.runtime.chat import as_conversations
+
+    conversations = as_conversations(chats, system)
+    streaming = stream and len(conversations) == 1
+    res = gen.chat(conversations, on_token=_stream_printer(gen) if streaming else None, **sampling)
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        for t in res.texts:
+            sys.stdout.write(f"{t}\n")
+    console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
+
+
 @app.command("generate")
 @_guard
 def generate_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text; repeat for a batch."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
     do_sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy."),
     temperature: float = typer.Option(1.0),
@@ -278,11 +313,24 @@ def generate_cmd(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Stream tokens (single prompt)."),
+    chat: bool = typer.Option(False, "--chat", help="Each -p is the user turn of its own conversation, rendered with the bundle's chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message before each conversation (implies --chat)."),
+    messages: Optional[Path] = typer.Option(None, "--messages", help="JSON file: a conversation as a list of {role, content} messages, or a list of those (implies --chat; instead of -p)."),
 ):
     """Generate text with ONNX Runtime (no torch)."""
+    from onnxport.errors import InputError
     from onnxport.runtime import Generator
 
+    if messages is not None and prompt:
+        raise InputError("give either -p or --messages, not both", "put the user turn last in the --messages file")
+    if messages is None and not prompt:
+        raise InputError("nothing to generate from", "give a prompt with -p TEXT, or a conversation with --messages FILE.json")
     gen = Generator(bundle)
+    if chat or system is not None or messages is not None:
+        _generate_chat(gen, _read_messages(messages) if messages is not None else list(prompt), system, stream,
+                       dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed))
+        return
     streaming = stream and len(prompt) == 1
     if streaming:
         sys.stdout.write(prompt[0])

@@ -27,6 +27,9 @@ class ExportConfig:
     fp16_headroom: float = 8.0
     #: ONNX Runtime fusions on the decoder graph (optimize/fusions.py), kept only if re-verified
     optimize: bool = False
+    #: decoder attention: "default" (the model's own ops) or "gqa" (one
+    #: com.microsoft.GroupQueryAttention node per layer, export/attention.py; dynamo only)
+    attention: str = "default"
     verify: bool = True
     force: bool = False
     allow_pickle: bool = False
@@ -59,6 +62,11 @@ class ExportConfig:
         object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         if self.dtype not in DTYPES:
             raise InputError(f"unknown dtype {self.dtype!r}", "use --dtype fp32, fp16 or bf16")
+        if self.attention not in ("default", "gqa"):
+            raise InputError(f"unknown attention {self.attention!r}", "use --attention default or gqa")
+        if self.attention == "gqa" and self.exporter != "dynamo":
+            raise InputError("--attention gqa needs the dynamo exporter (opset >= 18)",
+                             "drop --attention gqa, or use --exporter dynamo")
         if not self.fp16_headroom >= 1:
             raise InputError(f"fp16 headroom must be >= 1, got {self.fp16_headroom}")
         lo, hi = (18, 23) if self.exporter == "dynamo" else (13, 20)

@@ -226,6 +226,16 @@ DECODER_CASES = (
     ShapeCase(2, 7, 5, left_pad=7),
     ShapeCase(1, 1, 33),
 )
+#: GroupQueryAttention graphs (`--attention gqa`): ONNX Runtime's kernel takes a prompt that
+#: continues a cache one row at a time, so that case runs at batch 1 (generation never does it:
+#: it prefills from an empty cache, then feeds one token per step), and a batched decode step
+#: with a left-padded row takes its place
+GQA_CASES = (
+    ShapeCase(1, 1, 0),
+    ShapeCase(2, 6, 0, left_pad=3),
+    ShapeCase(1, 7, 5),
+    ShapeCase(2, 1, 33, left_pad=4),
+)
 #: example sizes for tracing: all distinct and > 1 so that no dynamic dim is specialised or
 #: unified with another by the exporter (torch.export specialises sizes 0 and 1)
 TRACE_CASE = ShapeCase(2, 3, 5)

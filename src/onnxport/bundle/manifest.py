@@ -77,6 +77,9 @@ class Graph:
     #: graph passes run after export, in order: {"name", "applied", "fused": {op: count},
     #: "result"} (a pass that broke verification is rolled back and says so)
     optimization: list | None = None
+    #: decoders exported with fused attention: "com.microsoft.GroupQueryAttention" (a prompt
+    #: that continues a cache then runs one row at a time; see export/attention.py)
+    attention: str | None = None
     # embedding_table (raw .bin) only
     dtype: str | None = None
     shape: list[int] | None = None

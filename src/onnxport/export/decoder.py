@@ -75,8 +75,11 @@ def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: 
 class FlatCacheDecoder(torch.nn.Module):
     """Wraps a causal LM so its cache crosses the graph boundary as flat tensors."""
 
-    def __init__(self, model: torch.nn.Module, kv: KVSpec, kv_layout: str = "bhsd", mask_4d: bool = False):
+    def __init__(self, model: torch.nn.Module, kv: KVSpec, kv_layout: str = "bhsd", mask_4d: bool = False,
+                 gqa: bool = False):
         super().__init__()
+        #: attention as com.microsoft.GroupQueryAttention (export/attention.py)
+        self.gqa = gqa
         self.model = model
         self.kv = kv
         self.num_layers = kv.num_layers
@@ -107,28 +110,46 @@ class FlatCacheDecoder(torch.nn.Module):
                 # no attention layer reads the history: the mask covers the new token only
                 # (mamba multiplies its hidden states by the mask, as `generate` passes it)
                 attention_mask = attention_mask[:, -input_ids.shape[1]:]
+        elif self.gqa:
+            from onnxport.export.attention import gqa_cache
+
+            cache = gqa_cache([(tensors[(i, "key")], tensors[(i, "value")]) for i in range(self.num_layers)],
+                              attention_mask)
         else:
             cache = build_dynamic_cache([(tensors[(i, "key")], tensors[(i, "value")]) for i in range(self.num_layers)],
                                         self.kv.encoder_decoder)
         if self.mask_4d:
             attention_mask = additive_causal_mask(attention_mask, input_ids.shape[1], self.model.dtype)
         positions = {} if position_ids is None else {"position_ids": position_ids}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-            **positions,
-            return_dict=True,
-            **{self.cache_kwarg: cache},
-        )
+        with self._attention(cache):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=True,
+                **positions,
+                return_dict=True,
+                **{self.cache_kwarg: cache},
+            )
         flat = [out.logits]
-        if layered:
+        if self.gqa:
+            new = [t for i in range(self.num_layers) for t in cache.onnxport_present[i]]
+        elif layered:
             new = state_cache_tensors(output_cache(out), self.kv)
         else:
             new = [t for kv in cache_pairs(output_cache(out)) for t in kv]
         for (_, what), t in zip(self.entries, new):
             flat.append(t.transpose(1, 2) if self.bshd and what in ("key", "value") else t)
         return tuple(flat)
+
+
+    def _attention(self, cache):
+        if not self.gqa:
+            import contextlib
+
+            return contextlib.nullcontext()
+        from onnxport.export.attention import gqa_attention
+
+        return gqa_attention(self.model, cache)
 
 
 class FlatCacheDecoderNoPositions(FlatCacheDecoder):
@@ -143,9 +164,10 @@ def takes_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
-def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False) -> FlatCacheDecoder:
+def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False, gqa: bool = False
+                       ) -> FlatCacheDecoder:
     cls = FlatCacheDecoder if takes_position_ids(model) else FlatCacheDecoderNoPositions
-    return cls(model, kv, kv_layout, mask_4d=mask_4d).eval()
+    return cls(model, kv, kv_layout, mask_4d=mask_4d, gqa=gqa).eval()
 
 
 def wrapper_args(inputs: list[TensorSpec], tensors: dict) -> tuple:
@@ -184,13 +206,37 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
     # TorchScript cannot trace transformers 4.5x's vmap mask builder; build the mask in the
     # wrapper (sliding-window models keep transformers' per-layer masks: not needed on 5.x).
     mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model) and takes_position_ids(model)
-    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d)
+    gqa = cfg.attention == "gqa"
+    if gqa:
+        check_gqa(kv, cfg)
+    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d, gqa)
     case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
     example = feeds(inputs, case.sizes, vocab_size=vocab)
     device = next(model.parameters()).device
     args = wrapper_args(inputs, {k: torch.from_numpy(v).to(device) for k, v in example.items()})
+    translations = None
+    if gqa:
+        from onnxport.export.attention import TRANSLATIONS
+
+        translations = TRANSLATIONS
     used, applied = export_graph(wrapper, args, inputs, outputs, out_file, cfg.exporter, cfg.opset,
-                                 cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=bind)
+                                 cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=bind,
+                                 translations=translations)
     graph = Graph("decoder", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
-                  patches=applied)
+                  patches=applied, attention="com.microsoft.GroupQueryAttention" if gqa else None)
     return graph, used
+
+
+def check_gqa(kv: KVSpec, cfg: ExportConfig) -> None:
+    """The caches GroupQueryAttention can hold: one key/value pair per layer, of one width."""
+    from onnxport.errors import InputError
+
+    why = None
+    if kv.has_states or kv.has_indexer or kv.is_empty or kv.encoder_decoder:
+        why = "its cache is not one key/value pair per layer"
+    elif any(x.key_dim != x.value_dim or not x.has_kv for x in kv.layers):
+        why = "its keys and values differ in width (MLA) or some layers keep none"
+    elif cfg.kv_layout != "bhsd":
+        why = "GroupQueryAttention keeps its cache as [batch, heads, seq, head_dim] (--kv-layout bhsd)"
+    if why:
+        raise InputError(f"--attention gqa does not fit this model: {why}", "drop --attention gqa")

@@ -42,6 +42,7 @@ def export_graph(
     static: bool = False,
     skip_patches: tuple[str, ...] = (),
     bind=None,
+    translations: dict | None = None,
 ) -> tuple[set[str], list[str]]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
     the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
@@ -63,7 +64,7 @@ def export_graph(
                 # the onnx-ir model stays in memory (its tensors are the module's own, or lazy
                 # checkpoint reads): finalized and written once, weights one at a time
                 used, model = _export_dynamo(module, args, inputs, input_names, output_names, opset, param_prefix,
-                                             bind)
+                                             bind, translations)
             elif bind is not None:
                 raise ExportError("--low-memory traces with torch.export (the dynamo exporter)",
                                   "use --exporter dynamo, or drop --low-memory")
@@ -132,7 +133,8 @@ def exact_no_op_rules() -> int:
     return n
 
 
-def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefix: str, bind=None):
+def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefix: str, bind=None,
+                   translations: dict | None = None):
     """(parameters the program reads, the onnx-ir model)."""
     from torch.export import Dim
 
@@ -157,6 +159,8 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefi
         verbose=False,
         # a meta-device trace has no data to fold: bind the weights first, then optimize
         optimize=bind is None,
+        # onnxport's custom ops (fused attention) -> their ONNX Runtime contrib ops
+        custom_translation_table=translations,
     )
     if bind is not None:
         # the weights are unbound on purpose while the optimizer runs: its deduplication pass

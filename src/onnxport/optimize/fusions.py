@@ -1,9 +1,14 @@
-"""ONNX Runtime fusions for an exported graph: onnxscript's `ort_fusions` rewriter rules
-(RMSNorm -> SimplifiedLayerNormalization, residual + RMSNorm -> SkipSimplifiedLayerNormalization,
-RotaryEmbedding, cos/sin caches, SDPA / MultiHeadAttention / GroupQueryAttention where the
-pattern matches, Gelu), written for graphs of the torch.onnx dynamo exporter.
+"""Graph passes for ONNX Runtime on an exported decoder, each kept only when it re-verifies:
 
-The candidate is written beside the graph and replaces it only when the caller's check
+- `ort_fusions`: onnxscript's `ort_fusions` rewriter rules (RMSNorm -> SimplifiedLayerNormalization,
+  residual + RMSNorm -> SkipSimplifiedLayerNormalization, RotaryEmbedding, cos/sin caches, SDPA /
+  MultiHeadAttention / GroupQueryAttention where the pattern matches, Gelu), written for graphs
+  of the torch.onnx dynamo exporter;
+- `matmul_packing` (optimize/packing.py): linear layers that read the same activation (q/k/v,
+  gate/up) become one MatMul over their concatenated weights and a Split, as onnxruntime-genai's
+  builder writes them: one weight read and one kernel per group at decode.
+
+Each candidate is written beside the graph and replaces it only when the caller's check
 (verify/ against PyTorch) passes; otherwise the original stays and the record says why.
 """
 
@@ -16,24 +21,39 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def fuse_for_ort(src: Path, check: Callable[[Path], tuple[bool, str]] | None,
-                 external_threshold: int = 1 << 30) -> dict:
-    """Fuse `src` in place when `check(candidate)` passes. Returns the pass record:
-    {"name", "applied", "fused": {fusion: count}, "result"}."""
-    import onnx_ir as ir
+def _ort_fusions(model):
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, counts = optimize_for_ort(model)
+    return model, {k: v for k, v in counts.items() if v}
+
+
+def _matmul_packing(model):
+    from onnxport.optimize.packing import pack_matmuls
+
+    n = pack_matmuls(model.graph)
+    return model, ({"packed_matmul_groups": n} if n else {})
+
+
+PASSES: dict[str, Callable] = {"ort_fusions": _ort_fusions, "matmul_packing": _matmul_packing}
+
+
+def run_pass(src: Path, name: str, check: Callable[[Path], tuple[bool, str]] | None,
+             external_threshold: int = 1 << 30) -> dict:
+    """Apply pass `name` to `src` in place when `check(candidate)` passes. Returns the pass
+    record: {"name", "applied", "fused": {what: count}, "result"}."""
+    import onnx_ir as ir
 
     from onnxport.bundle.weights import commit_graph, discard_staged, save_model, stage_graph
 
     model = ir.load(str(src))
     try:
-        model, counts = optimize_for_ort(model)
+        model, fused = PASSES[name](model)
     except Exception as e:  # noqa: BLE001 - a rewriter failure leaves the graph as it was
-        log.warning("ort fusions failed: %s", e)
-        return {"name": "ort_fusions", "applied": False, "fused": {}, "result": f"rewriter failed: {str(e)[:200]}"}
-    fused = {k: v for k, v in counts.items() if v}
+        log.warning("%s failed: %s", name, e)
+        return {"name": name, "applied": False, "fused": {}, "result": f"rewriter failed: {str(e)[:200]}"}
     if not fused:
-        return {"name": "ort_fusions", "applied": False, "fused": {}, "result": "no pattern matched"}
+        return {"name": name, "applied": False, "fused": {}, "result": "no pattern matched"}
     dst = stage_graph(src)
     try:
         save_model(model, dst, external_threshold)
@@ -44,7 +64,13 @@ def fuse_for_ort(src: Path, check: Callable[[Path], tuple[bool, str]] | None,
         raise
     if not ok:
         discard_staged(dst)
-        log.warning("ort fusions broke parity, rolled back: %s", msg)
-        return {"name": "ort_fusions", "applied": False, "fused": fused, "result": f"rolled back: {msg}"}
+        log.warning("%s broke parity, rolled back: %s", name, msg)
+        return {"name": name, "applied": False, "fused": fused, "result": f"rolled back: {msg}"}
     commit_graph(dst, src)
-    return {"name": "ort_fusions", "applied": True, "fused": fused, "result": msg}
+    return {"name": name, "applied": True, "fused": fused, "result": msg}
+
+
+def fuse_for_ort(src: Path, check: Callable[[Path], tuple[bool, str]] | None,
+                 external_threshold: int = 1 << 30) -> dict:
+    """The `ort_fusions` pass (see run_pass)."""
+    return run_pass(src, "ort_fusions", check, external_threshold)

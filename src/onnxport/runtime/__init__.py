@@ -1,4 +1,5 @@
-"""ONNX Runtime side. Depends on onnxruntime, numpy and tokenizers only: never imports torch."""
+"""ONNX Runtime side. Depends on onnxruntime, numpy and tokenizers (Pillow for images, jinja2 for
+chat templates) only: never imports torch."""
 
 from onnxport.runtime.encoder import EncoderRunner
 from onnxport.runtime.generator import GenerationResult, Generator

@@ -22,6 +22,9 @@ from onnxport.runtime.split import SplitDecoder
 from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
 from onnxport.spec import padded_positions
 
+#: the fused attention op of `--attention gqa` graphs (manifest graphs[].attention)
+GQA_OP = "com.microsoft.GroupQueryAttention"
+
 #: called with (row, token_id) for every new token of every unfinished row
 TokenCallback = Callable[[int, int], None]
 
@@ -72,6 +75,10 @@ class Generator:
             #: each past input's dims (MLA keys and values differ; heads can differ per layer)
             self.past_dims = {n: self.session.inputs[n].dims for n in self.past_names}
             self.takes_positions = "position_ids" in self.session.inputs
+        #: GroupQueryAttention graphs run with one fixed-size cache buffer per tensor, bound as
+        #: both past and present (written in place: no per-step copy of the cache)
+        self.shared_buffer = (self.split is None and not self.step_only and bool(self.past_names)
+                              and self.manifest.graph("decoder").attention == GQA_OP)
         self.kv_dtype = np.dtype(kv.dtype)
         self.vocab_size = int(self.manifest.model.vocab_size)
         self.forced: dict = {}
@@ -126,6 +133,32 @@ class Generator:
         res.texts = [self.tokenizer.decode(t) for t in res.tokens]
         return res
 
+    def chat(
+        self,
+        conversations: str | list,
+        max_new_tokens: int = 32,
+        system: str | None = None,
+        on_token: TokenCallback | None = None,
+        **sampling,
+    ) -> GenerationResult:
+        """The assistant's reply to each conversation: a user turn (str), a list of
+        transformers-style messages, or a list of those (a batch); see `chat_ids`."""
+        ids = self.chat_ids(conversations, system)
+        res = self.generate_ids(ids, max_new_tokens=max_new_tokens, on_token=on_token, **sampling)
+        res.texts = [self.tokenizer.decode(t) for t in res.tokens]
+        return res
+
+    def chat_ids(self, conversations: str | list, system: str | None = None) -> list[list[int]]:
+        """Prompt ids of each conversation, rendered with the bundle's chat template: those of
+        transformers' apply_chat_template(add_generation_prompt=True, tokenize=True)."""
+        # imported here: only chats need jinja2
+        from onnxport.runtime.chat import ChatTemplate, as_conversations
+
+        template = ChatTemplate.from_folder(self.folder)
+        texts = [template.render(c, add_generation_prompt=True) for c in as_conversations(conversations, system)]
+        # the template writes bos itself
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
     def generate_ids(
         self,
         prompts: list[list[int]],
@@ -173,7 +206,12 @@ class Generator:
             input_ids[r, longest - len(p):] = p
             mask[r, longest - len(p):] = 1
         positions = padded_positions(mask, self.pad_position)
-        past = {n: self._empty_past(n, batch) for n in self.past_names}
+        if self.shared_buffer:
+            run = self._shared_buffer_runner(batch, longest + max_new_tokens)
+            past = {}
+        else:
+            run = None
+            past = {n: self._empty_past(n, batch) for n in self.past_names}
 
         unfinished = np.ones(batch, dtype=bool)
         new_tokens = np.full((batch, max_new_tokens), self.pad_id, dtype=np.int64)
@@ -185,7 +223,7 @@ class Generator:
             feeds = {"input_ids": input_ids, "attention_mask": mask, **past}
             if self.takes_positions:
                 feeds["position_ids"] = positions
-            outs = self.session.run(feeds, check=step == 0)
+            outs = run(feeds) if run is not None else self.session.run(feeds, check=step == 0)
             next_tok = sampler(outs["logits"][:, -1, :])
             if step == max_new_tokens - 1 and self.forced.get("eos") is not None:
                 # transformers' ForcedEOSTokenLogitsProcessor: the last allowed token is EOS
@@ -206,7 +244,8 @@ class Generator:
             if not unfinished.any():
                 new_tokens = new_tokens[:, : step + 1]
                 break
-            past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
+            if run is None:
+                past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
             new_ids = np.where(unfinished, next_tok, self.pad_feed)[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             if self.past_names:
@@ -218,6 +257,34 @@ class Generator:
         tokens = [_cut_at_eos(row, eos) for row in new_tokens.tolist()]
         return GenerationResult(tokens, new_tokens, prefill_ms=prefill_ms, decode_ms=decode_ms,
                                 decode_tokens=steps * batch)
+
+    def _shared_buffer_runner(self, batch: int, capacity: int):
+        """run(feeds) -> {"logits": ...} for a GroupQueryAttention graph: every past input and
+        its present output are bound to one zeroed [batch, heads, capacity, head_dim] OrtValue,
+        which GQA fills in place at the slots the attention mask's length says (the graph takes
+        seqlens and total length from the mask, never from the buffer's size)."""
+        import onnxruntime as ort
+
+        sess = self.session.session
+        io = sess.io_binding()
+        io.bind_output("logits")  # first: get_outputs()[0]; rebinding a name keeps its slot
+        self._buffers = []  # alive as long as the binding
+        for p, q in zip(self.past_names, self.present_names):
+            shape = [batch if d == "batch_size" else (capacity if isinstance(d, str) else d) for d in self.past_dims[p]]
+            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype))
+            self._buffers.append(buf)
+            io.bind_ortvalue_input(p, buf)
+            io.bind_ortvalue_output(q, buf)
+
+        def run(feeds: dict) -> dict:
+            for name in ("input_ids", "attention_mask", "position_ids"):
+                if name in feeds:
+                    io.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+            io.bind_output("logits")
+            sess.run_with_iobinding(io)
+            return {"logits": io.get_outputs()[0].numpy()}
+
+        return run
 
     def _generate_steps(self, prompts, max_new_tokens, sampler, eos, on_token) -> GenerationResult:
         """One-token-per-call graphs (recurrent states): each row alone, its prompt fed token by

@@ -29,8 +29,13 @@ class BundleTokenizer:
         self.bos_token = bos.get("content") if isinstance(bos, dict) else bos
         self.add_bos_token = bool(cfg.get("add_bos_token", False))
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of `text`. `add_special_tokens=False` encodes the text alone, as transformers
+        does for a rendered chat template (which writes bos itself); None: the bundle's default."""
+        if add_special_tokens is False:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
+        ids = self._tok.encode(text, add_special_tokens=special).ids
         if self.add_bos_token and self.bos_token is not None:
             bos = self._tok.token_to_id(self.bos_token)
             if bos is not None and (not ids or ids[0] != bos):

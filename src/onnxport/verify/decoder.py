@@ -9,7 +9,7 @@ from onnxport.bundle import Graph
 from onnxport.config import VerifyConfig
 from onnxport.progress import update as report
 from onnxport.export.decoder import wrapper_args
-from onnxport.spec import DECODER_CASES, FULL_CASES, STEP_CASES, ShapeCase, feeds
+from onnxport.spec import DECODER_CASES, FULL_CASES, GQA_CASES, STEP_CASES, ShapeCase, feeds
 from onnxport.verify.compare import compare
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,11 @@ def verify_decoder(
 
 def cases_for(graph: Graph) -> list[ShapeCase]:
     """DECODER_CASES; STEP_CASES for a one-token-per-call graph (recurrent state); FULL_CASES
-    for a graph without a cache."""
+    for a graph without a cache; GQA_CASES for GroupQueryAttention graphs."""
     step = graph.inputs[0].name == "input_ids" and graph.inputs[0].dims[-1] == 1
     no_cache = not any(i.name.startswith(("past_", "past_key")) for i in graph.inputs)
+    if graph.attention == "com.microsoft.GroupQueryAttention":
+        return GQA_CASES
     return STEP_CASES if step else FULL_CASES if no_cache else DECODER_CASES
 
 
