@@ -30,7 +30,15 @@ def test_both_parts_in_one_bundle(vl_bundle):
     mf = json.loads((out / "manifest.json").read_text())
     assert [(p["name"], p["kind"]) for p in mf["parts"]] == [("decoder", "decoder"), ("vision", "encoder")]
     assert all(p["verification"]["ok"] for p in mf["parts"])
-    assert {g["file"]: g["part"] for g in mf["graphs"]} == {"model.onnx": "decoder", "vision.onnx": "vision"}
+    assert {g["file"]: g["part"] for g in mf["graphs"]} == {"model.onnx": "decoder", "embed_tokens.onnx": "decoder",
+                                                            "vision.onnx": "vision"}
+    # the text decoder takes inputs_embeds and mrope position ids; the embedding graph maps ids
+    decoder = next(g for g in mf["graphs"] if g["file"] == "model.onnx")
+    assert [(i["name"], i["dims"]) for i in decoder["inputs"][:3]] == [
+        ("inputs_embeds", ["batch_size", "sequence_length", 48]),
+        ("attention_mask", ["batch_size", "total_sequence_length"]),
+        ("position_ids", [3, "batch_size", "sequence_length"])]
+    assert mf["verification"]["embedding"]["ok"]
     skipped = mf["weights"]["skipped"]
     # the vision tower is another part: declared, with the reason, never silently dropped
     assert skipped and all(k.startswith("model.visual.") for k in skipped if "visual" in k)
@@ -69,7 +77,8 @@ def test_part_option_picks_one_part(encoder_checkpoints, tmp_path):
     res = CliRunner().invoke(app, ["export", str(encoder_checkpoints("qwen2_5_vl")), "-o", str(out), "--part", "decoder"])
     assert res.exit_code == 0, res.output
     mf = json.loads((out / "manifest.json").read_text())
-    assert [p["name"] for p in mf["parts"]] == ["decoder"] and [g["file"] for g in mf["graphs"]] == ["model.onnx"]
+    assert [p["name"] for p in mf["parts"]] == ["decoder"]
+    assert [g["file"] for g in mf["graphs"]] == ["model.onnx", "embed_tokens.onnx"]
     res = CliRunner().invoke(app, ["export", str(encoder_checkpoints("qwen2_5_vl")), "-o", str(tmp_path / "x"),
                                    "--part", "audio"])
     assert res.exit_code == 2 and "has no part 'audio'" in res.output and "decoder, vision" in res.output

@@ -75,6 +75,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     with atomic_bundle(out, cfg.force) as tmp:
         manifest = new_manifest(ckpt, recipes, cfg, split)
         loaded: dict[str, object] = {}  # parts loaded by the same class share one model
+        pipelines = []  # what recipes say about chaining the parts at run time
         for name, recipe in recipes.items():
             key = getattr(recipe, "model_class", "") or f"part:{name}"
             streamed = cfg.low_memory and isinstance(recipe, DecoderLM)
@@ -103,8 +104,11 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                                               ranges.max if ranges is not None else None)
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
+            if callable(getattr(recipe, "pipeline", None)):
+                pipelines.append(recipe.pipeline(model, manifest.graphs))
             del model
         loaded.clear()
+        manifest.pipeline = complete_pipeline(pipelines, manifest)
         manifest.source.files = copy_support_files(ckpt, tmp)
         record_files(tmp, manifest)
         manifest.export.seconds = round(time.perf_counter() - t0, 2)
@@ -117,7 +121,7 @@ def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | N
     from onnxport.recipes import get_recipes
 
     recipes = get_recipes(ckpt.model_type, parts, ckpt.config)
-    has_decoder = DECODER in recipes
+    has_decoder = _text_decoder(recipes) is not None
     if split is not None and not has_decoder:
         raise InputError(f"--layout split applies to decoder LMs; {ckpt.model_type!r} has no text decoder part "
                          f"(its parts: {', '.join(recipes)})", "drop --layout/--static")
@@ -136,7 +140,7 @@ def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | N
 
 
 def new_manifest(ckpt: Checkpoint, recipes: dict, cfg: ExportConfig, split: SplitConfig | None) -> Manifest:
-    decoder = recipes.get(DECODER)
+    decoder = _text_decoder(recipes)
     task = decoder.task if decoder is not None else next(iter(recipes.values())).task
     kind = (SPLIT if split is not None else MONOLITHIC) if decoder is not None else MODULES
     return Manifest(
@@ -147,6 +151,28 @@ def new_manifest(ckpt: Checkpoint, recipes: dict, cfg: ExportConfig, split: Spli
         export=ExportInfo("auto" if cfg.fallback and decoder is None else cfg.exporter, cfg.opset, cfg.dtype,
                           getattr(decoder, "attn_implementation", None)),
         layout=Layout(kind), graphs=[])
+
+
+def _text_decoder(recipes: dict):
+    """The decoder part's recipe when it is a text decoder LM; None without one, or when the
+    `decoder` part is a module part (whisper's reads encoder states: module graphs)."""
+    decoder = recipes.get(DECODER)
+    return decoder if isinstance(decoder, DecoderLM) else None
+
+
+def complete_pipeline(pipelines: list, manifest: Manifest):
+    """The manifest's pipeline section: the first one a recipe proposed (`recipe.pipeline(model,
+    graphs)`, called after its part is exported) whose graphs are all in the bundle; None
+    when parts it chains were not exported (`--part`)."""
+    names = {g.name or g.file for g in manifest.graphs} | {g.file for g in manifest.graphs}
+    for p in pipelines:
+        if p is None:
+            continue
+        missing = [g for g in p.graphs.values() if g not in names]
+        if not missing:
+            return p
+        log.info("no %s pipeline in the manifest: graph(s) %s not exported", p.kind, ", ".join(missing))
+    return None
 
 
 def _value_ranges():
@@ -230,6 +256,9 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
 
     kv = recipe.kv_spec(model)
     text = text_config(model.config)
+    if split is not None and recipe.embeds_input:
+        raise InputError(f"--layout split of {ckpt.model_type!r}: its decoder takes inputs_embeds (multimodal)",
+                         "export the monolithic layout")
     if split is not None and (kv.has_states or kv.has_indexer):
         what = "recurrent states" if kv.has_states else "a sparse-attention indexer cache"
         raise InputError(f"--layout split needs a key/value cache; {type(model).__name__} keeps {what}",
@@ -243,9 +272,10 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
 
         bind = Binder(CheckpointWeights(ckpt, model, model._onnxport_buffers, getattr(torch, cfg.trace_dtype)),
                       WRAPPER_PREFIX)
+    io = {"embeds": recipe.embeds_input, "position_axes": recipe.position_axes}
     if split is None:
         try:
-            graph, used = export_decoder(model, kv, cfg, folder / "model.onnx", bind=bind)
+            graph, used = export_decoder(model, kv, cfg, folder / "model.onnx", bind=bind, **io)
         except ExportError as e:
             if not cfg.fallback or bind is not None:
                 raise
@@ -254,11 +284,17 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
             log.warning("dynamo failed on the decoder (%s); trying TorchScript", e.message[:200])
             ts = replace(cfg, exporter="torchscript", opset=min(cfg.opset, 20), fallback=False)
             try:
-                graph, used = export_decoder(model, kv, ts, folder / "model.onnx")
+                graph, used = export_decoder(model, kv, ts, folder / "model.onnx", **io)
             except ExportError as e2:
                 raise ExportError(f"{e.message}; TorchScript fallback: {e2.message}", e.hint) from e2
             graph.fallback_from = {"dynamo": e.message[:300]}
         graphs = [graph]
+        if recipe.embeds_input:
+            from onnxport.export.decoder import export_embedding
+
+            embedding, read = export_embedding(recipe, model, cfg, folder / "embed_tokens.onnx", bind=bind)
+            graphs.append(embedding)
+            used = used | read
     else:
         if split.max_part_bytes is not None:
             from onnxport.export.split import pack_for_size
@@ -312,15 +348,21 @@ def kv_record(kv, cfg: ExportConfig):
 def verify_decoder_part(recipe, model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,
                         verify_cfg: VerifyConfig, split: SplitConfig | None, observe=None) -> dict:
     """ORT vs PyTorch for the decoder graphs; record it; raise VerificationError on a mismatch."""
-    from onnxport.export.decoder import flat_cache_wrapper
-    from onnxport.verify.decoder import first_failure, verify_decoder
+    from onnxport.export.decoder import graph_wrapper
+    from onnxport.verify.decoder import first_failure, verify_decoder, verify_embedding
     from onnxport.verify.split import verify_split
 
     if split is None:
         graph = manifest.graph("decoder")
-        wrapper = flat_cache_wrapper(model, kv, manifest.kv_cache.layout)
+        wrapper = graph_wrapper(model, kv, graph, manifest.kv_cache.layout)
         record = verify_decoder(wrapper, folder / graph.file, graph, manifest.model.vocab_size, verify_cfg,
                                 reference=_reference_cache(model), observe=observe)
+        embedding = next((g for g in manifest.graphs if g.role == "embedding" and g.part == DECODER), None)
+        if embedding is not None:  # a decoder fed inputs_embeds: its token-embedding graph too
+            embedding.verification = verify_embedding(recipe, model, folder / embedding.file, embedding,
+                                                      manifest.model.vocab_size, verify_cfg)
+            record["embedding"] = embedding.verification
+            record["ok"] = record["ok"] and embedding.verification["ok"]
     else:
         record = verify_split(recipe, model, folder, manifest, split, cfg, verify_cfg)
     manifest.verification = record
@@ -404,10 +446,10 @@ def _reference_cache(model) -> dict:
 def _decoder_check(model, kv, manifest: Manifest, graph, vcfg: VerifyConfig, records: list):
     """check(candidate file) -> (ok, message): the decoder verification against PyTorch of a
     rewritten graph (its I/O dtypes read from the file), each record appended to `records`."""
-    from onnxport.export.decoder import flat_cache_wrapper
+    from onnxport.export.decoder import graph_wrapper
     from onnxport.verify.decoder import first_failure, verify_decoder
 
-    wrapper = flat_cache_wrapper(model, kv, manifest.kv_cache.layout)
+    wrapper = graph_wrapper(model, kv, graph, manifest.kv_cache.layout)
 
     def check(candidate: Path) -> tuple[bool, str]:
         g = _with_io_dtypes(graph, candidate)
@@ -493,9 +535,11 @@ def export_encoder(model_dir: str | Path, out: str | Path, cfg: ExportConfig = E
 
 
 def copy_support_files(ckpt: Checkpoint, folder: Path) -> list[str]:
-    """config.json and tokenizer files, so the bundle is self-contained."""
+    """config.json, tokenizer files and the feature extractor's settings, so the bundle is
+    self-contained."""
     names = []
-    for f in [ckpt.path / "config.json", *ckpt.tokenizer_files()]:
+    extra = [f for f in [ckpt.path / "preprocessor_config.json"] if f.is_file()]
+    for f in [ckpt.path / "config.json", *ckpt.tokenizer_files(), *extra]:
         shutil.copy2(f, folder / f.name)
         names.append(f.name)
     return names
@@ -710,10 +754,10 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
     verify_cfg = verify_cfg.for_dtype(manifest.export.dtype or "float32")
     pending = {g.name: g for g in manifest.named_graphs()}
     for name, recipe in recipes.items():
-        if name == DECODER and manifest.kv_cache is not None:
+        if isinstance(recipe, DecoderLM) and manifest.kv_cache is not None:
             model = load_model(recipe, ckpt)
             verify_decoder_part(recipe, model, recipe.kv_spec(model), folder, manifest, cfg, verify_cfg, split)
-        elif name != DECODER and pending:
+        elif not isinstance(recipe, DecoderLM) and pending:
             model = load_model(recipe, ckpt)
             for part in recipe.parts(model):
                 g = pending.pop(part.name, None)

@@ -294,6 +294,12 @@ def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int 
             else:
                 k_pos, valid = np.arange(t), np.ones(t, dtype=bool)
             out[name] = additive_mask(q_pos, k_pos, valid, window if name.startswith("sliding") else None)
+        elif name == "position_ids" and len(shape) == 3:
+            # multimodal rotary ids [axes, batch, seq]: each axis its own offset, so the graph
+            # is checked with axes that differ (as for image tokens), not just equal text ids
+            base = (padded_positions(mask2d)[:, total - shape[-1]:] if mask2d is not None and shape[1] == mask2d.shape[0]
+                    else np.broadcast_to(np.arange(past, past + shape[-1], dtype=np.int64), shape[1:]))
+            out[name] = np.stack([base + 3 * a for a in range(shape[0])]).astype(np.int64)
         elif name == "position_ids":
             if mask2d is not None and shape[0] == mask2d.shape[0]:
                 out[name] = padded_positions(mask2d)[:, total - shape[-1]:]

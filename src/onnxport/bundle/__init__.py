@@ -22,6 +22,7 @@ from onnxport.bundle.manifest import (
     Manifest,
     ModelInfo,
     Part,
+    Pipeline,
     Source,
     read_manifest,
     record_files,
@@ -29,5 +30,5 @@ from onnxport.bundle.manifest import (
 )
 
 __all__ = ["DECODER", "ENCODER", "MODULES", "MONOLITHIC", "SCHEMA_VERSION", "SPLIT", "ExportInfo", "Graph", "KVCache",
-           "Layout", "Manifest", "ModelInfo", "Part", "Source", "atomic_bundle", "check_target", "read_manifest",
+           "Layout", "Manifest", "ModelInfo", "Part", "Pipeline", "Source", "atomic_bundle", "check_target", "read_manifest",
            "check_external_data", "external_locations", "record_files", "resolve_inside", "write_manifest"]

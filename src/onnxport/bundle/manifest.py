@@ -230,6 +230,31 @@ class ExportInfo:
     seconds: float | None = None
 
 
+@dataclass
+class Pipeline:
+    """How the parts of a bundle chain at run time, for the torch-free pipeline runner
+    `runtime/pipelines/<kind>.py`. `kind`: image-text-to-text | speech-to-text |
+    text-to-speech. `graphs` maps a role in the pipeline (`embedding`, `decoder`, `vision`,
+    `audio`, `cross_kv`, `talker`, `vocoder`, ...) to a graph name or file of this bundle.
+    `config` holds what the runner needs and no graph shows: placeholder token ids and how
+    many tokens each feature becomes, the position-id rule (e.g. mrope and its sections),
+    processor settings (image / audio preprocessing), generation settings (forced or
+    suppressed tokens)."""
+
+    kind: str
+    graphs: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    #: end-to-end checks of the chained pipeline (ids / waveforms against transformers)
+    verification: dict | None = None
+
+    def to_dict(self) -> dict:
+        return _drop_none({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Pipeline:
+        return cls(**{f.name: d.get(f.name) for f in fields(cls) if f.name in d})
+
+
 def _plain(cls, d: dict):
     return cls(**{f.name: d.get(f.name) for f in fields(cls) if f.name in d})
 
@@ -249,6 +274,8 @@ class Manifest:
     weights: dict | None = None
     #: the decoder part's verification (split/monolithic) or a summary for module bundles
     verification: dict | None = None
+    #: how the parts chain at run time (multimodal bundles); None: parts are used one by one
+    pipeline: Pipeline | None = None
     schema_version: int = SCHEMA_VERSION
 
     # --- what kind of bundle ------------------------------------------------------------------
@@ -305,6 +332,8 @@ class Manifest:
             d["weights"] = self.weights
         if self.verification is not None:
             d["verification"] = self.verification
+        if self.pipeline is not None:
+            d["pipeline"] = self.pipeline.to_dict()
         return d
 
     @classmethod
@@ -321,7 +350,8 @@ class Manifest:
                     source=_plain(Source, d.get("source", {})), model=_plain(ModelInfo, d.get("model", {})),
                     export=_plain(ExportInfo, d.get("export", {})), layout=layout, graphs=graphs,
                     parts=[Part.from_dict(p) for p in d.get("parts", [])], kv_cache=kv, weights=d.get("weights"),
-                    verification=d.get("verification"), schema_version=version)
+                    verification=d.get("verification"), schema_version=version,
+                    pipeline=Pipeline.from_dict(d["pipeline"]) if d.get("pipeline") else None)
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest is malformed ({type(e).__name__}: {e})", "re-run onnxport export") from None
         if version == 1:

@@ -53,17 +53,22 @@ log = logging.getLogger(__name__)
 WRAPPER_PREFIX = "model."  # FlatCacheDecoder.model
 
 
-def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: bool = True
-            ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: bool = True,
+            embeds_hidden: int | None = None, position_axes: int = 1) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's inputs and outputs. A model with recurrent state takes one token per call
     (sequence_length is 1): transformers' own single-token path, which the host runs token by
-    token for a prompt too."""
+    token for a prompt too. `embeds_hidden`: the graph takes `inputs_embeds` [batch, seq,
+    hidden] instead of token ids (multimodal decoders: image / audio features are placed
+    among the token embeddings on the host; the `embedding` graph maps ids). `position_axes`
+    3: multimodal rotary (mrope) position ids [3, batch, seq] (temporal, height, width)."""
     seq = 1 if kv.has_states else SEQ
+    first = (TensorSpec("inputs_embeds", cfg.trace_dtype, (BATCH, seq, embeds_hidden)) if embeds_hidden
+             else TensorSpec("input_ids", "int64", (BATCH, seq)))
     # without a cache the mask covers just the (whole) input sequence
-    inputs = [TensorSpec("input_ids", "int64", (BATCH, seq)),
-              TensorSpec("attention_mask", "int64", (BATCH, SEQ if kv.is_empty else TOTAL))]
+    inputs = [first, TensorSpec("attention_mask", "int64", (BATCH, SEQ if kv.is_empty else TOTAL))]
     if takes_position_ids:
-        inputs.append(TensorSpec("position_ids", "int64", (BATCH, seq)))
+        inputs.append(TensorSpec("position_ids", "int64", (BATCH, seq) if position_axes == 1
+                                 else (position_axes, BATCH, seq)))
     outputs = [TensorSpec("logits", cfg.trace_dtype, (BATCH, seq, vocab_size))]
     for e in cache_entries(kv, cfg.kv_naming):
         layer = kv.layers[e.layer]
@@ -76,8 +81,10 @@ class FlatCacheDecoder(torch.nn.Module):
     """Wraps a causal LM so its cache crosses the graph boundary as flat tensors."""
 
     def __init__(self, model: torch.nn.Module, kv: KVSpec, kv_layout: str = "bhsd", mask_4d: bool = False,
-                 gqa: bool = False):
+                 gqa: bool = False, embeds: bool = False):
         super().__init__()
+        #: the first input is inputs_embeds, not token ids
+        self.embeds = embeds
         #: attention as com.microsoft.GroupQueryAttention (export/attention.py)
         self.gqa = gqa
         self.model = model
@@ -99,10 +106,10 @@ class FlatCacheDecoder(torch.nn.Module):
         tensors = {}
         for (i, what), t in zip(self.entries, past_key_values):
             tensors[(i, what)] = t.transpose(1, 2) if self.bshd and what in ("key", "value") else t
+        tokens = {"inputs_embeds" if self.embeds else "input_ids": input_ids}
         if self.kv.is_empty:
             positions = {} if position_ids is None else {"position_ids": position_ids}
-            return (self.model(input_ids=input_ids, attention_mask=attention_mask, **positions,
-                               return_dict=True).logits,)
+            return (self.model(**tokens, attention_mask=attention_mask, **positions, return_dict=True).logits,)
         layered = self.kv.has_states or self.kv.has_indexer  # 5.x layer objects beyond key/value
         if layered:
             cache = build_state_cache(self.kv, tensors)
@@ -123,7 +130,7 @@ class FlatCacheDecoder(torch.nn.Module):
         positions = {} if position_ids is None else {"position_ids": position_ids}
         with self._attention(cache):
             out = self.model(
-                input_ids=input_ids,
+                **tokens,
                 attention_mask=attention_mask,
                 use_cache=True,
                 **positions,
@@ -164,10 +171,42 @@ def takes_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
-def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False, gqa: bool = False
-                       ) -> FlatCacheDecoder:
+def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False, gqa: bool = False,
+                       embeds: bool = False) -> FlatCacheDecoder:
     cls = FlatCacheDecoder if takes_position_ids(model) else FlatCacheDecoderNoPositions
-    return cls(model, kv, kv_layout, mask_4d=mask_4d, gqa=gqa).eval()
+    return cls(model, kv, kv_layout, mask_4d=mask_4d, gqa=gqa, embeds=embeds).eval()
+
+
+def graph_wrapper(model, kv: KVSpec, graph: Graph, kv_layout: str) -> FlatCacheDecoder:
+    """The wrapper whose inputs are those of the decoder `graph` (token ids or embeddings)."""
+    return flat_cache_wrapper(model, kv, kv_layout, embeds=graph.inputs[0].name == "inputs_embeds")
+
+
+class TokenEmbedding(torch.nn.Module):
+    """input_ids -> the embeddings the decoder's first layer reads (the recipe's `embed`:
+    the embedding table, and a family's scale such as Gemma's sqrt(hidden))."""
+
+    def __init__(self, recipe, model):
+        super().__init__()
+        self.recipe, self.model = recipe, model
+
+    def forward(self, input_ids):
+        return self.recipe.embed(self.model, input_ids)
+
+
+def export_embedding(recipe, model, cfg: ExportConfig, out_file: Path, bind=None) -> tuple[Graph, set[str]]:
+    """The token-embedding graph of a decoder that takes inputs_embeds: input_ids
+    [batch, seq] -> inputs_embeds [batch, seq, hidden]."""
+    text = text_config(model.config)
+    inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQ))]
+    outputs = [TensorSpec("inputs_embeds", cfg.trace_dtype, (BATCH, SEQ, text.hidden_size))]
+    example = feeds(inputs, TRACE_CASE.sizes, vocab_size=text.vocab_size)
+    device = next(model.parameters()).device
+    args = (torch.from_numpy(example["input_ids"]).to(device),)
+    used, applied = export_graph(TokenEmbedding(recipe, model), args, inputs, outputs, out_file, cfg.exporter,
+                                 cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.", bind=bind)
+    return Graph("embedding", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
+                 patches=applied), used
 
 
 def wrapper_args(inputs: list[TensorSpec], tensors: dict) -> tuple:
@@ -196,20 +235,23 @@ def uses_sliding_window(model) -> bool:
     )
 
 
-def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=None) -> tuple[Graph, set[str]]:
+def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=None, embeds: bool = False,
+                   position_axes: int = 1) -> tuple[Graph, set[str]]:
     """Export `model` to `out_file` (+ `model.onnx.data` when large). A model on the meta
     device is traced with meta inputs and its weights come from `bind` (`export.stream`).
 
     Returns the graph entry and the names of the model parameters the exported graph reads."""
-    vocab = text_config(model.config).vocab_size
-    inputs, outputs = io_spec(kv, vocab, cfg, takes_position_ids(model))
+    text = text_config(model.config)
+    vocab = text.vocab_size
+    inputs, outputs = io_spec(kv, vocab, cfg, takes_position_ids(model),
+                              embeds_hidden=text.hidden_size if embeds else None, position_axes=position_axes)
     # TorchScript cannot trace transformers 4.5x's vmap mask builder; build the mask in the
     # wrapper (sliding-window models keep transformers' per-layer masks: not needed on 5.x).
     mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model) and takes_position_ids(model)
     gqa = cfg.attention == "gqa"
     if gqa:
         check_gqa(kv, cfg)
-    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d, gqa)
+    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d, gqa, embeds)
     case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
     example = feeds(inputs, case.sizes, vocab_size=vocab)
     device = next(model.parameters()).device

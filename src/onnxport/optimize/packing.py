@@ -47,7 +47,12 @@ def pack_matmuls(graph, min_group: int = 2) -> int:
             name = "+".join(names) if len("+".join(names)) < 200 else f"{names[0]}+{len(names) - 1}_packed"
 
             def concat(sources=sources, name=name):
-                return ir.Tensor(np.concatenate([np.asarray(s.numpy()) for s in sources], axis=1), name=name)
+                parts = []
+                for src in sources:
+                    parts.append(np.array(src.numpy()))
+                    if hasattr(src, "release"):  # close an external tensor's memory map
+                        src.release()
+                return ir.Tensor(np.concatenate(parts, axis=1), name=name)
 
             shape = ir.Shape([k, sum(widths)])
             weight = ir.Value(name=name, type=ir.TensorType(dtype), shape=shape)

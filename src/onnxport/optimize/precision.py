@@ -262,17 +262,28 @@ def _remove_unused(graph) -> None:
             graph.remove(node, safe=True)
 
 
+def _released(tensor, convert):
+    """convert(tensor.numpy()) (a new array), then the tensor's memory map closed: onnx-ir's
+    external tensors keep their file mapped, and every page read would stay resident."""
+    try:
+        return convert(tensor.numpy())
+    finally:
+        if hasattr(tensor, "release"):
+            tensor.release()
+
+
 def _caster(source, np_dtype):
-    def read():
-        a = source.numpy()
+    def cast(a):
         if np_dtype == np.float16:
-            a = np.nan_to_num(a.astype(np.float32), posinf=np.inf, neginf=-np.inf)
-            if np.abs(a[np.isfinite(a)]).max(initial=0.0) > FP16_MAX:
+            a32 = a.astype(np.float32)
+            finite = np.abs(a32[np.isfinite(a32)])
+            if finite.max(initial=0.0) > FP16_MAX:
                 raise ExportError(f"weight {source.name} exceeds fp16's range and would be clipped",
                                   "this is an onnxport bug: its readers should have been kept in fp32")
+            return a32.astype(np_dtype)
         return a.astype(np_dtype)
 
-    return read
+    return lambda: _released(source, cast)
 
 
 # --- bfloat16 (weight-only) ---------------------------------------------------------------------
@@ -323,7 +334,7 @@ def to_bfloat16_weights(src: Path, external_threshold: int = 1 << 30, min_elemen
 
 def _to_bf16(t, bf16, inexact: list):
     def read():
-        a = t.numpy().astype(np.float32)
+        a = _released(t, lambda x: x.astype(np.float32))
         b = a.astype(bf16)
         if not np.array_equal(b.astype(np.float32), a, equal_nan=True):
             inexact.append(t.name)

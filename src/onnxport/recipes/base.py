@@ -101,6 +101,12 @@ class DecoderLM(Recipe):
     attn_implementation: ClassVar[str] = "eager"
     #: transformers class that loads the checkpoint ("" = AutoModelForCausalLM)
     model_class: ClassVar[str] = ""
+    #: the decoder graph takes inputs_embeds (a multimodal model's text decoder: image /
+    #: audio features are placed among the token embeddings on the host) and an `embedding`
+    #: graph maps token ids; the monolithic layout only
+    embeds_input: ClassVar[bool] = False
+    #: position_ids axes: 1 ([batch, seq]) or 3 (multimodal rotary: [3, batch, seq])
+    position_axes: ClassVar[int] = 1
 
     def model_cls(self):
         import transformers

@@ -82,10 +82,15 @@ class Qwen25VLVision(EncoderRecipe):
 
 @register_recipe("qwen2_5_vl", part="decoder")
 class Qwen25VLText(DecoderLM):
-    """The language model of a Qwen2.5-VL checkpoint, text in (input_ids), through the
-    conditional-generation class so checkpoint names match. Text-only mrope positions equal
-    plain positions on all three axes, so 2-D position_ids give transformers' tokens; image
-    tokens (3-D mrope ids, inputs_embeds) come with the multimodal pipeline."""
+    """The language model of a Qwen2.5-VL checkpoint, through the conditional-generation class
+    so checkpoint names match: `model.onnx` takes inputs_embeds and 3-D mrope position ids
+    [3, batch, seq] (the image-text pipeline places the vision tower's features among the
+    token embeddings and computes the positions on the host), `embed_tokens.onnx` maps token
+    ids. Text alone is the same graph with equal ids on the three axes."""
 
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    #: image / video features are placed among the token embeddings by the pipeline
+    embeds_input = True
+    #: mrope: temporal / height / width position ids
+    position_axes = 3

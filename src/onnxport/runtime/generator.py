@@ -75,6 +75,17 @@ class Generator:
             #: each past input's dims (MLA keys and values differ; heads can differ per layer)
             self.past_dims = {n: self.session.inputs[n].dims for n in self.past_names}
             self.takes_positions = "position_ids" in self.session.inputs
+            #: multimodal rotary ids [3, batch, seq]: text positions repeat on every axis
+            self.position_axes = (len(self.session.inputs["position_ids"].dims) == 3 and
+                                  self.session.inputs["position_ids"].dims[0]) if self.takes_positions else 0
+            #: a decoder fed inputs_embeds reads token ids through its embedding graph
+            self.embed_session = None
+            if "inputs_embeds" in self.session.inputs:
+                emb = next((g for g in self.manifest.graphs if g.role == "embedding" and g.part == "decoder"), None)
+                if emb is None:
+                    raise BundleError("the decoder takes inputs_embeds but the bundle has no embedding graph",
+                                      "re-export the model with onnxport export")
+                self.embed_session = GraphSession(self.folder, emb, threads)
         #: GroupQueryAttention graphs run with one fixed-size cache buffer per tensor, bound as
         #: both past and present (written in place: no per-step copy of the cache)
         self.shared_buffer = (self.split is None and not self.step_only and bool(self.past_names)
@@ -113,10 +124,25 @@ class Generator:
     def prefill_feeds(self, ids: list[int]) -> dict[str, np.ndarray]:
         """The decoder graph's inputs for one sequence from an empty cache."""
         x = np.asarray([ids], dtype=np.int64)
-        feeds = {"input_ids": x, "attention_mask": np.ones_like(x),
-                 **{n: self._empty_past(n, 1) for n in self.past_names}}
+        return self._feeds(x, np.ones_like(x), np.arange(len(ids), dtype=np.int64)[None],
+                           {n: self._empty_past(n, 1) for n in self.past_names})
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """Token embeddings [batch, seq, hidden] from the bundle's embedding graph."""
+        return self.embed_session.run({"input_ids": input_ids}, check=False)["inputs_embeds"]
+
+    def _feeds(self, input_ids, mask, positions, past, inputs_embeds=None) -> dict[str, np.ndarray]:
+        """One call's inputs: token ids (or their embeddings), the mask, the positions (2-D,
+        or [3, batch, seq] given or repeated for multimodal rotary), the cache."""
+        feeds = {"attention_mask": mask, **past}
+        if self.embed_session is not None:
+            feeds["inputs_embeds"] = inputs_embeds if inputs_embeds is not None else self.embed(input_ids)
+        else:
+            feeds["input_ids"] = input_ids
         if self.takes_positions:
-            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+            if self.position_axes and positions.ndim == 2:
+                positions = np.broadcast_to(positions, (self.position_axes, *positions.shape))
+            feeds["position_ids"] = np.ascontiguousarray(positions)
         return feeds
 
     def generate(
@@ -170,10 +196,14 @@ class Generator:
         seed: int | None = None,
         eos_token_id: int | list[int] | None = -1,
         on_token: TokenCallback | None = None,
+        prefill: dict | None = None,
     ) -> GenerationResult:
         """Generate from token-id prompts (left-padded into one batch).
 
-        `eos_token_id=-1` (default) uses the bundle's generation_config; None disables EOS."""
+        `eos_token_id=-1` (default) uses the bundle's generation_config; None disables EOS.
+        `prefill` (multimodal pipelines): {"inputs_embeds": [batch, longest, hidden] with the
+        features in place, "position_ids": [3, batch, longest], "position_delta": [batch]
+        added to every later position}, for the left-padded prompt batch."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token", "pass a non-empty prompt")
         if max_new_tokens < 1:
@@ -206,6 +236,11 @@ class Generator:
             input_ids[r, longest - len(p):] = p
             mask[r, longest - len(p):] = 1
         positions = padded_positions(mask, self.pad_position)
+        prefill = prefill or {}
+        embeds = prefill.get("inputs_embeds")
+        if prefill.get("position_ids") is not None:
+            positions = prefill["position_ids"]
+        delta = np.asarray(prefill.get("position_delta", 0), dtype=np.int64).reshape(-1, 1)
         if self.shared_buffer:
             run = self._shared_buffer_runner(batch, longest + max_new_tokens)
             past = {}
@@ -220,9 +255,7 @@ class Generator:
         steps = 0
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
-            feeds = {"input_ids": input_ids, "attention_mask": mask, **past}
-            if self.takes_positions:
-                feeds["position_ids"] = positions
+            feeds = self._feeds(input_ids, mask, positions, past, embeds if step == 0 else None)
             outs = run(feeds) if run is not None else self.session.run(feeds, check=step == 0)
             next_tok = sampler(outs["logits"][:, -1, :])
             if step == max_new_tokens - 1 and self.forced.get("eos") is not None:
@@ -250,7 +283,7 @@ class Generator:
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             if self.past_names:
                 input_ids = new_ids
-                positions = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)
+                positions = (mask.sum(axis=-1, keepdims=True) - 1 + delta).astype(np.int64)
             else:  # no cache: the graph reads the whole sequence again
                 input_ids = np.concatenate([input_ids, new_ids], axis=1)
                 positions = padded_positions(mask, self.pad_position)
@@ -276,10 +309,12 @@ class Generator:
             io.bind_ortvalue_input(p, buf)
             io.bind_ortvalue_output(q, buf)
 
+        past = set(self.past_names)
+
         def run(feeds: dict) -> dict:
-            for name in ("input_ids", "attention_mask", "position_ids"):
-                if name in feeds:
-                    io.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+            for name, value in feeds.items():
+                if name not in past:
+                    io.bind_cpu_input(name, np.ascontiguousarray(value))
             io.bind_output("logits")
             sess.run_with_iobinding(io)
             return {"logits": io.get_outputs()[0].numpy()}
@@ -301,10 +336,8 @@ class Generator:
             pos = 0
             while True:
                 tok_in = fed[pos]
-                feeds = {"input_ids": np.array([[tok_in]], dtype=np.int64),
-                         "attention_mask": np.ones((1, pos + 1), dtype=np.int64), **past}
-                if self.takes_positions:
-                    feeds["position_ids"] = np.array([[pos]], dtype=np.int64)
+                feeds = self._feeds(np.array([[tok_in]], dtype=np.int64), np.ones((1, pos + 1), dtype=np.int64),
+                                    np.array([[pos]], dtype=np.int64), past)
                 outs = self.session.run(feeds, check=pos == 0)
                 past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
                 pos += 1

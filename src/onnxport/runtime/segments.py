@@ -195,6 +195,8 @@ class SegmentedRunner:
         so.log_severity_level = 3
         # one session after another: do not let the finished one's workers spin
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # each segment runs a few times: prepacking MatMul weights would only add a copy of them
+        so.add_session_config_entry("session.disable_prepacking", "1")
         # relative external-data locations resolve against the graph's own folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -81,6 +81,24 @@ def verify_decoder(
     }
 
 
+def verify_embedding(recipe, model, onnx_file: Path, graph: Graph, vocab_size: int, cfg: VerifyConfig) -> dict:
+    """The token-embedding graph against the recipe's `embed` on random ids (two shapes)."""
+    import torch
+
+    from onnxport.runtime.segments import run_feeds
+
+    cases = [ShapeCase(1, 1, 0), ShapeCase(2, 9, 0)]
+    xs = [feeds(graph.inputs, c.sizes, cfg.seed + i, vocab_size) for i, c in enumerate(cases)]
+    got, _ = run_feeds(onnx_file, graph.output_names, xs, cfg.segment_bytes)
+    results = []
+    for case, x, g in zip(cases, xs, got):
+        with torch.no_grad():
+            ref = recipe.embed(model, torch.from_numpy(x["input_ids"])).float().numpy()
+        out = compare(g[graph.output_names[0]], ref, cfg.atol, cfg.min_cosine, cfg.rtol)
+        results.append({"shape": case.label, "ok": out["ok"], "outputs": {graph.output_names[0]: out}})
+    return {"ok": all(r["ok"] for r in results), "cases": results}
+
+
 def cases_for(graph: Graph) -> list[ShapeCase]:
     """DECODER_CASES; STEP_CASES for a one-token-per-call graph (recurrent state); FULL_CASES
     for a graph without a cache; GQA_CASES for GroupQueryAttention graphs."""
