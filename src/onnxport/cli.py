@@ -301,12 +301,56 @@ def _generate_chat(gen, chats: list, system: str | None, stream: bool, sampling:
     console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
 
 
+def _generate_with_images(bundle: Path, images: list[Path], prompts, messages, chat: bool, system, stream: bool,
+                          sampling: dict) -> None:
+    """--image: the bundle's image-text pipeline; every prompt gets all the images."""
+    from onnxport.runtime.image_processor import load_image
+    from onnxport.runtime.pipelines import open_pipeline
+
+    from onnxport.errors import BundleError
+
+    pipe = open_pipeline(bundle)
+    if pipe.kind != "image-text-to-text":
+        raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no image", "drop --image")
+    loaded = [load_image(p) for p in images]
+    if messages is not None:
+        convs, chat = [_read_messages(messages)], True
+    elif chat or system is not None:
+        convs, chat = [[{"role": "user", "content": [*({"type": "image"} for _ in loaded),
+                                                      {"type": "text", "text": p}]}] for p in prompts], True
+    else:
+        convs = list(prompts)
+    streaming = stream and len(convs) == 1
+    res = pipe.generate(convs, images=[loaded for _ in convs], chat=chat, system=system,
+                        on_token=_stream_printer(pipe.generator) if streaming else None, **sampling)
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        for t in res.texts:
+            sys.stdout.write(f"{t}\n")
+    console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
+
+
+def _transcribe(bundle: Path, audio: list[Path], max_new_tokens: int | None) -> None:
+    """--audio: the bundle's speech-to-text pipeline, one transcript per line."""
+    from onnxport.errors import BundleError
+    from onnxport.runtime.pipelines import open_pipeline
+
+    pipe = open_pipeline(bundle)
+    if pipe.kind != "speech-to-text":
+        raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no audio", "drop --audio")
+    res = pipe.generate(list(audio), max_new_tokens=max_new_tokens)
+    for i, tokens in enumerate(res.tokens):
+        sys.stdout.write(f"{res.texts[i] if res.texts is not None else ' '.join(map(str, tokens))}\n")
+    console.print(f"{len(audio)} audio, {res.generated_tokens} tokens generated in {1000 * res.seconds:.0f} ms")
+
+
 @app.command("generate")
 @_guard
 def generate_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text; repeat for a batch."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Default: 32; with --audio the model's own limit."),
     do_sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy."),
     temperature: float = typer.Option(1.0),
     top_k: int = typer.Option(0, "--top-k"),
@@ -316,15 +360,29 @@ def generate_cmd(
     chat: bool = typer.Option(False, "--chat", help="Each -p is the user turn of its own conversation, rendered with the bundle's chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message before each conversation (implies --chat)."),
     messages: Optional[Path] = typer.Option(None, "--messages", help="JSON file: a conversation as a list of {role, content} messages, or a list of those (implies --chat; instead of -p)."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file for an image-text bundle (repeat for several, in placeholder order); with --chat each -p gets the images before its text."),
+    audio: Optional[List[Path]] = typer.Option(None, "--audio", help="WAV file (16 kHz mono) to transcribe with the bundle's speech-to-text pipeline (greedy); repeat for a batch."),
 ):
     """Generate text with ONNX Runtime (no torch)."""
     from onnxport.errors import InputError
     from onnxport.runtime import Generator
 
+    if audio:
+        if prompt or messages is not None or image:
+            raise InputError("give either --audio or a prompt (-p / --messages / --image), not both",
+                             "a speech-to-text bundle transcribes audio alone")
+        _transcribe(bundle, audio, max_new_tokens)
+        return
+    max_new_tokens = 32 if max_new_tokens is None else max_new_tokens
     if messages is not None and prompt:
         raise InputError("give either -p or --messages, not both", "put the user turn last in the --messages file")
     if messages is None and not prompt:
         raise InputError("nothing to generate from", "give a prompt with -p TEXT, or a conversation with --messages FILE.json")
+    sampling = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                    top_p=top_p, seed=seed)
+    if image:
+        _generate_with_images(bundle, image, prompt, messages, chat, system, stream, sampling)
+        return
     gen = Generator(bundle)
     if chat or system is not None or messages is not None:
         _generate_chat(gen, _read_messages(messages) if messages is not None else list(prompt), system, stream,

@@ -79,6 +79,45 @@ class Qwen25VLVision(EncoderRecipe):
                            output_dims={"image_embeds": ["num_merged_patches", cfg.out_hidden_size]},
                            make_case=make_case, preprocess="qwen2_5_vl_vision", meta=meta)]
 
+    def pipeline(self, model, graphs):
+        """Vision + text decoder chained (when both parts were exported)."""
+        return image_text_pipeline(model, getattr(model, "name_or_path", None) or
+                                   getattr(model.config, "_name_or_path", None))
+
+
+def image_text_pipeline(model, checkpoint_dir=None):
+    """The image-text-to-text pipeline of a Qwen2.5-VL checkpoint: which graphs chain, the
+    placeholder tokens, the mrope rule and the image processor's settings (the checkpoint's
+    preprocessor_config.json when there is one, else transformers' defaults for this vision
+    tower's patch / merge sizes)."""
+    import json
+    from pathlib import Path
+
+    from onnxport.bundle import Pipeline
+
+    cfg = model.config
+    vision = cfg.vision_config
+    processor = {}
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / "preprocessor_config.json").is_file():
+        processor = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
+    processor.setdefault("patch_size", vision.patch_size)
+    processor.setdefault("temporal_patch_size", vision.temporal_patch_size)
+    processor.setdefault("merge_size", vision.spatial_merge_size)
+    config = {
+        "image_token_id": cfg.image_token_id,
+        "video_token_id": getattr(cfg, "video_token_id", None),
+        "vision_start_token_id": getattr(cfg, "vision_start_token_id", None),
+        "image_placeholder": "<|vision_start|><|image_pad|><|vision_end|>",
+        "spatial_merge_size": vision.spatial_merge_size,
+        "tokens_per_second": getattr(vision, "tokens_per_second", None),
+        "position_ids": {"rule": "mrope", "axes": ["temporal", "height", "width"],
+                         "runtime": "onnxport.runtime.pipelines.image_text_to_text:rope_index"},
+        "features": {"vision": "image_embeds", "placed_at": "image_token_id, row-major, one row per merged patch"},
+        "image_processor": processor,
+    }
+    return Pipeline("image-text-to-text", {"embedding": "embed_tokens.onnx", "decoder": "model.onnx",
+                                           "vision": "vision"}, config)
+
 
 @register_recipe("qwen2_5_vl", part="decoder")
 class Qwen25VLText(DecoderLM):

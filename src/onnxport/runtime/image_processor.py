@@ -329,3 +329,20 @@ class QwenVLImageProcessor:
             "pixel_values_videos": np.concatenate(patches),
             "video_grid_thw": np.asarray(grids, dtype=np.int64),
         }
+
+
+def load_image(path) -> Image.Image:
+    """An image file opened with Pillow (converted by the processor like transformers does);
+    a missing or unreadable file is one RuntimeInputError."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise RuntimeInputError(f"image file {str(p)!r} does not exist", "pass the path of a PNG / JPEG / ... file")
+    try:
+        image = Image.open(p)
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise RuntimeInputError(f"{p.name} is not an image Pillow can read ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120]})", "pass a PNG / JPEG / WebP / ... image") from None
+    return image

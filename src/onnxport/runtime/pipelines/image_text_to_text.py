@@ -1,0 +1,196 @@
+"""Image (and video) + text -> text in ONNX Runtime: Qwen2.5-VL style.
+
+    numpy image processor (runtime/image_processor.py: transformers' Qwen2-VL processor)
+      -> vision.onnx (window order and packed masks computed on the host: runtime/preprocess)
+      -> image features placed at the image-pad tokens of the embedded prompt (embed_tokens.onnx)
+      -> model.onnx with multimodal rotary position ids [3, batch, seq] computed on the host
+         (`rope_index`: transformers' get_rope_index in numpy), greedy or sampled decoding.
+
+Prompts are token ids, text with the image placeholder (`<|vision_start|><|image_pad|><|vision_end|>`
+once per image, as Qwen2-VL's processor expects) or chat messages rendered with the bundle's chat
+template. Each image's single pad token becomes as many as the image has merged patches, as
+transformers' processor does. Everything the runner needs comes from the manifest's `pipeline`
+section. onnxruntime + numpy + Pillow + tokenizers (+ jinja2 for chats); no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from onnxport.errors import BundleError, RuntimeInputError
+from onnxport.runtime.pipelines import register_pipeline
+
+KIND = "image-text-to-text"
+
+
+def rope_index(input_ids: np.ndarray, mask: np.ndarray, token_types: np.ndarray, image_grids: list,
+               video_grids: list, spatial_merge_size: int, tokens_per_second: float = 1.0,
+               seconds_per_grid: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' Qwen2.5-VL `get_rope_index` in numpy: position ids [3, batch, seq] (zero
+    at padded slots) and the per-row delta [batch] later positions are shifted by. Text tokens
+    count up on all three axes; an image's (video's) merged patches take t / h / w grid
+    coordinates offset by the position reached, which then advances by max(h, w)."""
+    batch, seq = input_ids.shape
+    positions = np.zeros((3, batch, seq), dtype=np.int64)
+    deltas = np.zeros(batch, dtype=np.int64)
+    grids = {1: iter(image_grids), 2: iter(video_grids)}
+    seconds = iter(seconds_per_grid if seconds_per_grid is not None else [1.0] * max(seq, 1))
+    for b in range(batch):
+        valid = mask[b].astype(bool)
+        types = token_types[b][valid]
+        parts, current = [], 0
+        start = 0
+        for kind, group in itertools.groupby(types.tolist()):
+            n = len(list(group))
+            if kind == 0:
+                parts.append(np.broadcast_to(np.arange(n, dtype=np.int64) + current, (3, n)))
+                current += n
+            else:
+                t, h, w = (int(x) for x in next(grids[kind]))
+                interval = tokens_per_second * next(seconds) if kind == 2 else 1
+                gt, gh, gw = t, h // spatial_merge_size, w // spatial_merge_size
+                tt = (np.arange(gt) * interval).astype(np.int64)
+                T, H, W = np.meshgrid(tt, np.arange(gh) + current, np.arange(gw) + current, indexing="ij")
+                pos = np.stack([T.reshape(-1) + current, H.reshape(-1), W.reshape(-1)])
+                if pos.shape[1] != n:
+                    raise RuntimeInputError(f"row {b} has {n} consecutive placeholder tokens for a "
+                                            f"{t}x{h}x{w} grid, which needs {pos.shape[1]}",
+                                            "let the pipeline expand the placeholders (one pad token per image)")
+                parts.append(pos)
+                current += max(h, w) // spatial_merge_size
+            start += n
+        llm = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
+        positions[:, b, valid] = llm
+        deltas[b] = (llm.max() + 1 - int(valid.sum())) if llm.size else 0
+    return positions, deltas
+
+
+@register_pipeline(KIND)
+class ImageTextToText:
+    """Generate text from images and text with an onnxport image-text bundle.
+
+    >>> pipe = ImageTextToText("vl/")                                      # doctest: +SKIP
+    >>> pipe.generate("Describe <|vision_start|><|image_pad|><|vision_end|>", images=[img]).texts
+    """
+
+    def __init__(self, bundle: str | Path, threads: int | None = None):
+        from onnxport.runtime.encoder import EncoderRunner
+        from onnxport.runtime.generator import Generator
+        from onnxport.runtime.image_processor import QwenVLImageProcessor
+
+        self.folder = Path(bundle)
+        self.generator = Generator(self.folder, threads)
+        pipeline = self.generator.manifest.pipeline
+        if pipeline is None or pipeline.kind != KIND:
+            raise BundleError(f"{bundle} is not an image-text bundle (pipeline: "
+                              f"{pipeline.kind if pipeline else 'none'})", "use onnxport.Generator for text")
+        if self.generator.embed_session is None or not self.generator.position_axes:
+            raise BundleError("the bundle's decoder does not take inputs_embeds and 3-D positions",
+                              "re-export the checkpoint with onnxport export")
+        cfg = pipeline.config
+        self.config = cfg
+        self.vision = EncoderRunner(self.folder, pipeline.graphs.get("vision", "vision"))
+        self.processor = QwenVLImageProcessor(cfg.get("image_processor") or {})
+        self.image_token_id = int(cfg["image_token_id"])
+        self.video_token_id = cfg.get("video_token_id")
+        self.merge = int(cfg["spatial_merge_size"])
+        self.tokens_per_second = float(cfg.get("tokens_per_second") or 1.0)
+
+    @property
+    def tokenizer(self):
+        return self.generator.tokenizer
+
+    # --- prompts --------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of one prompt: ids as given, text tokenized as the processor does, or chat
+        messages (a user turn's text, or transformers-style messages with {"type": "image"}
+        entries) rendered with the bundle's chat template."""
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return [int(t) for t in prompt]
+        if chat or not isinstance(prompt, str):
+            return self.generator.chat_ids([self._messages(prompt)], system)[0]
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def _messages(self, prompt) -> list[dict]:
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return list(prompt)
+
+    def _expand(self, ids: list[int], grids: list) -> list[int]:
+        """Each image pad token -> prod(grid) / merge**2 of them (the processor's expansion)."""
+        count = ids.count(self.image_token_id)
+        if count != len(grids):
+            raise RuntimeInputError(
+                f"the prompt has {count} image placeholder(s) for {len(grids)} image(s)",
+                "write the image placeholder once per image (the chat template does it for {'type': 'image'})")
+        out, it = [], iter(grids)
+        for t in ids:
+            if t == self.image_token_id:
+                out += [t] * (int(np.prod(next(it))) // self.merge ** 2)
+            else:
+                out.append(t)
+        return out
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def generate(self, prompts, images=None, max_new_tokens: int = 32, chat: bool = False, system: str | None = None,
+                 on_token=None, **sampling):
+        """`prompts`: one prompt or a list (a batch); `images`: the images of one prompt (a list),
+        or per prompt a list of images, in placeholder order. Returns the Generator's result."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
+                                              all(isinstance(t, (int, np.integer)) for t in prompts))
+        if single or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            prompts, images = [prompts], [images or []]
+        elif images is None:
+            images = [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise RuntimeInputError(f"{len(prompts)} prompts but images for {len(images)}",
+                                    "pass one list of images per prompt")
+        rows, all_grids, pixels = [], [], []
+        for prompt, imgs in zip(prompts, images):
+            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+            grids = []
+            if imgs:
+                out = self.processor(imgs)
+                pixels.append(out["pixel_values"])
+                grids = [list(map(int, g)) for g in out["image_grid_thw"]]
+            rows.append(self._expand(self.prompt_ids(prompt, chat, system), grids))
+            all_grids += grids
+        features = None
+        if pixels:
+            features = self.vision(np.concatenate(pixels), np.asarray(all_grids, dtype=np.int64))["image_embeds"]
+        prefill = self.prefill(rows, features, all_grids)
+        res = self.generator.generate_ids(rows, max_new_tokens=max_new_tokens, on_token=on_token, prefill=prefill,
+                                          **sampling)
+        res.texts = [self.tokenizer.decode(t) for t in res.tokens]
+        return res
+
+    def prefill(self, rows: list[list[int]], features: np.ndarray | None, grids: list) -> dict:
+        """The decoder's first-call inputs for the left-padded batch of `rows` (as
+        Generator.generate_ids pads it): token embeddings with the image features at the pad
+        tokens (row-major, as transformers' masked_scatter), mrope positions and deltas."""
+        gen = self.generator
+        batch, longest = len(rows), max(len(r) for r in rows)
+        ids = np.full((batch, longest), gen.pad_feed, dtype=np.int64)
+        mask = np.zeros((batch, longest), dtype=np.int64)
+        for r, p in enumerate(rows):
+            ids[r, longest - len(p):] = p
+            mask[r, longest - len(p):] = 1
+        embeds = gen.embed(ids)
+        is_image = (ids == self.image_token_id) & (mask == 1)
+        n = int(is_image.sum())
+        if n:
+            if features is None or features.shape[0] != n:
+                raise RuntimeInputError(f"{n} image tokens but {0 if features is None else features.shape[0]} "
+                                        "image features", "pass one image per placeholder")
+            embeds = embeds.copy()
+            embeds[is_image] = features.astype(embeds.dtype)
+        types = np.where(is_image, 1, 0)
+        if self.video_token_id is not None:
+            types = np.where((ids == int(self.video_token_id)) & (mask == 1), 2, types)
+        positions, deltas = rope_index(ids, mask, types, grids, [], self.merge, self.tokens_per_second)
+        return {"inputs_embeds": embeds, "position_ids": positions, "position_delta": deltas}
