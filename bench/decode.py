@@ -1,11 +1,25 @@
-"""Decode benchmark: onnxport's ORT generator vs PyTorch eager on the same checkpoint.
+"""Decode benchmark: onnxport's ORT generator vs PyTorch eager and the onnxruntime-genai
+builder on the same checkpoint, in one run.
 
 Measures, batch 1, greedy: prefill latency for a PROMPT_LEN-token prompt and decode tokens/s
-for NEW_TOKENS new tokens. Median of --runs runs each, both measured in this one process, one
-after the other, with the same thread count. Prints JSON (and the ratio ORT / PyTorch).
+for NEW_TOKENS new tokens. Median of --runs runs each after a warm-up, every runner measured in
+this one process, one after the other, with the same thread count. Prints JSON: per runner the
+numbers, the ratios against PyTorch and against genai's runner of the same precision, and how
+many of the first 32 greedy tokens equal PyTorch fp32's.
 
-    python bench/decode.py CHECKPOINT [--bundle OUT] [--runs 3] [--split-static] [--optimize] [--int4]
-    python bench/decode.py --make-qwen2-0.5b /tmp/qwen2-0.5b-random   # build the shaped checkpoint
+Runners (`--runners`, comma separated; default: all that apply):
+  pytorch            transformers eager, fp32
+  onnxport           `onnxport export` default graph, fp32
+  onnxport-fast      `--attention gqa --optimize` (GroupQueryAttention, ORT fusions, MatMul
+                     packing; the generator keeps one cache buffer bound as past and present)
+  onnxport-int4      onnxport-fast quantized: RTN int4 block 32, MatMulNBits accuracy_level 4
+  onnxport-int4-awq  the same with AWQ scales
+  genai / genai-int4 onnxruntime-genai's model builder, fp32 / int4 CPU, run by its own
+                     generator loop (skipped with a message when onnxruntime-genai is absent)
+  split-static       the static split layout (max-len 512)
+
+    python bench/make_checkpoint.py qwen2-0.5b /tmp/qwen2-0.5b-random --dtype fp32
+    python bench/decode.py /tmp/qwen2-0.5b-random [--runs 3] [--runners pytorch,onnxport-fast,genai]
 """
 
 from __future__ import annotations
@@ -94,20 +108,75 @@ def bench_torch(ckpt: Path, prompt: list[int], new_tokens: int, runs: int, threa
     return {"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec), "tokens": toks}
 
 
+RUNNERS = ("pytorch", "onnxport", "onnxport-fast", "onnxport-int4", "onnxport-int4-awq", "genai", "genai-int4",
+           "split-static")
+DEFAULT = tuple(r for r in RUNNERS if r != "split-static")
+
+
+def bench_genai(ckpt: Path, out: Path, precision: str, prompt: list[int], new_tokens: int, runs: int,
+                threads: int) -> dict:
+    """onnxruntime-genai: its builder's graph and its own generation loop (prefill = the first
+    token's time; decode = the rest), its session pinned to `threads`."""
+    import runpy
+
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    argv = sys.argv
+    sys.argv = ["builder", "-i", str(ckpt), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out) + ".cache"]
+    try:
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # the builder prints its progress to stdout
+            runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+    finally:
+        sys.argv = argv
+    build_s = time.perf_counter() - t0
+    cfg_file = out / "genai_config.json"
+    gcfg = json.loads(cfg_file.read_text())
+    gcfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    cfg_file.write_text(json.dumps(gcfg))
+    model = og.Model(str(out))
+    total = len(prompt) + new_tokens
+
+    def once(n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens([prompt])
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        k = 1
+        while not gen.is_done() and k < n:
+            gen.generate_next_token()
+            k += 1
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (k - 1) / (t2 - t1), list(gen.get_sequence(0))[len(prompt):]
+
+    once(4)
+    pre, dec, toks = [], [], None
+    for _ in range(runs):
+        p, d, toks = once(new_tokens)
+        pre.append(p)
+        dec.append(d)
+    del total
+    return {"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec), "tokens": toks,
+            "build_seconds": round(build_s, 1),
+            "graph_bytes": sum(f.stat().st_size for f in out.glob("model.onnx*"))}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    import importlib.util
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?")
-    ap.add_argument("--bundle", help="existing onnxport bundle of CHECKPOINT (default: export to a temp dir)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--split-static", action="store_true",
-                    help="also export the split static layout (max-len 512, prefill-len = prompt len) and time it")
-    ap.add_argument("--int4", action="store_true",
-                    help="also quantize the bundle (onnxport quantize, RTN block 32, gate reported not enforced) "
-                         "and time it, with fp32 compute and with MatMulNBits accuracy_level 4 (int8 compute)")
-    ap.add_argument("--optimize", action="store_true", help="also export with --optimize (ORT fusions) and time it")
+    ap.add_argument("--runners", default=",".join(DEFAULT), help=f"comma separated, of {', '.join(RUNNERS)}")
+    ap.add_argument("--save", type=Path, help="also write the JSON here")
     ap.add_argument("--make-qwen2-0.5b", dest="make", metavar="DIR")
     args = ap.parse_args()
     if args.make:
@@ -116,91 +185,85 @@ def main() -> None:
         return
     if not args.checkpoint:
         ap.error("CHECKPOINT is required")
+    runners = [r.strip() for r in args.runners.split(",") if r.strip()]
+    unknown = [r for r in runners if r not in RUNNERS]
+    if unknown:
+        ap.error(f"unknown runner(s) {unknown}; choose from {RUNNERS}")
     ckpt = Path(args.checkpoint)
     cfg = json.loads((ckpt / "config.json").read_text())
     vocab = cfg.get("text_config", cfg)["vocab_size"]
     prompt = [(i * 7919 + 13) % vocab for i in range(args.prompt_len)]
+    results: dict[str, dict] = {}
+
+    from onnxport.api import export, quantize
+    from onnxport.config import ExportConfig, QuantConfig, SplitConfig
+
+    def timed_export(name, out, cfg, split=None):
+        t0 = time.perf_counter()
+        m = export(ckpt, out, cfg, split=split)
+        return m, round(time.perf_counter() - t0, 1)
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(args.bundle) if args.bundle else Path(tmp) / "bundle"
-        export_s = None
-        if not args.bundle:
-            from onnxport.api import export
-            from onnxport.config import ExportConfig
-
-            t0 = time.perf_counter()
-            export(ckpt, bundle, ExportConfig(verify=False))
-            export_s = time.perf_counter() - t0
-        ort_res = bench_ort(bundle, prompt, args.new_tokens, args.runs, args.threads)
-        split_res = None
-        if args.split_static:
-            from onnxport.api import export
-            from onnxport.config import ExportConfig, SplitConfig
-
-            sbundle = Path(tmp) / "split_static"
-            t0 = time.perf_counter()
-            export(ckpt, sbundle, ExportConfig(verify=False, kv_layout="bshd"),
-                   split=SplitConfig(static=True, max_len=512, prefill_len=args.prompt_len))
-            split_export_s = time.perf_counter() - t0
-            split_res = bench_ort(sbundle, prompt, args.new_tokens, args.runs, args.threads)
-            split_res["export_seconds"] = split_export_s
-        quant_res = {}
-        if args.optimize:
-            from onnxport.api import export
-            from onnxport.config import ExportConfig
-
-            obundle = Path(tmp) / "optimized"
-            t0 = time.perf_counter()
-            m = export(ckpt, obundle, ExportConfig(verify=False, optimize=True))
-            quant_res["fp32_optimized"] = bench_ort(obundle, prompt, args.new_tokens, args.runs, args.threads)
-            quant_res["fp32_optimized"].update(export_seconds=time.perf_counter() - t0,
-                                               fused=m.graph("decoder").optimization[0]["fused"])
-        if args.int4:
-            from onnxport.api import quantize
-            from onnxport.config import QuantConfig
-
-            for name, level in (("int4", 0), ("int4_acc4", 4)):
-                qbundle = Path(tmp) / name
+        tmp = Path(tmp)
+        for name in runners:
+            print(f"running {name} ...", file=sys.stderr)
+            if name == "pytorch":
+                results[name] = bench_torch(ckpt, prompt, args.new_tokens, args.runs, args.threads)
+            elif name == "onnxport":
+                _, s = timed_export(name, tmp / name, ExportConfig(verify=False))
+                results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
+                                 "export_seconds": s}
+            elif name == "onnxport-fast" or (name.startswith("onnxport-int4") and not (tmp / "onnxport-fast").exists()):
+                m, s = timed_export(name, tmp / "onnxport-fast",
+                                    ExportConfig(verify=False, attention="gqa", optimize=True))
+                if name == "onnxport-fast":
+                    results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
+                                     "export_seconds": s,
+                                     "passes": {r["name"]: r["fused"] for r in m.graph("decoder").optimization}}
+            if name.startswith("onnxport-int4"):
+                method = "awq" if name.endswith("awq") else "rtn"
                 t0 = time.perf_counter()
-                m = quantize(bundle, qbundle, QuantConfig(accuracy_level=level, max_ppl_increase=1e9, escalate=False))
+                m = quantize(tmp / "onnxport-fast", tmp / name,
+                             QuantConfig(method=method, accuracy_level=4, max_ppl_increase=1e9, escalate=False))
                 q = m.graph("decoder").quantization
-                quant_res[name] = bench_ort(qbundle, prompt, args.new_tokens, args.runs, args.threads)
-                quant_res[name].update(quantize_seconds=time.perf_counter() - t0,
-                                       graph_bytes=sum(f.stat().st_size for f in qbundle.glob("model.onnx*")),
-                                       perplexity=q["perplexity"], greedy_agreement_vs_fp32_bundle=q["greedy_agreement"])
-        torch_res = bench_torch(ckpt, prompt, args.new_tokens, args.runs, args.threads)
-    torch_tokens = torch_res.pop("tokens")
-    same = ort_res.pop("tokens") == torch_tokens
-    result = {
-        "checkpoint": str(ckpt),
-        "model_type": cfg.get("model_type"),
-        "batch": 1,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "runs": args.runs,
-        "threads": args.threads,
-        "export_seconds": export_s,
-        "onnxport_ort": ort_res,
-        "pytorch_eager": torch_res,
-        "ratio_ort_over_torch": {
-            "prefill_speedup": torch_res["prefill_ms"] / ort_res["prefill_ms"],
-            "decode_speedup": ort_res["decode_tokens_per_s"] / torch_res["decode_tokens_per_s"],
-        },
-        "greedy_tokens_identical": same,
-    }
-    if split_res is not None:
-        result["greedy_tokens_identical_split_static"] = split_res.pop("tokens") == torch_tokens
-        result["onnxport_ort_split_static"] = split_res
-        result["ratio_ort_over_torch"]["split_static_decode_speedup"] = (
-            split_res["decode_tokens_per_s"] / torch_res["decode_tokens_per_s"])
-    for name, r in quant_res.items():
-        result[f"greedy_tokens_identical_{name}"] = r.pop("tokens") == torch_tokens
-        result[f"onnxport_ort_{name}"] = r
-        result["ratio_ort_over_torch"][f"{name}_decode_speedup"] = r["decode_tokens_per_s"] / torch_res["decode_tokens_per_s"]
-        result["ratio_ort_over_torch"][f"{name}_over_fp32_ort_decode"] = (
-            r["decode_tokens_per_s"] / ort_res["decode_tokens_per_s"])
-    json.dump(result, sys.stdout, indent=2)
-    print()
+                results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
+                                 "quantize_seconds": round(time.perf_counter() - t0, 1),
+                                 "graph_bytes": sum(f.stat().st_size for f in (tmp / name).glob("model.onnx*")),
+                                 "heldout_perplexity": q["perplexity"]}
+            elif name.startswith("genai"):
+                if importlib.util.find_spec("onnxruntime_genai") is None:
+                    results[name] = {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
+                    continue
+                results[name] = bench_genai(ckpt, tmp / name, "int4" if name.endswith("int4") else "fp32", prompt,
+                                            args.new_tokens, args.runs, args.threads)
+            elif name == "split-static":
+                _, s = timed_export(name, tmp / name, ExportConfig(verify=False, kv_layout="bshd"),
+                                    SplitConfig(static=True, max_len=512, prefill_len=args.prompt_len))
+                results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
+                                 "export_seconds": s}
+    reference = results.get("pytorch", {}).get("tokens")
+    for name, r in results.items():
+        toks = r.pop("tokens", None)
+        if toks is not None and reference is not None:
+            toks, ref = [int(t) for t in toks], [int(t) for t in reference]
+            r["greedy_equal_pytorch_first_32"] = sum(a == b for a, b in zip(toks[:32], ref[:32]))
+            r["greedy_identical_pytorch"] = toks == ref
+    ratios = {}
+    for name, r in results.items():
+        if "decode_tokens_per_s" not in r:
+            continue
+        for base in ("pytorch", "genai", "genai-int4"):
+            b = results.get(base, {})
+            if base != name and "decode_tokens_per_s" in b:
+                ratios[f"{name}/{base}"] = {"decode": round(r["decode_tokens_per_s"] / b["decode_tokens_per_s"], 3),
+                                            "prefill_time": round(r["prefill_ms"] / b["prefill_ms"], 3)}
+    result = {"checkpoint": str(ckpt), "model_type": cfg.get("model_type"), "batch": 1, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "runs": args.runs, "threads": args.threads, "runners": results,
+              "ratios": ratios}
+    text = json.dumps(result, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    print(text)
+    if args.save:
+        args.save.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,11 @@ def parts_for(model_type: str, config: dict | None = None) -> dict[str, type[Rec
     causal_only = bool(archs) and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     seq2seq = config.get("is_encoder_decoder") and not causal_only
     if causal_only:
-        found = {p: cls for p, cls in found.items() if p == "decoder"}
+        # a family's seq2seq decoder recipe (whisper's reads encoder states) does not fit a
+        # checkpoint of the decoder alone: the generic decoder does
+        from onnxport.recipes.base import DecoderLM
+
+        found = {p: cls for p, cls in found.items() if p == "decoder" and issubclass(cls, DecoderLM)}
     if "decoder" not in found and not seq2seq and model_type in causal_lm_types():
         from onnxport.recipes.generic import GenericDecoder
 

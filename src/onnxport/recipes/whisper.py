@@ -92,11 +92,14 @@ class DecoderWithCache(torch.nn.Module):
         self.num_layers = len(self.decoder.layers)
         self.cache_kwarg = cache_kwarg(self.decoder.forward)
 
-    def forward(self, input_ids, *cache_tensors):
+    def forward(self, *tensors):
+        # one *args signature: the export driver gives torch.export a forward(*inputs) as one
+        # flat argument list
         from transformers.cache_utils import EncoderDecoderCache
 
         from onnxport.hf.compat import build_dynamic_cache, cache_pairs, output_cache
 
+        input_ids, cache_tensors = tensors[0], tensors[1:]
         n = self.num_layers
         pairs = [(cache_tensors[2 * i], cache_tensors[2 * i + 1]) for i in range(2 * n)]
         cache = EncoderDecoderCache(build_dynamic_cache(pairs[:n]), build_dynamic_cache(pairs[n:]))
