@@ -33,6 +33,8 @@ def test_gqa_export_is_verified_and_token_exact(model_type, exported, tiny_check
     ops = Counter((n.domain, n.op_type) for n in onnx.load(str(bundle / "model.onnx")).graph.node)
     assert ops[("com.microsoft", "GroupQueryAttention")] == m.model.num_layers
     assert ops[("", "Softmax")] == 0  # no unfused attention left
+    # the model's rotary as one RotaryEmbedding for q and one for k per layer (no Neg left)
+    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * m.model.num_layers and ops[("", "Neg")] == 0
     assert m.verification["ok"]
     # the prompt-after-cache case runs at batch 1 (ONNX Runtime's kernel), a batched padded decode instead
     shapes = [c["shape"] for c in m.verification["cases"]]

@@ -119,7 +119,57 @@ def _register_gqa_schema() -> None:
         attributes=attrs))
 
 
-TRANSLATIONS = {torch.ops.onnxport.group_query_attention.default: gqa_onnx}
+@torch.library.custom_op("onnxport::rotary_embedding", mutates_args=())
+def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                     num_heads: int) -> torch.Tensor:
+    """com.microsoft.RotaryEmbedding's semantics (non-interleaved, full head width): x [B, S,
+    H*D], position_ids [B, S], caches [max_positions, D/2] -> x rotated per position."""
+    b, s, _ = x.shape
+    xs = x.view(b, s, num_heads, -1)
+    half = xs.shape[-1] // 2
+    cos = cos_cache[position_ids].unsqueeze(2)
+    sin = sin_cache[position_ids].unsqueeze(2)
+    x1, x2 = xs[..., :half], xs[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).reshape(b, s, -1)
+
+
+@rotary_embedding.register_fake
+def _(x, position_ids, cos_cache, sin_cache, num_heads):
+    return x.new_empty(x.shape)
+
+
+def rotary_onnx(x, position_ids, cos_cache, sin_cache, num_heads: int):
+    from onnxscript.values import Opset
+
+    _register_rotary_schema()
+    return Opset("com.microsoft", 1).RotaryEmbedding(x, position_ids, cos_cache, sin_cache, num_heads=num_heads,
+                                                     interleaved=0)
+
+
+def _register_rotary_schema() -> None:
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("RotaryEmbedding", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    onnx.defs.register_schema(OpSchema(
+        "RotaryEmbedding", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter("input", "T", ""), OpSchema.FormalParameter("position_ids", "M", ""),
+                OpSchema.FormalParameter("cos_cache", "T", ""), OpSchema.FormalParameter("sin_cache", "T", "")],
+        outputs=[OpSchema.FormalParameter("output", "T", "")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("interleaved", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("rotary_embedding_dim", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")]))
+
+
+TRANSLATIONS = {torch.ops.onnxport.group_query_attention.default: gqa_onnx,
+                torch.ops.onnxport.rotary_embedding.default: rotary_onnx}
 
 
 def gqa_attention_forward(module, query, key, value, attention_mask, scaling: float | None = None,
@@ -139,9 +189,15 @@ def gqa_attention_forward(module, query, key, value, attention_mask, scaling: fl
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     bias = attention_bias(cache.onnxport_mask, s, window, query.dtype)
     scale = float(scaling if scaling is not None else d ** -0.5)
+    q = query.transpose(1, 2).reshape(b, s, h * d)
+    k = key.transpose(1, 2).reshape(b, s, hk * d)
+    rotary = getattr(cache, "onnxport_rotary", None)
+    if rotary is not None:  # the model's rotary was deferred to here (see deferred_rotary)
+        positions, cos_cache, sin_cache = rotary
+        q = torch.ops.onnxport.rotary_embedding(q, positions, cos_cache, sin_cache, h)
+        k = torch.ops.onnxport.rotary_embedding(k, positions, cos_cache, sin_cache, hk)
     out, present_key, present_value = torch.ops.onnxport.group_query_attention(
-        query.transpose(1, 2).reshape(b, s, h * d), key.transpose(1, 2).reshape(b, s, hk * d),
-        value.transpose(1, 2).reshape(b, s, hk * d), past_key, past_value, bias, h, hk, scale,
+        q, k, value.transpose(1, 2).reshape(b, s, hk * d), past_key, past_value, bias, h, hk, scale,
         float(softcap or 0.0))
     cache.onnxport_present[module.layer_idx] = (present_key, present_value)
     return out.view(b, s, h, d), None
@@ -215,6 +271,75 @@ def gqa_attention(model, cache):
         _current_cache.reset(token)
         for c, impl in saved:
             c._attn_implementation = impl
+
+
+def standard_rotary(fn, head_dim: int) -> bool:
+    """Whether `fn(q, k, cos, sin)` is the rotate-half rotary (llama's apply_rotary_pos_emb)
+    over the full head width, checked numerically: only then may RotaryEmbedding replace it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, head_dim, generator=g)
+    k = torch.randn(2, 1, 5, head_dim, generator=g)
+    freqs = torch.randn(2, 5, head_dim // 2, generator=g)
+    cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+
+    def ref(x):
+        x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
+        return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+    try:
+        got_q, got_k = fn(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 - another signature: not the standard rotary
+        return False
+    return bool(torch.allclose(got_q, ref(q), atol=1e-5) and torch.allclose(got_k, ref(k), atol=1e-5))
+
+
+def prepare_rotary(model, head_dim: int, max_positions: int):
+    """(modeling module, its apply_rotary_pos_emb, cos cache, sin cache) when the model's
+    attention applies the standard rotary (rotate-half, full head width, a position-only
+    rope type) through its modeling module's `apply_rotary_pos_emb`; else None. Called
+    outside the trace: it checks the function numerically and computes the caches over
+    `max_positions` from the model's own rotary module (scaling variants included)."""
+    import sys
+
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    rotary_module = getattr(base, "rotary_emb", None)
+    attn = next((m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")), None)
+    module = sys.modules.get(type(attn).__module__) if attn is not None else None
+    fn = getattr(module, "apply_rotary_pos_emb", None) if module is not None else None
+    rope = getattr(rotary_module, "rope_type", "default") if rotary_module is not None else None
+    if fn is None or rotary_module is None or rope not in ("default", "linear", "llama3", "yarn"):
+        return None
+    if not standard_rotary(fn, head_dim):
+        return None
+    try:
+        with torch.no_grad():
+            positions = torch.arange(max_positions, dtype=torch.int64)[None]
+            cos, sin = rotary_module(torch.zeros(1, dtype=torch.float32), positions)
+    except Exception:  # noqa: BLE001 - a rotary module with another signature: leave it in the model
+        return None
+    if (cos.device.type == "meta" or cos.shape[-1] != head_dim  # meta: a --low-memory trace, no values
+            or not torch.equal(cos[..., : head_dim // 2], cos[..., head_dim // 2:])):
+        return None
+    half = head_dim // 2
+    return module, fn, cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+
+
+@contextlib.contextmanager
+def deferred_rotary(plan, cache, position_ids):
+    """Inside (with a `prepare_rotary` plan): the modeling module's apply_rotary_pos_emb passes
+    q and k through unrotated, and the attention function rotates them with one
+    com.microsoft.RotaryEmbedding each instead of ~14 slice / neg / concat / mul / add nodes."""
+    if plan is None or position_ids is None or position_ids.dim() != 2:
+        yield False
+        return
+    module, fn, cos_cache, sin_cache = plan
+    cache.onnxport_rotary = (position_ids, cos_cache, sin_cache)
+    module.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    try:
+        yield True
+    finally:
+        module.apply_rotary_pos_emb = fn
+        cache.onnxport_rotary = None
 
 
 def _configs(config):

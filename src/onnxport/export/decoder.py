@@ -90,6 +90,14 @@ class FlatCacheDecoder(torch.nn.Module):
         self.model = model
         self.kv = kv
         self.num_layers = kv.num_layers
+        #: with GQA, the model's standard rotary as com.microsoft.RotaryEmbedding (or None)
+        self.rotary = None
+        if gqa and kv.layers:
+            from onnxport.export.attention import prepare_rotary
+
+            text = text_config(model.config)
+            self.rotary = prepare_rotary(model, kv.head_dim,
+                                         int(getattr(text, "max_position_embeddings", 0) or 4096))
         #: (layer, what) of each flat cache tensor, in graph order
         self.entries = [(e.layer, e.what) for e in cache_entries(kv)]
         self.bshd = kv_layout == "bshd"
@@ -128,7 +136,7 @@ class FlatCacheDecoder(torch.nn.Module):
         if self.mask_4d:
             attention_mask = additive_causal_mask(attention_mask, input_ids.shape[1], self.model.dtype)
         positions = {} if position_ids is None else {"position_ids": position_ids}
-        with self._attention(cache):
+        with self._attention(cache, position_ids):
             out = self.model(
                 **tokens,
                 attention_mask=attention_mask,
@@ -149,14 +157,16 @@ class FlatCacheDecoder(torch.nn.Module):
         return tuple(flat)
 
 
-    def _attention(self, cache):
-        if not self.gqa:
-            import contextlib
+    def _attention(self, cache, position_ids=None):
+        import contextlib
 
-            return contextlib.nullcontext()
-        from onnxport.export.attention import gqa_attention
+        stack = contextlib.ExitStack()
+        if self.gqa:
+            from onnxport.export.attention import deferred_rotary, gqa_attention
 
-        return gqa_attention(self.model, cache)
+            stack.enter_context(gqa_attention(self.model, cache))
+            stack.enter_context(deferred_rotary(self.rotary, cache, position_ids))
+        return stack
 
 
 class FlatCacheDecoderNoPositions(FlatCacheDecoder):

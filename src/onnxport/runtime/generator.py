@@ -228,7 +228,11 @@ class Generator:
         if self.split is not None:
             return self._generate_split(prompts, max_new_tokens, sampler, eos, on_token, do_sample)
         if self.step_only:
-            return self._generate_steps(prompts, max_new_tokens, sampler, eos, on_token)
+            if prefill and prefill.get("position_ids") is not None:
+                raise RuntimeInputError("prefill position ids need a decoder that reads a whole prompt per call; this "
+                                        "one takes one token per call", "pass only inputs_embeds in the prefill")
+            return self._generate_steps(prompts, max_new_tokens, sampler, eos, on_token,
+                                        (prefill or {}).get("inputs_embeds"))
         batch, longest = len(prompts), max(len(p) for p in prompts)
         input_ids = np.full((batch, longest), self.pad_feed, dtype=np.int64)
         mask = np.zeros((batch, longest), dtype=np.int64)
@@ -310,34 +314,47 @@ class Generator:
             io.bind_ortvalue_output(q, buf)
 
         past = set(self.past_names)
+        logits_dtype = np.dtype(next(o.dtype for o in self.session.entry.outputs if o.name == "logits"))
+        # one-token steps write their logits into a preallocated array (no allocation, no
+        # wrapping of every output per step); the prompt's logits are allocated by ORT
+        step_logits = np.empty((batch, 1, self.vocab_size), dtype=logits_dtype)
+        step_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
+        self._buffers.append(step_value)
 
         def run(feeds: dict) -> dict:
             for name, value in feeds.items():
                 if name not in past:
                     io.bind_cpu_input(name, np.ascontiguousarray(value))
+            if next(iter(feeds.values())).shape[1] == 1:
+                io.bind_ortvalue_output("logits", step_value)
+                sess.run_with_iobinding(io)
+                return {"logits": step_logits}
             io.bind_output("logits")
             sess.run_with_iobinding(io)
             return {"logits": io.get_outputs()[0].numpy()}
 
         return run
 
-    def _generate_steps(self, prompts, max_new_tokens, sampler, eos, on_token) -> GenerationResult:
+    def _generate_steps(self, prompts, max_new_tokens, sampler, eos, on_token, embeds=None) -> GenerationResult:
         """One-token-per-call graphs (recurrent states): each row alone, its prompt fed token by
         token (the state after a prompt does not depend on how it was chunked; a padded batch
-        would push pad tokens through the recurrence)."""
+        would push pad tokens through the recurrence). `embeds`: a pipeline's left-padded
+        prompt embeddings [batch, longest, hidden], fed instead of the prompt tokens' own."""
         padded = np.full((len(prompts), max_new_tokens), self.pad_id, dtype=np.int64)
         prefill_ms = decode_ms = 0.0
         steps = 0
         for r, prompt in enumerate(prompts):
             past = {n: self._empty_past(n, 1) for n in self.past_names}
+            row_embeds = None if embeds is None else embeds[r, embeds.shape[1] - len(prompt):]
             t0 = time.perf_counter()
             n_new = 0
             fed = list(prompt)
             pos = 0
             while True:
                 tok_in = fed[pos]
+                given = row_embeds[None, pos:pos + 1] if row_embeds is not None and pos < len(prompt) else None
                 feeds = self._feeds(np.array([[tok_in]], dtype=np.int64), np.ones((1, pos + 1), dtype=np.int64),
-                                    np.array([[pos]], dtype=np.int64), past)
+                                    np.array([[pos]], dtype=np.int64), past, given)
                 outs = self.session.run(feeds, check=pos == 0)
                 past = {p: outs[q] for p, q in zip(self.past_names, self.present_names)}
                 pos += 1

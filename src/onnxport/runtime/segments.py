@@ -63,16 +63,25 @@ def _reads(node) -> list[str]:
     return names
 
 
+def _budget_bytes(t) -> int:
+    """What a weight costs in a session: ORT's CPU kernels compute fp16 / bf16 in fp32, so it
+    casts (and keeps) a float32 copy of each such weight: count them twice."""
+    import onnx
+
+    n = tensor_bytes(t)
+    return 2 * n if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) else n
+
+
 def weight_bytes(structure) -> int:
     return sum(tensor_bytes(t) for t in structure.graph.initializer)
 
 
 def plan_segments(structure, budget: int = SEGMENT_BYTES, outputs: Iterable[str] | None = None) -> list[Segment]:
     """Cut the node list of `structure` (a ModelProto, weights not loaded) into consecutive
-    segments of at most `budget` weight bytes each (a single node reading more gets a segment
-    of its own). `outputs`: the values callers want back (default: the graph's outputs)."""
+    segments of at most `budget` weight bytes each (fp16 / bf16 weights count twice: ORT
+    computes them in fp32; a single node reading more gets a segment of its own). `outputs`: the values callers want back (default: the graph's outputs)."""
     graph = structure.graph
-    sizes = {t.name: tensor_bytes(t) for t in graph.initializer}
+    sizes = {t.name: _budget_bytes(t) for t in graph.initializer}
     cuts, start, acc, seen = [], 0, 0, set()
     for i, node in enumerate(graph.node):
         new = {n for n in _reads(node) if n in sizes and n not in seen}
