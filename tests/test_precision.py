@@ -203,3 +203,30 @@ def test_dtype_bad_input_is_one_line(tmp_path):
     res = runner.invoke(app, ["export", str(DEMO_DIR), "-o", str(tmp_path / "b"), "--dtype", "fp16", "--static"])
     assert res.exit_code == 2 and "monolithic" in res.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_encoder_parts_convert_verified_with_float32_io(dtype, encoder_checkpoints, exported_encoder, tmp_path):
+    """--dtype on an encoder (SigLIP vision tower): converted after the fp32 graph verifies,
+    each candidate re-verified against the PyTorch module at every size with the dtype's
+    tolerances; inputs and outputs stay float32, so runners feed it unchanged; the output is
+    within those tolerances of the fp32 graph's."""
+    import onnx
+
+    from onnxport import export
+    from onnxport.config import ExportConfig, VerifyConfig
+    from onnxport.runtime import EncoderRunner
+
+    m = export(encoder_checkpoints("siglip"), tmp_path / "b", ExportConfig(exporter="auto", dtype=dtype))
+    g = m.graph("encoder") if any(x.role == "encoder" for x in m.graphs) else m.graphs[0]
+    name = "float16" if dtype == "fp16" else "bfloat16"
+    assert g.precision["dtype"] == name and g.verification["ok"] and g.verification["dtype"] == name
+    proto = onnx.load(str(tmp_path / "b" / g.file), load_external_data=False)
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*proto.graph.input, *proto.graph.output])
+    stored = {onnx.TensorProto.FLOAT16 if dtype == "fp16" else onnx.TensorProto.BFLOAT16}
+    assert any(t.data_type in stored for t in proto.graph.initializer)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ours = EncoderRunner(tmp_path / "b")(pixel_values=x)["last_hidden_state"]
+    ref = EncoderRunner(exported_encoder("siglip")[0])(pixel_values=x)["last_hidden_state"]
+    atol, rtol, _ = VerifyConfig().for_dtype(name).atol, VerifyConfig().for_dtype(name).rtol, None
+    assert np.abs(ours - ref).max() <= atol + rtol * np.abs(ref).max()

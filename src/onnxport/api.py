@@ -105,7 +105,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
             if callable(getattr(recipe, "pipeline", None)):
-                pipelines.append(recipe.pipeline(model, manifest.graphs))
+                pipelines.append(check_pipeline(recipe, model, recipe.pipeline(model, manifest.graphs), ckpt, tmp,
+                                                manifest, cfg))
             del model
         loaded.clear()
         manifest.pipeline = complete_pipeline(pipelines, manifest)
@@ -130,9 +131,9 @@ def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | N
                          "drop --attention, or export the monolithic layout")
     if cfg.optimize and (split is not None or not has_decoder):
         raise InputError("--optimize applies to monolithic text decoders so far", "drop --optimize")
-    if cfg.dtype != "float32" and (split is not None or not has_decoder or len(recipes) > 1):
-        raise InputError(f"--dtype {cfg.dtype} applies to monolithic text decoders so far",
-                         "export in float32, or export the decoder part alone (--part decoder)")
+    if cfg.dtype != "float32" and split is not None:
+        raise InputError(f"--dtype {cfg.dtype} applies to the monolithic layout and encoder parts so far",
+                         "export the split layout in float32")
     if split is not None and cfg.kv_naming != "optimum":
         raise InputError("--kv-naming seed applies to the monolithic layout only",
                          "split graphs name their cache past_key_values.{i}.key -> present.{i}.key")
@@ -173,6 +174,21 @@ def complete_pipeline(pipelines: list, manifest: Manifest):
             return p
         log.info("no %s pipeline in the manifest: graph(s) %s not exported", p.kind, ", ".join(missing))
     return None
+
+
+def check_pipeline(recipe, model, pipeline, ckpt: Checkpoint, folder: Path, manifest: Manifest,
+                   cfg: ExportConfig):
+    """Run the recipe's end-to-end check of the pipeline it proposes (`recipe.verify_pipeline(model,
+    pipeline, folder, manifest)` returns the record or raises VerificationError) while its model
+    is loaded, once every graph the pipeline chains is in the bundle; the record goes to
+    `pipeline.verification`. The support files (tokenizer) are copied first: the check runs
+    the bundle as the runtime will."""
+    hook = getattr(recipe, "verify_pipeline", None)
+    if pipeline is None or not cfg.verify or not callable(hook) or complete_pipeline([pipeline], manifest) is None:
+        return pipeline
+    copy_support_files(ckpt, folder)
+    pipeline.verification = hook(model, pipeline, folder, manifest)
+    return pipeline
 
 
 def _value_ranges():
@@ -391,7 +407,9 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
         cases = cases_for(graph)
         samples = [feeds(graph.inputs, c.sizes, verify_cfg.seed + i, manifest.model.vocab_size, left_pad=c.left_pad)
                    for i, c in enumerate(cases)]
-        result = to_float16(path, samples, check if cfg.verify else None, headroom=cfg.fp16_headroom,
+        # logits stay fp32; so do inputs_embeds (the embedding graph and the pipelines hand them over)
+        keep = tuple(n for n in ("logits", "inputs_embeds") if n in {t.name for t in [*graph.inputs, *graph.outputs]})
+        result = to_float16(path, samples, check if cfg.verify else None, keep_io=keep, headroom=cfg.fp16_headroom,
                             external_threshold=cfg.external_data_threshold_bytes,
                             segment_bytes=verify_cfg.segment_bytes, ranges=ranges)
     else:
@@ -492,7 +510,11 @@ def _exporters(cfg: ExportConfig) -> list[str]:
 def export_encoder_part(name: str, recipe, model, cfg: ExportConfig, verify_cfg: VerifyConfig, folder: Path,
                         manifest: Manifest) -> None:
     """Export (and unless --no-verify, verify) the graphs of one encoder-like part."""
-    graphs = export_module_parts(recipe.parts(model), folder, cfg, verify_cfg, part_name=name)
+    parts = recipe.parts(model)
+    graphs = export_module_parts(parts, folder, cfg, verify_cfg, part_name=name)
+    if cfg.dtype != "float32":
+        for part, graph in zip(parts, graphs):
+            convert_module_precision(part, graph, folder, cfg, verify_cfg)
     manifest.graphs += graphs
     record = None
     if cfg.verify:
@@ -500,6 +522,48 @@ def export_encoder_part(name: str, recipe, model, cfg: ExportConfig, verify_cfg:
     manifest.parts.append(Part(name, ENCODER, type(recipe).__name__, [g.file for g in graphs], record))
     if manifest.layout.kind == MODULES:
         manifest.verification = _modules_summary(manifest)
+
+
+def convert_module_precision(part, graph, folder: Path, cfg: ExportConfig, verify_cfg: VerifyConfig) -> dict:
+    """optimize/precision on a verified encoder / module graph: fp16 compute (guarded: every
+    candidate verified against the PyTorch module at every size with the fp16 tolerances) or
+    bf16-stored weights. Inputs and outputs stay float32, so runners feed what they fed."""
+    from onnxport.optimize.precision import to_bfloat16_weights, to_float16
+    from onnxport.verify.module import verify_part
+
+    path = folder / graph.file
+    vcfg = verify_cfg.for_dtype(cfg.dtype)
+    records: list[dict] = []
+
+    def check(candidate: Path) -> tuple[bool, str]:
+        try:
+            records.append(verify_part(part, candidate, vcfg.atol, vcfg.min_cosine, vcfg.rtol))
+        except VerificationError as e:
+            return False, e.message
+        worst = max(records[-1]["results"], key=lambda r: r["max_abs_diff"] / max(r["bound"], 1e-30))
+        return True, f"{worst['output']}: max|diff| {worst['max_abs_diff']:.3g} (bound {worst['bound']:.3g})"
+
+    io = tuple(t.name for t in [*graph.inputs, *graph.outputs])
+    if cfg.dtype == "float16":
+        samples = []
+        for sizes in part.sizes:
+            inputs, _ = part.case(sizes)
+            samples.append({s.name: t.numpy() for s, t in zip(part.inputs, inputs)})
+        result = to_float16(path, samples, check if cfg.verify else None, keep_io=io, headroom=cfg.fp16_headroom,
+                            external_threshold=cfg.external_data_threshold_bytes,
+                            segment_bytes=verify_cfg.segment_bytes)
+    else:
+        result = to_bfloat16_weights(path, external_threshold=cfg.external_data_threshold_bytes)
+        if cfg.verify:
+            ok, msg = check(path)
+            if not ok:
+                raise VerificationError(f"{graph.name}: bf16 weights drift past their tolerance: {msg}",
+                                        "export in float32; nothing was written")
+    graph.precision = result.record()
+    graph.external_data = sorted(set(external_locations(path)))
+    if records:
+        graph.verification = {**records[-1], "dtype": cfg.dtype}
+    return graph.precision
 
 
 def _modules_summary(manifest: Manifest) -> dict | None:
