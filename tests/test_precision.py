@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,29 @@ def test_encoder_parts_convert_verified_with_float32_io(dtype, encoder_checkpoin
     ref = EncoderRunner(exported_encoder("siglip")[0])(pixel_values=x)["last_hidden_state"]
     atol, rtol, _ = VerifyConfig().for_dtype(name).atol, VerifyConfig().for_dtype(name).rtol, None
     assert np.abs(ours - ref).max() <= atol + rtol * np.abs(ref).max()
+
+
+def test_bf16_compute_variant_is_verified_by_emulation_and_refused_on_cpu(tmp_path):
+    """--dtype bf16 --bf16-compute (GPU / TensorRT): every float tensor of the graph is bf16
+    except the norms' and softmax's fp32 islands and the fp32 I/O; it is verified on its CPU
+    emulation twin (ONNX Runtime has no bf16 CPU kernels) at the bf16-compute tolerances, on
+    export and again by `onnxport verify`; the CPU generator refuses it in one line."""
+    import onnx
+
+    from onnxport.cli import app
+
+    out = tmp_path / "b"
+    res = CliRunner().invoke(app, ["export", str(DEMO_DIR), "-o", str(out), "--dtype", "bf16", "--bf16-compute"])
+    assert res.exit_code == 0, res.output
+    mf = json.loads((out / "manifest.json").read_text())
+    p = next(g for g in mf["graphs"] if g["role"] == "decoder")["precision"]
+    assert p["compute"] == "bfloat16" and p["attempts"][-1]["ok"] and "emulation" in p["verified_by"]
+    assert p["kept_float32"]["by_op"]["Softmax"] == 4 and set(p["io"].values()) == {"float32"}
+    proto = onnx.load(str(out / "model.onnx"))
+    assert sum(t.data_type == onnx.TensorProto.BFLOAT16 for t in proto.graph.initializer) >= 28  # every linear weight
+    casts = [n for n in proto.graph.node if n.op_type == "Cast"]
+    assert any(a.i == onnx.TensorProto.BFLOAT16 for n in casts for a in n.attribute)
+    res = CliRunner().invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["generate", str(out), "-p", "x", "-n", "2"])
+    assert res.exit_code != 0 and "no bf16 kernels" in res.output and "Traceback" not in res.output

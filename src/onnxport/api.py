@@ -394,7 +394,7 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
     """optimize/precision: the verified fp32 decoder graph -> fp16 (guarded: each candidate is
     verified against the fp32 PyTorch model with the fp16 tolerances) or bf16-stored weights.
     The manifest's graph I/O, KV dtype, precision and verification records follow."""
-    from onnxport.optimize.precision import to_bfloat16_weights, to_float16
+    from onnxport.optimize.precision import to_bfloat16_compute, to_bfloat16_weights, to_float16
     from onnxport.spec import feeds
     from onnxport.verify.decoder import cases_for
 
@@ -412,6 +412,11 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
         result = to_float16(path, samples, check if cfg.verify else None, keep_io=keep, headroom=cfg.fp16_headroom,
                             external_threshold=cfg.external_data_threshold_bytes,
                             segment_bytes=verify_cfg.segment_bytes, ranges=ranges)
+    elif cfg.bf16_compute:
+        check = _decoder_check(model, kv, manifest, graph, verify_cfg.for_dtype("bfloat16-compute"), records)
+        io = tuple(t.name for t in [*graph.inputs, *graph.outputs])
+        result = to_bfloat16_compute(path, check if cfg.verify else None, keep_io=io,
+                                     external_threshold=cfg.external_data_threshold_bytes)
     else:
         result = to_bfloat16_weights(path, external_threshold=cfg.external_data_threshold_bytes)
         if cfg.verify:
@@ -450,6 +455,27 @@ def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: Exp
             manifest.verification = manifest.part(DECODER).verification = records[-1]
         done.append(rec)
     return done
+
+
+def _verify_bf16_compute(recipe, model, folder: Path, manifest: Manifest, verify_cfg: VerifyConfig) -> dict:
+    """Re-verify a bf16-compute decoder on its CPU emulation twin (written beside the graph,
+    removed after)."""
+    from onnxport.optimize.precision import emulate_bf16
+
+    graph = manifest.graph(DECODER)
+    twin = folder / f".{Path(graph.file).stem}.emulated.onnx"
+    records: list[dict] = []
+    try:
+        emulate_bf16(folder / graph.file, twin)
+        check = _decoder_check(model, recipe.kv_spec(model), manifest, graph, verify_cfg.for_dtype("bfloat16-compute"),
+                               records)
+        ok, msg = check(twin)
+    finally:
+        twin.unlink(missing_ok=True)
+    manifest.verification = manifest.part(DECODER).verification = {**records[-1], "checked_on": "CPU emulation"}
+    if not ok:
+        raise VerificationError(f"verification failed: {msg}", "the bf16-compute graph drifts; re-export it")
+    return records[-1]
 
 
 def _reference_cache(model) -> dict:
@@ -820,7 +846,11 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
     for name, recipe in recipes.items():
         if isinstance(recipe, DecoderLM) and manifest.kv_cache is not None:
             model = load_model(recipe, ckpt)
-            verify_decoder_part(recipe, model, recipe.kv_spec(model), folder, manifest, cfg, verify_cfg, split)
+            precision = manifest.graph(DECODER).precision if manifest.has_decoder and not split else None
+            if precision and precision.get("compute") == "bfloat16":
+                _verify_bf16_compute(recipe, model, folder, manifest, verify_cfg)
+            else:
+                verify_decoder_part(recipe, model, recipe.kv_spec(model), folder, manifest, cfg, verify_cfg, split)
         elif not isinstance(recipe, DecoderLM) and pending:
             model = load_model(recipe, ckpt)
             for part in recipe.parts(model):

@@ -144,6 +144,7 @@ def export_cmd(
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
     optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime fusions (RMSNorm, skip + norm, rotary, attention where it matches), kept only when the fused graph verifies."),
+    bf16_compute: bool = typer.Option(False, "--bf16-compute", help="With --dtype bf16: compute in bf16 too (GPU / TensorRT; verified on a CPU emulation twin, ONNX Runtime's CPU provider has no bf16 kernels)."),
     attention: str = typer.Option("default", help="default (the model's own attention ops) or gqa (one com.microsoft.GroupQueryAttention per layer, cache appended in place: the runtime then uses one cache buffer, no per-step copy)."),
     dtype: str = typer.Option("fp32", help="fp32; fp16 (fp16 compute and KV cache; nodes past fp16's range stay fp32, each candidate verified); bf16 (weights stored in bf16, fp32 compute)."),
 ):
@@ -158,7 +159,8 @@ def export_cmd(
     is_split = layout == "split" or static or max_part_size is not None
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
-                       low_memory=low_memory, dtype=dtype, optimize=optimize, attention=attention)
+                       low_memory=low_memory, dtype=dtype, optimize=optimize, attention=attention,
+                       bf16_compute=bf16_compute)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin, share_weights=not copy_weights,
                         max_part_bytes=parse_size(max_part_size) if max_part_size else None) if is_split else None
@@ -310,7 +312,7 @@ def _generate_with_images(bundle: Path, images: list[Path], prompts, messages, c
     from onnxport.errors import BundleError
 
     pipe = open_pipeline(bundle)
-    if pipe.kind != "image-text-to-text":
+    if pipe.kind.split("/")[0] != "image-text-to-text":  # a family's own runner: image-text-to-text/<family>
         raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no image", "drop --image")
     loaded = [load_image(p) for p in images]
     if messages is not None:
@@ -401,6 +403,32 @@ def generate_cmd(
         for p, t in zip(prompt, res.texts):
             sys.stdout.write(f"{p}{t}\n")
     console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
+
+
+@app.command("speak")
+@_guard
+def speak_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle with a text-to-speech pipeline (e.g. an exported chattts checkpoint)."),
+    text: str = typer.Option(..., "--text", "-t", help="Text to speak."),
+    output: Path = typer.Option(..., "-o", "--output", help="WAV file to write (mono, 16-bit PCM)."),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Most audio-code frames (default: the model's max_new_token, within its positions)."),
+    seed: Optional[int] = typer.Option(None, help="Sample the codes with this seed (the model's temperature / top-k / top-p); default: greedy."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+):
+    """Speak text with ONNX Runtime (no torch): talker -> audio codes -> DVAE -> vocoder -> WAV."""
+    from onnxport.errors import InputError
+    from onnxport.runtime.pipelines.text_to_speech import TextToSpeech, write_wav
+
+    if output.exists() and not force:
+        raise InputError(f"{output} already exists", "pass --force to replace it, or choose another -o")
+    tts = TextToSpeech(bundle)
+    with _working(f"speaking with {bundle}"):
+        speech = tts.generate(text, max_frames=max_frames, do_sample=seed is not None, seed=seed)
+    write_wav(output, speech.samples, speech.sample_rate, overwrite=force)
+    end = "" if speech.stopped_at_eos else " (stopped at --max-frames, before the model's end)"
+    out.print(f"wrote {output}: {speech.duration:.2f} s at {speech.sample_rate} Hz, {len(speech.codes)} code frames"
+              f"{end}; talker {1000 * speech.talker_seconds:.0f} ms, decoder + vocoder "
+              f"{1000 * speech.decode_seconds:.0f} ms", soft_wrap=True, markup=False)
 
 
 @app.command("recipes")

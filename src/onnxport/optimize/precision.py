@@ -67,10 +67,15 @@ class PrecisionResult:
     def record(self) -> dict:
         by_op = Counter(op for op, _ in self.kept.values())
         rec = {"dtype": self.dtype, "compute": self.compute, "weights": self.weights, "io": self.io}
-        if self.dtype == "bfloat16":
+        if self.dtype == "bfloat16" and self.compute == "float32":
             rec["weights_converted"] = self.converted
             rec["weights_rounded"] = len(self.rounded)
             rec["lossless"] = not self.rounded  # a bf16 checkpoint round-trips exactly
+        if self.dtype == "bfloat16" and self.compute == "bfloat16":
+            rec["verified_by"] = "CPU emulation (ONNX Runtime has no bf16 CPU kernels): each bf16 op in fp32, rounded"
+            rec["attempts"] = self.attempts
+            rec["kept_float32"] = {"count": len(self.kept),
+                                   "by_op": dict(Counter(op for op, _ in self.kept.values()).most_common())}
         if self.dtype == "float16":
             rec["guard"] = {
                 "safe_max": FP16_MAX / self.headroom if self.headroom else None,
@@ -174,9 +179,10 @@ def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[boo
 
 
 def _convert_fp16(src: Path, structure, dst: Path, keep: dict, keep_io: tuple[str, ...],
-                  external_threshold: int) -> dict:
+                  external_threshold: int, bf16: bool = False) -> dict:
     """ORT's converter on the graph without its weight bytes (a copy of `structure`), then the
-    weights cast one by one."""
+    weights cast one by one. `bf16`: the converted graph is retyped fp16 -> bf16 (the same
+    placement of casts; bf16 has fp32's range, so only precision decides what stays fp32)."""
     from unittest import mock
 
     import onnx
@@ -196,13 +202,148 @@ def _convert_fp16(src: Path, structure, dst: Path, keep: dict, keep_io: tuple[st
         converted = float16.convert_float_to_float16(
             model, keep_io_types=float_io, disable_shape_infer=True,
             op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST), node_block_list=list(keep))
+    if bf16:
+        _retype_to_bf16(converted.graph)
     _save_cast(converted, before, src, dst, external_threshold)
     io = {}
+    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+             onnx.TensorProto.BFLOAT16: "bfloat16"}
     for v in [*converted.graph.input, *converted.graph.output]:
         t = v.type.tensor_type.elem_type
-        if t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            io[v.name] = "float16" if t == onnx.TensorProto.FLOAT16 else "float32"
+        if t in names:
+            io[v.name] = names[t]
     return io
+
+
+def _retype_to_bf16(graph) -> None:
+    """Every fp16 type of a converted graph -> bf16: value infos, Cast targets, initializers
+    (their bytes are cast when saved), fp16 Constant values."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+
+    f16, b16 = onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
+    for v in [*graph.input, *graph.output, *graph.value_info]:
+        if v.type.tensor_type.elem_type == f16:
+            v.type.tensor_type.elem_type = b16
+    for t in graph.initializer:
+        if t.data_type != f16:
+            continue
+        if t.external_data:  # no bytes loaded: cast from the source when saved
+            t.data_type = b16
+        else:  # embedded: the converter wrote fp16 bytes; re-round them from those values
+            arr = numpy_helper.to_array(t).astype(np.float32).astype(ml_dtypes.bfloat16)
+            new = numpy_helper.from_array(arr.view(np.uint16), t.name)
+            new.data_type = b16
+            t.CopyFrom(new)
+    for node in graph.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == f16:
+                a.i = b16
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f16:
+                arr = numpy_helper.to_array(a.t).astype(np.float32).astype(ml_dtypes.bfloat16)
+                t = numpy_helper.from_array(arr.view(np.uint16), a.t.name)
+                t.data_type = b16
+                a.t.CopyFrom(t)
+        for g in [a.g for a in node.attribute if a.HasField("g")]:
+            _retype_to_bf16(g)
+
+
+def emulate_bf16(src: Path, dst: Path) -> None:
+    """A twin of the bf16-compute graph at `src` that ONNX Runtime's CPU kernels run (they have
+    no bf16 arithmetic): every node reading or writing bf16 computes in fp32 between a Cast of
+    its bf16 inputs up and a Cast of its outputs down to bf16. Values are rounded to bf16 where
+    the real graph stores them, which is what a bf16 GPU / TensorRT kernel does (fp32
+    accumulation, bf16 results). Saved beside `src` so its external data resolves."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    b16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    try:  # value types: a Shape of a bf16 tensor is int64, an Equal bool, ...
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is best effort; the fallback below types the rest
+        inferred = model
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*g.input, *g.output, *inferred.graph.value_info] if v.type.tensor_type.elem_type}
+    types.update({t.name: t.data_type for t in g.initializer})
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    types[node.output[0]] = a.t.data_type
+        elif node.op_type == "Cast":
+            types[node.output[0]] = next(a.i for a in node.attribute if a.name == "to")
+    # values inference could not type (after contrib ops): a float op's outputs take its
+    # first float input's type
+    floats = (b16, f32, onnx.TensorProto.FLOAT16)
+    for node in g.node:
+        if node.op_type in ("Cast", "Constant"):
+            continue
+        known = [types[i] for i in node.input if types.get(i) in floats]
+        for o in node.output:
+            if o and o not in types and known:
+                types[o] = known[0]
+    nodes = []
+    for i, node in enumerate(g.node):
+        if node.op_type in ("Cast", "Constant") or not any(types.get(n) == b16 for n in [*node.input, *node.output]):
+            nodes.append(node)
+            continue
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        for k, name in enumerate(node.input):
+            if name and types.get(name) == b16:
+                up = f"{name}__emu_f32_{i}_{k}"
+                nodes.append(helper.make_node("Cast", [name], [up], to=f32, name=f"emu_up_{i}_{k}"))
+                new.input[k] = up
+        downs = []
+        for k, name in enumerate(node.output):
+            if name and types.get(name) == b16:
+                wide = f"{name}__emu_wide"
+                new.output[k] = wide
+                downs.append(helper.make_node("Cast", [wide], [name], to=b16, name=f"emu_down_{i}_{k}"))
+        nodes.append(new)
+        nodes += downs
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    onnx.save(model, str(dst))
+
+
+def to_bfloat16_compute(src: Path, check: Callable[[Path], tuple[bool, str]] | None, keep_io: tuple[str, ...],
+                        external_threshold: int = 1 << 30) -> PrecisionResult:
+    """Replace the fp32 graph `src` by one that computes in bf16 (GPU / TensorRT targets):
+    ORT's float16 converter places the casts, norm statistics, softmax and exponentials stay
+    fp32 (bf16's 8-bit mantissa is too coarse for reductions), the graph is retyped to bf16,
+    graph I/O stays fp32. ONNX Runtime's CPU provider has no bf16 kernels, so `check` runs on
+    the `emulate_bf16` twin; the record says so."""
+    structure = graph_structure(src)
+    keep = {n.name: (n.op_type, "norm / softmax / exp kept in fp32 (bf16 precision)")
+            for n in structure.graph.node if n.op_type in SENSITIVE_OPS}
+    result = PrecisionResult("bfloat16", "bfloat16", "bfloat16")
+    dst = stage_graph(src)
+    twin = dst.with_name(dst.stem + ".emulated.onnx")
+    try:
+        io = _convert_fp16(src, structure, dst, keep, keep_io, external_threshold, bf16=True)
+        if check is not None:
+            emulate_bf16(dst, twin)
+            ok, msg = check(twin)
+        else:
+            ok, msg = True, "not checked (--no-verify)"
+        twin.unlink(missing_ok=True)
+    except BaseException:
+        discard_staged(dst)
+        raise
+    result.attempts.append({"level": 0, "kept": len(keep), "ok": ok, "result": msg,
+                            "checked_on": "CPU emulation: bf16 ops computed in fp32, results rounded to bf16"})
+    if not ok:
+        discard_staged(dst)
+        raise ExportError(f"bf16 compute drifts past its tolerance: {msg}",
+                          "export with --dtype bf16 (weight-only, fp32 compute) or --dtype fp16")
+    result.kept, result.io = keep, io
+    commit_graph(dst, src)
+    return result
 
 
 def _save_cast(proto, before: dict, src: Path, dst: Path, external_threshold: int) -> None:
@@ -225,7 +366,8 @@ def _save_cast(proto, before: dict, src: Path, dst: Path, external_threshold: in
         if old == t.dtype:
             init.const_value = source
         else:
-            init.const_value = ir.LazyTensor(_caster(source, t.dtype.numpy()), dtype=t.dtype, shape=t.shape, name=name)
+            target = t.dtype.numpy() if t.dtype != ir.DataType.BFLOAT16 else __import__("ml_dtypes").bfloat16
+            init.const_value = ir.LazyTensor(_caster(source, target), dtype=t.dtype, shape=t.shape, name=name)
     save_model(model, dst, external_threshold)
 
 

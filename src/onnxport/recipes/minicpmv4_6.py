@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from onnxport.recipes import register_recipe
+from onnxport.recipes.base import DecoderLM
 from onnxport.recipes.encoder import EncoderRecipe
 
 
@@ -109,3 +110,70 @@ class MiniCPMV46Vision(EncoderRecipe):
                        output_dims={"image_embeds": ["num_image_tokens", base.config.text_config.hidden_size]},
                        make_case=merger_case, meta={"merge_kernel_size": [kh, kw]}),
         ]
+
+    def pipeline(self, model, graphs):
+        """Vision + merger + text decoder chained (when every part was exported)."""
+        return image_text_pipeline(model, getattr(model, "name_or_path", None) or
+                                   getattr(model.config, "_name_or_path", None))
+
+
+#: the processor's marker tokens (tokenizer attributes) and MiniCPM-V's own spelling of them,
+#: used when the checkpoint's tokenizer_config.json does not name them
+MARKER_TOKENS = {"image_start_token": "<image>", "image_end_token": "</image>", "slice_start_token": "<slice>",
+                 "slice_end_token": "</slice>", "image_id_start_token": "<image_id>",
+                 "image_id_end_token": "</image_id>"}
+
+
+def image_text_pipeline(model, checkpoint_dir=None):
+    """The image-text-to-text pipeline of a MiniCPM-V 4.6 checkpoint: which graphs chain, the
+    placeholder token and the markers transformers' processor expands it into, and the image
+    processor's settings (the checkpoint's preprocessor_config.json when there is one, else
+    transformers' defaults with this vision tower's patch size)."""
+    import json
+    from pathlib import Path
+
+    from onnxport.bundle import Pipeline
+
+    cfg = model.config
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    def read(name):
+        f = folder / name if folder is not None else None
+        return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+
+    processor = read("preprocessor_config.json")
+    processor.setdefault("patch_size", cfg.vision_config.patch_size)
+    processor.setdefault("downsample_mode", cfg.downsample_mode)
+    # transformers 5.x tokenizers carry the processor's tokens as named extra special tokens
+    named = read("tokenizer_config.json").get("extra_special_tokens")
+    named = named if isinstance(named, dict) else {}
+    tokens = {k: named.get(k, v) for k, v in MARKER_TOKENS.items()}
+    tokens["image_token"] = named.get("image_token")  # None: the runtime reads image_token_id's token
+    config = {
+        "image_token_id": cfg.image_token_id,
+        "tokens": tokens,
+        "merge_kernel_size": list(cfg.merge_kernel_size),
+        "position_ids": {"rule": "cumsum(attention_mask) - 1", "axes": ["sequence"]},
+        "features": {"vision": "vision_embeds", "merger": "image_embeds",
+                     "placed_at": "image_token_id, in order: each image's source, then its slices row-major"},
+        "image_processor": processor,
+    }
+    return Pipeline("image-text-to-text/minicpmv", {"embedding": "embed_tokens.onnx", "decoder": "model.onnx",
+                                                    "vision": "vision", "merger": "merger"}, config)
+
+
+@register_recipe("minicpmv4_6", part="decoder")
+class MiniCPMV46Text(DecoderLM):
+    """The language model of a MiniCPM-V 4.6 checkpoint (Qwen3.5 or Qwen3 text), through the
+    conditional-generation class so checkpoint names (`model.language_model.*`, `lm_head`)
+    match: `model.onnx` takes inputs_embeds (the pipeline places the merger's image features
+    at the image tokens) and plain 1-D positions; `embed_tokens.onnx` maps token ids (the
+    embedding is not scaled)."""
+
+    family = "minicpmv4_6"
+    model_class = "MiniCPMV4_6ForConditionalGeneration"
+    #: image features are placed among the token embeddings by the pipeline
+    embeds_input = True
+
+    def base_model(self, model):
+        return model.model.language_model

@@ -65,6 +65,11 @@ class Generator:
         if self.manifest.is_split:
             self.split = SplitDecoder(self.folder, self.manifest, threads)
         else:
+            precision = self.manifest.graph("decoder").precision or {}
+            if precision.get("compute") == "bfloat16":
+                raise BundleError("this decoder computes in bf16, and ONNX Runtime's CPU provider has no bf16 kernels",
+                                  "run it with the CUDA or TensorRT provider, or export --dtype bf16 without "
+                                  "--bf16-compute (bf16 weights, fp32 compute) for CPUs")
             self.session = GraphSession(self.folder, self.manifest.graph("decoder"), threads)
         self.past_names = kv.past_names
         self.present_names = kv.present_names

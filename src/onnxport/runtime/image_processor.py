@@ -346,3 +346,170 @@ def load_image(path) -> Image.Image:
         raise RuntimeInputError(f"{p.name} is not an image Pillow can read ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:120]})", "pass a PNG / JPEG / WebP / ... image") from None
     return image
+
+
+# --- MiniCPM-V 4.6: a source image plus a grid of slices, NaViT-packed -----------------------------
+
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class MiniCPMVImageConfig:
+    """The preprocessing settings, with transformers' defaults for MiniCPM-V 4.6."""
+
+    scale_resolution: int = 448
+    max_slice_nums: int = 9
+    patch_size: int = 14
+    slice_mode: bool = True
+    downsample_mode: str = "16x"
+    use_image_id: bool = True
+    image_mean: tuple[float, ...] = IMAGENET_STANDARD_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STANDARD_STD
+    rescale_factor: float = 1 / 255
+    resample: int = int(Image.Resampling.BICUBIC)
+
+    @property
+    def merge_factor(self) -> int:
+        """Patches per side merged into one LLM token: the ViT's 2x2 window merger and the 2x2
+        MLP merger ("16x"), or only the latter ("4x")."""
+        return 2 if self.downsample_mode == "4x" else 4
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any] | None = None) -> MiniCPMVImageConfig:
+        """Settings from the contents of `preprocessor_config.json`; absent keys keep the defaults."""
+        config = dict(config or {})
+        for flag in ("do_rescale", "do_normalize", "do_convert_rgb"):
+            if config.get(flag, True) is False:
+                raise RuntimeInputError(f"preprocessor config sets {flag}=false, which onnxport's MiniCPM-V image "
+                                        "processor does not support",
+                                        "the vision encoder was trained with the step on; remove the key")
+        values = {f.name: config[f.name] for f in fields(cls) if config.get(f.name) is not None}
+        try:
+            for key, value in values.items():
+                if key in ("image_mean", "image_std"):
+                    value = [value] * 3 if isinstance(value, (int, float)) else value
+                    values[key] = tuple(float(x) for x in value)
+                elif key == "rescale_factor":
+                    values[key] = float(value)
+                elif key in ("slice_mode", "use_image_id"):
+                    values[key] = bool(value)
+                elif key == "downsample_mode":
+                    values[key] = str(value)
+                else:
+                    values[key] = int(value)
+            out = cls(**values)
+        except (TypeError, ValueError) as e:
+            raise RuntimeInputError(f"preprocessor config has a malformed value: {e}",
+                                    "sizes are integers, image_mean / image_std lists of 3 numbers") from None
+        if min(out.scale_resolution, out.max_slice_nums, out.patch_size) < 1 or out.downsample_mode not in ("4x", "16x"):
+            raise RuntimeInputError(
+                f"need scale_resolution, max_slice_nums, patch_size >= 1 and downsample_mode 4x or 16x, got "
+                f"{out.scale_resolution}, {out.max_slice_nums}, {out.patch_size}, {out.downsample_mode!r}",
+                "check preprocessor_config.json")
+        if len(out.image_mean) != 3 or len(out.image_std) != 3 or 0.0 in out.image_std:
+            raise RuntimeInputError(f"image_mean / image_std must be 3 numbers (std non-zero), got "
+                                    f"{out.image_mean} / {out.image_std}", "check preprocessor_config.json")
+        return out
+
+
+def _ensure_divide(length: float, divisor: int) -> int:
+    return max(round(length / divisor) * divisor, divisor)
+
+
+class MiniCPMVImageProcessor:
+    """`pixel_values` [1, C, P, num_patches * P] (every slice of every image, NaViT-packed),
+    `target_sizes` [num_slices, 2] (each slice's patch grid), `grids` (each image's slice grid,
+    [0, 0] when it is not sliced) and `num_patches_per_image`, equal to transformers'
+    `MiniCPMV4_6ImageProcessorPil`: an image larger than scale_resolution**2 pixels becomes a
+    source image resized to about that area plus a rows x cols grid of slices of the image
+    resized to the grid; smaller ones are one image resized up to about that area. Sizes are
+    multiples of patch_size * merge factor; Pillow resizes the uint8 image, then rescale and
+    normalize as transformers does, so the output is bit-identical."""
+
+    def __init__(self, config: Mapping[str, Any] | MiniCPMVImageConfig | None = None):
+        self.config = config if isinstance(config, MiniCPMVImageConfig) else MiniCPMVImageConfig.from_dict(config)
+        self._mean = np.asarray(self.config.image_mean, dtype=np.float32)
+        self._std = np.asarray(self.config.image_std, dtype=np.float32)
+
+    # the size rules, copied from transformers (int() truncation and round-half-to-even included)
+
+    def best_resize(self, height: float, width: float, allow_upscale: bool = False) -> tuple[int, int]:
+        c = self.config
+        if height * width > c.scale_resolution * c.scale_resolution or allow_upscale:
+            aspect_ratio = width / height
+            height = int(c.scale_resolution / math.sqrt(aspect_ratio))
+            width = int(height * aspect_ratio)
+        unit = c.patch_size * c.merge_factor
+        return _ensure_divide(height, unit), _ensure_divide(width, unit)
+
+    def refine_size(self, height: int, width: int, grid: list[int]) -> tuple[int, int]:
+        rows, cols = grid
+        h, w = self.best_resize(_ensure_divide(height, rows) / rows, _ensure_divide(width, cols) / cols,
+                                allow_upscale=True)
+        return h * rows, w * cols
+
+    def slice_grid(self, height: int, width: int) -> list[int] | None:
+        """[rows, cols] of slices (the count within max_slice_nums whose shape is closest to the
+        image's aspect ratio, ties to more rows), or None for an image that is not sliced."""
+        c = self.config
+        log_ratio = math.log(width / height)
+        multiple = min(math.ceil(width * height / (c.scale_resolution * c.scale_resolution)), c.max_slice_nums)
+        if multiple <= 1:
+            return None
+        best, min_error = [1, 1], float("inf")
+        for num_slices in (multiple - 1, multiple, multiple + 1):
+            if num_slices == 1 or num_slices > c.max_slice_nums:
+                continue
+            for rows in range(1, num_slices + 1):
+                if num_slices % rows == 0:
+                    error = abs(log_ratio - math.log((num_slices // rows) / rows))
+                    if error < min_error or (error == min_error and rows > best[0]):
+                        best, min_error = [rows, num_slices // rows], error
+        return best
+
+    def _normalized(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 -> CxHxW float32, rescaled (float64 then cast) and normalized (float32)."""
+        pixels = (rgb.astype(np.float64) * self.config.rescale_factor).astype(np.float32)
+        return ((pixels - self._mean) / self._std).transpose(2, 0, 1)
+
+    def _patchified(self, chw: np.ndarray) -> np.ndarray:
+        """[C, H, W] -> [C, P, H*W/P]: patches row-major, each patch's rows stacked along P."""
+        p = self.config.patch_size
+        channels, height, width = chw.shape
+        x = chw.reshape(channels, height // p, p, width // p, p).transpose(0, 2, 1, 3, 4)
+        return x.reshape(channels, p, -1)
+
+    def _resized(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample=self.config.resample))
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, Any]:
+        """One image or a list -> {'pixel_values', 'target_sizes' (int64), 'grids',
+        'num_patches_per_image'} as transformers' processor returns them."""
+        many = isinstance(images, Sequence) and not isinstance(images, str)
+        items = list(images) if many else [images]
+        if not items:
+            raise RuntimeInputError("no images given", "pass a PIL image, an HxWxC uint8 array or a list of them")
+        c = self.config
+        pixels, sizes, grids, counts = [], [], [], []
+        for i, image in enumerate(items):
+            rgb = _rgb_array(image, f"image {i}")
+            height, width = rgb.shape[:2]
+            grid = self.slice_grid(height, width) if c.slice_mode else None
+            source = self.best_resize(height, width, allow_upscale=grid is None)
+            pixels.append(self._patchified(self._normalized(self._resized(rgb, source))))
+            sizes.append([source[0] // c.patch_size, source[1] // c.patch_size])
+            if grid is not None:
+                refine = self._resized(rgb, self.refine_size(height, width, grid))
+                sh, sw = refine.shape[0] // grid[0], refine.shape[1] // grid[1]
+                for top in range(0, refine.shape[0], sh):
+                    for left in range(0, refine.shape[1], sw):
+                        piece = refine[top:top + sh, left:left + sw]
+                        pixels.append(self._patchified(self._normalized(piece)))
+                        sizes.append([sh // c.patch_size, sw // c.patch_size])
+            grids.append(grid if grid is not None else [0, 0])
+            counts.append(1 + (grid[0] * grid[1] if grid is not None else 0))
+        return {"pixel_values": np.concatenate(pixels, axis=-1)[None],
+                "target_sizes": np.asarray(sizes, dtype=np.int64), "grids": grids, "num_patches_per_image": counts}
+
+    __call__ = preprocess

@@ -45,6 +45,13 @@ class BundleTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (an added token's content included), None if absent."""
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
 
 class StreamDecoder:
     """Incremental detokenisation: `push(token)` returns the text that token adds, holding back

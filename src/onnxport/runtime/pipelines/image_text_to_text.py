@@ -68,6 +68,21 @@ def rope_index(input_ids: np.ndarray, mask: np.ndarray, token_types: np.ndarray,
     return positions, deltas
 
 
+def as_batch(prompts, images) -> tuple[list, list[list]]:
+    """(prompts, images per prompt) as a batch: one prompt (text, token ids or chat messages)
+    with its list of images, or a list of prompts with one list (or one image) per prompt."""
+    single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
+                                          all(isinstance(t, (int, np.integer)) for t in prompts))
+    if single or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        prompts, images = [prompts], [images or []]
+    elif images is None:
+        images = [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise RuntimeInputError(f"{len(prompts)} prompts but images for {len(images)}",
+                                "pass one list of images per prompt")
+    return list(prompts), [list(i) if isinstance(i, (list, tuple)) else [i] for i in images]
+
+
 @register_pipeline(KIND)
 class ImageTextToText:
     """Generate text from images and text with an onnxport image-text bundle.
@@ -141,18 +156,9 @@ class ImageTextToText:
                  on_token=None, **sampling):
         """`prompts`: one prompt or a list (a batch); `images`: the images of one prompt (a list),
         or per prompt a list of images, in placeholder order. Returns the Generator's result."""
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
-                                              all(isinstance(t, (int, np.integer)) for t in prompts))
-        if single or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-            prompts, images = [prompts], [images or []]
-        elif images is None:
-            images = [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise RuntimeInputError(f"{len(prompts)} prompts but images for {len(images)}",
-                                    "pass one list of images per prompt")
+        prompts, images = as_batch(prompts, images)
         rows, all_grids, pixels = [], [], []
         for prompt, imgs in zip(prompts, images):
-            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
             grids = []
             if imgs:
                 out = self.processor(imgs)
