@@ -112,6 +112,8 @@ def test_manifest_chains_the_parts(vl):
     assert cfg["image_token_id"] == ids["<|image_pad|>"] and cfg["position_ids"]["rule"] == "mrope"
     assert cfg["image_processor"]["max_pixels"] == PROCESSOR["max_pixels"]
     assert all(p["verification"]["ok"] for p in mf["parts"])
+    # checked end to end at export: the chain against transformers' generate
+    assert mf["pipeline"]["verification"]["ok"] and mf["pipeline"]["verification"]["tokens_equal"] == 8
 
 
 def test_one_image_greedy_tokens_equal_transformers(vl):

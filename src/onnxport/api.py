@@ -187,7 +187,13 @@ def check_pipeline(recipe, model, pipeline, ckpt: Checkpoint, folder: Path, mani
     if pipeline is None or not cfg.verify or not callable(hook) or complete_pipeline([pipeline], manifest) is None:
         return pipeline
     copy_support_files(ckpt, folder)
-    pipeline.verification = hook(model, pipeline, folder, manifest)
+    # runners read the bundle from disk: its manifest names this pipeline while it is checked
+    previous, manifest.pipeline = manifest.pipeline, pipeline
+    write_manifest(folder, manifest)
+    try:
+        pipeline.verification = hook(model, pipeline, folder, manifest)
+    finally:
+        manifest.pipeline = previous
     return pipeline
 
 

@@ -139,7 +139,7 @@ def _vector_quantize():
         from vector_quantize_pytorch import GroupedResidualFSQ
     except ImportError:
         raise InputError("the chattts DVAE is built from vector-quantize-pytorch, which is not installed",
-                         "pip install vector-quantize-pytorch (onnxport[test] pins it)") from None
+                         "pip install 'onnxport[tts]' (it pins vector-quantize-pytorch)") from None
     return GroupedResidualFSQ
 
 
