@@ -196,3 +196,33 @@ def test_text_bundle_rejects_an_image(vl, tmp_path):
     res = CliRunner().invoke(app, ["generate", str(out), "--image", str(img), "-p", "x", "-n", "2"])
     assert res.exit_code != 0 and "error:" in res.output and "Traceback" not in res.output
     shutil.rmtree(out)
+
+
+def test_short_video_greedy_tokens_equal_transformers(vl):
+    """A 4-frame video (two temporal patches at 2 fps): video pad tokens per merged patch,
+    temporal mrope ids spaced by tokens_per_second * temporal_patch_size / fps. transformers'
+    video processor needs torchvision (absent here), so the reference gets the pixels from the
+    numpy processor (equal to transformers' per-frame image processing: tests/test_processors.py)
+    and the video inputs its processor would give."""
+    import transformers as T
+
+    from onnxport.runtime.pipelines.image_text_to_text import ImageTextToText
+
+    ckpt, out, ids = vl
+    frames = [np.asarray(_image(10 + i, 32, 40)) for i in range(4)]
+    pipe = ImageTextToText(out)
+    prompt = [5, 17, ids["<|vision_start|>"], ids["<|video_pad|>"], ids["<|vision_end|>"], 42, 7]
+    got = pipe.generate(prompt, videos=[frames], max_new_tokens=12, eos_token_id=None).padded
+    video = pipe.processor.preprocess_videos([frames])
+    grid = video["video_grid_thw"]
+    rows = pipe._expand(prompt, [], [list(g) for g in grid.tolist()])
+    input_ids = torch.tensor([rows])
+    model = T.Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             pixel_values_videos=torch.from_numpy(video["pixel_values_videos"]),
+                             video_grid_thw=torch.from_numpy(grid), second_per_grid_ts=torch.tensor([2 / 2.0]),
+                             mm_token_type_ids=(input_ids == ids["<|video_pad|>"]).int() * 2, max_new_tokens=12,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)[:, len(rows):].numpy()
+    assert int(grid[0, 0]) == 2
+    np.testing.assert_array_equal(got, ref)

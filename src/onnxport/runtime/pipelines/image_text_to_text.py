@@ -135,17 +135,24 @@ class ImageTextToText:
             return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return list(prompt)
 
-    def _expand(self, ids: list[int], grids: list) -> list[int]:
-        """Each image pad token -> prod(grid) / merge**2 of them (the processor's expansion)."""
-        count = ids.count(self.image_token_id)
-        if count != len(grids):
-            raise RuntimeInputError(
-                f"the prompt has {count} image placeholder(s) for {len(grids)} image(s)",
-                "write the image placeholder once per image (the chat template does it for {'type': 'image'})")
-        out, it = [], iter(grids)
+    def _expand(self, ids: list[int], grids: list, video_grids: list | None = None) -> list[int]:
+        """Each image (video) pad token -> prod(grid) / merge**2 of them (the processor's
+        expansion)."""
+        video = int(self.video_token_id) if self.video_token_id is not None else None
+        video_grids = video_grids or []
+        for what, token, found in (("image", self.image_token_id, grids), ("video", video, video_grids)):
+            count = ids.count(token) if token is not None else 0
+            if count != len(found):
+                raise RuntimeInputError(
+                    f"the prompt has {count} {what} placeholder(s) for {len(found)} {what}(s)",
+                    f"write the {what} placeholder once per {what} (the chat template does it for "
+                    f"{{'type': '{what}'}})")
+        out, it, vit = [], iter(grids), iter(video_grids)
         for t in ids:
             if t == self.image_token_id:
                 out += [t] * (int(np.prod(next(it))) // self.merge ** 2)
+            elif video is not None and t == video:
+                out += [t] * (int(np.prod(next(vit))) // self.merge ** 2)
             else:
                 out.append(t)
         return out
@@ -153,29 +160,50 @@ class ImageTextToText:
     # --- generation -----------------------------------------------------------------------------
 
     def generate(self, prompts, images=None, max_new_tokens: int = 32, chat: bool = False, system: str | None = None,
-                 on_token=None, **sampling):
+                 on_token=None, videos=None, fps: float = 2.0, **sampling):
         """`prompts`: one prompt or a list (a batch); `images`: the images of one prompt (a list),
-        or per prompt a list of images, in placeholder order. Returns the Generator's result."""
+        or per prompt a list of images, in placeholder order; `videos` likewise (a video is a
+        list of frames or a [T, H, W, C] uint8 array, sampled at `fps` frames per second: its
+        temporal positions are spaced by tokens_per_second * temporal_patch_size / fps, as
+        transformers' processor sets second_per_grid_ts). Returns the Generator's result."""
         prompts, images = as_batch(prompts, images)
-        rows, all_grids, pixels = [], [], []
-        for prompt, imgs in zip(prompts, images):
-            grids = []
+        videos = [[] for _ in prompts] if videos is None else (
+            [videos] if len(prompts) == 1 and not (isinstance(videos, list) and videos and isinstance(videos[0], list)
+                                                   and videos[0] and isinstance(videos[0][0], list)) else videos)
+        if len(videos) != len(prompts):
+            raise RuntimeInputError(f"{len(prompts)} prompts but videos for {len(videos)}",
+                                    "pass one list of videos per prompt")
+        rows, all_grids, pixels, video_grids, video_pixels = [], [], [], [], []
+        for prompt, imgs, vids in zip(prompts, images, videos):
+            grids, vgrids = [], []
             if imgs:
                 out = self.processor(imgs)
                 pixels.append(out["pixel_values"])
                 grids = [list(map(int, g)) for g in out["image_grid_thw"]]
-            rows.append(self._expand(self.prompt_ids(prompt, chat, system), grids))
+            if vids:
+                out = self.processor.preprocess_videos(list(vids))
+                video_pixels.append(out["pixel_values_videos"])
+                vgrids = [list(map(int, g)) for g in out["video_grid_thw"]]
+            rows.append(self._expand(self.prompt_ids(prompt, chat, system), grids, vgrids))
             all_grids += grids
-        features = None
+            video_grids += vgrids
+        features = video_features = None
         if pixels:
             features = self.vision(np.concatenate(pixels), np.asarray(all_grids, dtype=np.int64))["image_embeds"]
-        prefill = self.prefill(rows, features, all_grids)
+        if video_pixels:
+            video_features = self.vision(np.concatenate(video_pixels),
+                                         np.asarray(video_grids, dtype=np.int64))["image_embeds"]
+        temporal = int((self.config.get("image_processor") or {}).get("temporal_patch_size", 2))
+        prefill = self.prefill(rows, features, all_grids, video_features, video_grids,
+                               [temporal / fps] * len(video_grids))
         res = self.generator.generate_ids(rows, max_new_tokens=max_new_tokens, on_token=on_token, prefill=prefill,
                                           **sampling)
         res.texts = [self.tokenizer.decode(t) for t in res.tokens]
         return res
 
-    def prefill(self, rows: list[list[int]], features: np.ndarray | None, grids: list) -> dict:
+    def prefill(self, rows: list[list[int]], features: np.ndarray | None, grids: list,
+                video_features: np.ndarray | None = None, video_grids: list | None = None,
+                seconds_per_grid: list | None = None) -> dict:
         """The decoder's first-call inputs for the left-padded batch of `rows` (as
         Generator.generate_ids pads it): token embeddings with the image features at the pad
         tokens (row-major, as transformers' masked_scatter), mrope positions and deltas."""
@@ -197,6 +225,15 @@ class ImageTextToText:
             embeds[is_image] = features.astype(embeds.dtype)
         types = np.where(is_image, 1, 0)
         if self.video_token_id is not None:
-            types = np.where((ids == int(self.video_token_id)) & (mask == 1), 2, types)
-        positions, deltas = rope_index(ids, mask, types, grids, [], self.merge, self.tokens_per_second)
+            is_video = (ids == int(self.video_token_id)) & (mask == 1)
+            nv = int(is_video.sum())
+            if nv:
+                if video_features is None or video_features.shape[0] != nv:
+                    raise RuntimeInputError(f"{nv} video tokens but {0 if video_features is None else video_features.shape[0]} "
+                                            "video features", "pass one video per placeholder")
+                embeds = embeds if n else embeds.copy()
+                embeds[is_video] = video_features.astype(embeds.dtype)
+            types = np.where(is_video, 2, types)
+        positions, deltas = rope_index(ids, mask, types, grids, video_grids or [], self.merge, self.tokens_per_second,
+                                       seconds_per_grid)
         return {"inputs_embeds": embeds, "position_ids": positions, "position_delta": deltas}
