@@ -23,6 +23,10 @@ SHAPES = {
     "llama2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                                 rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    # HuggingFaceTB/SmolLM2-135M: a small model with many layers (per-step overhead shows)
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                   rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)),
     # Qwen/Qwen2-0.5B
     "qwen2-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
