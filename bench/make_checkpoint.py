@@ -83,6 +83,7 @@ def write_random_checkpoint(shape: str, out: Path, dtype: str = "bf16", shard_by
         (out / f"model-00001-of-00001.safetensors").rename(out / "model.safetensors")
     else:
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.architectures = [type(model).__name__]  # peers (the genai builder) dispatch on it
     config.save_pretrained(out)
     # a tokenizer for the text side: the demo model's 1024-token BPE, whose ids lie inside
     # every vocabulary here

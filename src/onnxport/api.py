@@ -451,7 +451,7 @@ def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: Exp
 
     graph = manifest.graph(DECODER)
     done = []
-    for name in ("ort_fusions", "matmul_packing"):
+    for name in ("ort_fusions", "matmul_packing", "reshape_chains"):
         records: list[dict] = []
         check = _decoder_check(model, kv, manifest, graph, verify_cfg, records) if cfg.verify else None
         rec = run_pass(folder / graph.file, name, check, cfg.external_data_threshold_bytes)

@@ -6,7 +6,8 @@
   of the torch.onnx dynamo exporter;
 - `matmul_packing` (optimize/packing.py): linear layers that read the same activation (q/k/v,
   gate/up) become one MatMul over their concatenated weights and a Split, as onnxruntime-genai's
-  builder writes them: one weight read and one kernel per group at decode.
+  builder writes them: one weight read and one kernel per group at decode;
+- `reshape_chains`: Reshape(Reshape(x)) -> Reshape(x) (the views to heads and back).
 
 Each candidate is written beside the graph and replaces it only when the caller's check
 (verify/ against PyTorch) passes; otherwise the original stays and the record says why.
@@ -35,7 +36,37 @@ def _matmul_packing(model):
     return model, ({"packed_matmul_groups": n} if n else {})
 
 
-PASSES: dict[str, Callable] = {"ort_fusions": _ort_fusions, "matmul_packing": _matmul_packing}
+def _reshape_chains(model):
+    """Reshape(Reshape(x, a), b) -> Reshape(x, b) when the inner one has no other reader: a
+    view to heads and back (q / k / v around RotaryEmbedding and GroupQueryAttention) costs two
+    nodes per tensor per layer otherwise. Reshape keeps element order, so only `b` matters
+    when the outer Reshape has allowzero=1 (as the dynamo exporter writes it); otherwise a 0
+    in `b` would copy a dim of the new input, so only constant `b`s without 0 are folded."""
+    import numpy as np
+
+    graph = model.graph
+    n = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx"):
+            continue
+        if len(inner.outputs[0].uses()) != 1 or inner.outputs[0].is_graph_output():
+            continue
+        allowzero = node.attributes.get("allowzero")
+        if not (allowzero is not None and allowzero.as_int()):  # 0s in `b` copy the input's dims
+            shape = node.inputs[1].const_value if node.inputs[1] is not None else None
+            if shape is None or (np.asarray(shape.numpy()) == 0).any():
+                continue
+        node.replace_input_with(0, inner.inputs[0])
+        graph.remove(inner, safe=True)
+        n += 1
+    return model, ({"folded_reshapes": n} if n else {})
+
+
+PASSES: dict[str, Callable] = {"ort_fusions": _ort_fusions, "matmul_packing": _matmul_packing,
+                               "reshape_chains": _reshape_chains}
 
 
 def run_pass(src: Path, name: str, check: Callable[[Path], tuple[bool, str]] | None,

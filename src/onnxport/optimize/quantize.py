@@ -56,10 +56,13 @@ def quantizable(model) -> list[tuple[str, str, tuple[int, int], bool]]:
                   and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])}
     out = []
     for n in model.graph.node:
-        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
+        fused = _fused_transposed(n) and n.input[1] in inits
+        if not fused and (n.op_type != "MatMul" or n.domain not in ("", "ai.onnx")):
             continue
         b = n.input[1]
-        transposed = b not in inits and b in transposes
+        transposed = fused or (b not in inits and b in transposes)
+        if fused:
+            transposes[b] = b
         t = inits.get(transposes[b] if transposed else b)
         if t is None or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
             continue
@@ -67,6 +70,16 @@ def quantizable(model) -> list[tuple[str, str, tuple[int, int], bool]]:
         if k % 2 == 0:
             out.append((n.name, t.name, (k, m), transposed))
     return out
+
+
+def _fused_transposed(node) -> bool:
+    """com.microsoft.FusedMatMul(A, W) with W transposed and nothing else (ORT fusions turn a
+    tied lm_head's MatMul(x, Transpose(embedding)) into it): a MatMul of A and W.T."""
+    if node.op_type != "FusedMatMul" or node.domain != "com.microsoft" or len(node.input) != 2:
+        return False
+    a = {x.name: (x.i if x.type == x.INT else x.f) for x in node.attribute}
+    return (a.get("transB", 0) == 1 and not a.get("transA", 0) and a.get("alpha", 1.0) == 1.0
+            and not a.get("transBatchA", 0) and not a.get("transBatchB", 0))
 
 
 def untie_transposed(model) -> int:
@@ -85,6 +98,9 @@ def untie_transposed(model) -> int:
         new = f"{wname}.T.{name}"
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), new))
         node.input[1] = new
+        if node.op_type == "FusedMatMul":  # now a plain MatMul of the transposed copy
+            node.op_type, node.domain = "MatMul", ""
+            del node.attribute[:]
         n += 1
     used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
     dead = [node for node in model.graph.node if node.op_type == "Transpose" and node.output[0] not in used]

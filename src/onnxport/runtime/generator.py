@@ -330,7 +330,8 @@ class Generator:
             for name, value in feeds.items():
                 if name not in past:
                     io.bind_cpu_input(name, np.ascontiguousarray(value))
-            if next(iter(feeds.values())).shape[1] == 1:
+            tokens = feeds["input_ids"] if "input_ids" in feeds else feeds["inputs_embeds"]
+            if tokens.shape[1] == 1:
                 io.bind_ortvalue_output("logits", step_value)
                 sess.run_with_iobinding(io)
                 return {"logits": step_logits}
