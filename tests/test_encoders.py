@@ -5,10 +5,15 @@ preprocessing against the transformers code it replaces."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import ENCODER_KINDS
+from typer.testing import CliRunner
+
+from onnxport.cli import app
 
 from onnxport.runtime import EncoderRunner
 
@@ -233,3 +238,35 @@ def test_chattts_like_gfsq_istft_decoder_waveform(exporter, tmp_path):
     assert "get_at_as_gather" in entry.patches and "istft_as_conv" in entry.patches
     for r in entry.verification["results"]:
         assert r["snr_db"] is None or r["snr_db"] > 60, r  # DFT as matmul vs FFT in fp32
+
+
+def test_max_part_size_cuts_an_encoder_into_a_verified_chain(encoder_checkpoints, exported_encoder, tmp_path):
+    """--max-part-size on an encoder (the SigLIP tower, cut far below its ~0.5 MB of weights):
+    consecutive part graphs each under the size (unless one node alone reads more), each with
+    its own data file, recorded as the graph's chain, verified against PyTorch end to end; the
+    runtime chains them to the one-file graph's outputs."""
+    import onnx
+
+    from onnxport.runtime import EncoderRunner
+    from onnxport.runtime.segments import weight_bytes
+
+    budget = 60_000
+    out = tmp_path / "cut"
+    res = CliRunner().invoke(app, ["export", str(encoder_checkpoints("siglip")), "-o", str(out),
+                                   "--max-part-size", str(budget)])
+    assert res.exit_code == 0, res.output
+    mf = json.loads((out / "manifest.json").read_text())
+    g = mf["graphs"][0]
+    chain = g["chain"]
+    assert len(chain) >= 4 and g["file"] == chain[0]["file"] and g["verification"]["ok"]
+    for c in chain:
+        part = onnx.load(str(out / c["file"]), load_external_data=False)
+        nodes = len(part.graph.node)
+        assert weight_bytes(part) <= budget or nodes == 1, (c["file"], weight_bytes(part))
+        assert set(g["files"]) >= {c["file"]}
+    assert not (out / "vision.onnx").exists()
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got = EncoderRunner(out)(pixel_values=x)
+    ref = EncoderRunner(exported_encoder("siglip")[0])(pixel_values=x)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-5, rtol=1e-5)

@@ -71,6 +71,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     `split=None` writes the decoder as one graph; a SplitConfig writes the NPU split layout."""
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
+    if split is None and cfg.max_part_bytes is not None:
+        split = _split_for_size(ckpt, parts, cfg)
     recipes = plan(ckpt, parts, split, cfg)
     with atomic_bundle(out, cfg.force) as tmp:
         manifest = new_manifest(ckpt, recipes, cfg, split)
@@ -115,6 +117,18 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
         manifest.export.seconds = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _split_for_size(ckpt: Checkpoint, parts: tuple[str, ...] | None, cfg: ExportConfig) -> SplitConfig | None:
+    """--max-part-size: a plain text decoder is cut by the split layout (layers per part);
+    a decoder fed inputs_embeds stays one graph (only its encoder parts are cut)."""
+    from onnxport.recipes import get_recipes
+
+    recipes = get_recipes(ckpt.model_type, parts, ckpt.config)
+    decoder = recipes.get(DECODER)
+    if isinstance(decoder, DecoderLM) and not decoder.embeds_input:
+        return SplitConfig(max_part_bytes=cfg.max_part_bytes)
+    return None
 
 
 def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | None, cfg: ExportConfig) -> dict:
@@ -547,6 +561,9 @@ def export_encoder_part(name: str, recipe, model, cfg: ExportConfig, verify_cfg:
     if cfg.dtype != "float32":
         for part, graph in zip(parts, graphs):
             convert_module_precision(part, graph, folder, cfg, verify_cfg)
+    if cfg.max_part_bytes is not None:
+        for part, graph in zip(parts, graphs):
+            cut_module_graph(part, graph, folder, cfg, verify_cfg)
     manifest.graphs += graphs
     record = None
     if cfg.verify:
@@ -554,6 +571,27 @@ def export_encoder_part(name: str, recipe, model, cfg: ExportConfig, verify_cfg:
     manifest.parts.append(Part(name, ENCODER, type(recipe).__name__, [g.file for g in graphs], record))
     if manifest.layout.kind == MODULES:
         manifest.verification = _modules_summary(manifest)
+
+
+def cut_module_graph(part, graph, folder: Path, cfg: ExportConfig, verify_cfg: VerifyConfig) -> list | None:
+    """optimize/partition: a verified module graph past --max-part-size becomes consecutive part
+    graphs under it, and the chain is verified against PyTorch end to end."""
+    from onnxport.optimize.partition import cut_graph
+    from onnxport.runtime.segments import ChainSession
+    from onnxport.verify.module import verify_part
+
+    chain = cut_graph(folder / graph.file, cfg.max_part_bytes)
+    if len(chain) < 2:
+        return None
+    graph.file, graph.chain = chain[0]["file"], chain
+    graph.external_data = sorted({loc for c in chain for loc in external_locations(folder / c["file"])})
+    log.info("%s cut into %d parts under %d bytes", graph.name, len(chain), cfg.max_part_bytes)
+    if cfg.verify:
+        vcfg = verify_cfg.for_dtype(cfg.dtype)
+        session = ChainSession(folder, chain, [t.name for t in graph.inputs])
+        record = verify_part(part, folder / graph.file, vcfg.atol, vcfg.min_cosine, vcfg.rtol, session=session)
+        graph.verification = {**record, "chain": f"{len(chain)} part graphs run in turn"}
+    return chain
 
 
 def convert_module_precision(part, graph, folder: Path, cfg: ExportConfig, verify_cfg: VerifyConfig) -> dict:

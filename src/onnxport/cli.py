@@ -139,7 +139,7 @@ def export_cmd(
     head: str = typer.Option("logits", help="split: lm_head output: logits, argmax or topk:K."),
     rope: str = typer.Option("inside", help="split: compute rotary cos/sin inside each block, or take them as inputs (outside)."),
     embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
-    max_part_size: Optional[str] = typer.Option(None, "--max-part-size", help="split: as many layers per block graph as stay under SIZE of weights (e.g. 2GB, 500MiB); implies --layout split."),
+    max_part_size: Optional[str] = typer.Option(None, "--max-part-size", help="Parts under SIZE of weights (e.g. 2GB, 500MiB): a decoder as the split layout with as many layers per block graph as fit; encoder graphs as consecutive part graphs the runtime chains."),
     copy_weights: bool = typer.Option(False, "--copy-weights", help="split: every graph holds its own weights (default: one shared weights.data, each weight stored once)."),
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
@@ -156,11 +156,12 @@ def export_cmd(
 
     if layout not in ("monolithic", "split"):
         raise InputError(f"unknown layout {layout!r}", "use --layout monolithic or --layout split")
-    is_split = layout == "split" or static or max_part_size is not None
-    cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split else "bhsd"),
+    # --max-part-size alone: decoders are cut by the split layout, encoders into chained parts
+    is_split = layout == "split" or static
+    cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split or max_part_size else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
                        low_memory=low_memory, dtype=dtype, optimize=optimize, attention=attention,
-                       bf16_compute=bf16_compute)
+                       bf16_compute=bf16_compute, max_part_bytes=parse_size(max_part_size) if max_part_size else None)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin, share_weights=not copy_weights,
                         max_part_bytes=parse_size(max_part_size) if max_part_size else None) if is_split else None

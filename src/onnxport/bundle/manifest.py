@@ -77,6 +77,9 @@ class Graph:
     #: graph passes run after export, in order: {"name", "applied", "fused": {op: count},
     #: "result"} (a pass that broke verification is rolled back and says so)
     optimization: list | None = None
+    #: a graph cut into consecutive part graphs under --max-part-size, run one after another:
+    #: [{"file", "inputs": [value names], "outputs": [value names]}, ...] (`file` is the first)
+    chain: list | None = None
     #: decoders exported with fused attention: "com.microsoft.GroupQueryAttention" (a prompt
     #: that continues a cache then runs one row at a time; see export/attention.py)
     attention: str | None = None
@@ -387,7 +390,7 @@ def read_manifest(bundle: str | Path) -> Manifest:
         raise BundleError(f"{mf} is not a JSON object", "re-run onnxport export")
     manifest = Manifest.from_dict(raw)
     for g in manifest.graphs:
-        for f in [g.file, *g.external_data]:
+        for f in [g.file, *g.external_data, *(c["file"] for c in g.chain or [])]:
             if not resolve_inside(p, f).is_file():
                 raise BundleError(f"bundle is missing {f}", "re-run onnxport export")
         for f, rec in (g.files or {}).items():  # sizes cost a stat; sha256 is recorded for tools
@@ -407,7 +410,7 @@ def record_files(folder: Path, manifest: Manifest) -> None:
 
     seen: dict[str, dict] = {}
     for g in manifest.graphs:
-        names = [g.file, *g.external_data]
+        names = [g.file, *(c["file"] for c in g.chain or [] if c["file"] != g.file), *g.external_data]
         if (folder / (g.file + ".data")).is_file() and g.file + ".data" not in names:
             names.append(g.file + ".data")
         g.files = {}

@@ -29,7 +29,13 @@ class EncoderRunner:
         if name is not None and name not in by_name:
             raise RuntimeInputError(f"the bundle has no graph {name!r}", f"it has {list(by_name)}")
         self.entry = by_name[name] if name else graphs[0]
-        self.session = GraphSession(self.folder, self.entry, threads)
+        if self.entry.chain:  # cut under --max-part-size: its part graphs run one after another
+            from onnxport.runtime.segments import ChainSession
+
+            self.session = _ChainGraph(self.entry, ChainSession(self.folder, self.entry.chain,
+                                                                [t.name for t in self.entry.inputs], threads))
+        else:
+            self.session = GraphSession(self.folder, self.entry, threads)
 
     @property
     def input_names(self) -> list[str]:
@@ -48,3 +54,19 @@ class EncoderRunner:
 
     def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
         return self.session.run(self.feeds(*args, **kwargs))
+
+
+class _ChainGraph:
+    """GraphSession's interface over a chain of part graphs."""
+
+    def __init__(self, entry, chain):
+        self.entry, self.chain = entry, chain
+        self.inputs = {i.name: i for i in entry.inputs}
+        self.output_names = entry.output_names
+
+    def run(self, feeds: dict, check: bool = True) -> dict:
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise RuntimeInputError(f"{self.entry.file}: missing inputs {missing[:4]}",
+                                    f"expected inputs: {list(self.inputs)[:6]}")
+        return dict(zip(self.output_names, self.chain.run(self.output_names, feeds)))

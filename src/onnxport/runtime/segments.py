@@ -279,3 +279,30 @@ def run_feeds(path: Path, names: list[str], feeds_list: list[dict[str, np.ndarra
     if observe is not None:
         how["values_observed"] = True
     return runner.run(names, feeds_list, observe), how
+
+
+class ChainSession:
+    """A graph cut into consecutive part graphs (manifest `graphs[].chain`, optimize/partition.py)
+    run as one: a session-like runner of the chain (`run(names, feeds)`, `get_inputs()` names): each part's
+    ONNX Runtime session in turn, values handed over by name."""
+
+    def __init__(self, folder: Path, chain: list[dict], inputs: list[str], threads: int | None = None):
+        from onnxport.bundle import check_external_data, resolve_inside
+        from onnxport.runtime.session import make_session
+
+        self.inputs = inputs
+        self.parts = []
+        for c in chain:
+            check_external_data(Path(folder), c["file"])  # paths stay inside the bundle
+            self.parts.append((make_session(resolve_inside(Path(folder), c["file"]), threads), c))
+
+    def get_inputs(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name=n) for n in self.inputs]
+
+    def run(self, names, feeds: dict):
+        env = dict(feeds)
+        for sess, c in self.parts:
+            env.update(zip(c["outputs"], sess.run(c["outputs"], {n: env[n] for n in c["inputs"]})))
+        return [env[n] for n in names]

@@ -64,15 +64,17 @@ def _first_mismatch(ref, got, atol):
     return None
 
 
-def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: float, rtol: float = 0.0) -> dict:
+def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: float, rtol: float = 0.0,
+                session=None) -> dict:
     """ONNX Runtime vs the unpatched PyTorch module (or the part's own expected outputs) at every
-    size in `part.sizes`; raises VerificationError naming the output and the sizes."""
+    size in `part.sizes`; raises VerificationError naming the output and the sizes. `session`:
+    run this session-like object instead of opening `onnx_file` (a chain of part graphs)."""
     import numpy as np
 
     from onnxport.verify.compare import compare
 
     try:
-        sess = make_session(onnx_file)
+        sess = session if session is not None else make_session(onnx_file)
     except Exception as e:  # noqa: BLE001 - ORT rejects invalid graphs with several types
         raise VerificationError(f"ONNX Runtime cannot load {onnx_file.name}: {str(e).splitlines()[0][:300]}",
                                 "the exporter produced an invalid graph; try --exporter torchscript") from e
