@@ -258,6 +258,10 @@ def load_skeleton(recipe, ckpt: Checkpoint, cfg: ExportConfig, split: SplitConfi
 
     if split is not None:
         raise InputError("--low-memory applies to the monolithic layout", "drop --layout split or --low-memory")
+    from onnxport.hf.compat import require_transformers
+
+    # 4.x rotary modules cannot run on the meta device (their scaling wrapper reads values)
+    require_transformers(5, "--low-memory: the model is traced on the meta device")
     if ckpt.pickle_weights:
         raise InputError("--low-memory streams weights from safetensors; this checkpoint has pickle weights only",
                          "convert it to safetensors, or drop --low-memory")
