@@ -305,33 +305,49 @@ def _generate_chat(gen, chats: list, system: str | None, stream: bool, sampling:
 
 
 def _generate_with_images(bundle: Path, images: list[Path], prompts, messages, chat: bool, system, stream: bool,
-                          sampling: dict) -> None:
-    """--image: the bundle's image-text pipeline; every prompt gets all the images."""
+                          sampling: dict, audio: list[Path] | None = None) -> None:
+    """--image (and --audio for an any-to-text bundle): the bundle's image-text or any-to-text
+    pipeline; every prompt gets all the images and clips."""
     from onnxport.runtime.image_processor import load_image
     from onnxport.runtime.pipelines import open_pipeline
 
     from onnxport.errors import BundleError
 
     pipe = open_pipeline(bundle)
-    if pipe.kind.split("/")[0] != "image-text-to-text":  # a family's own runner: image-text-to-text/<family>
+    # a family's own runner: image-text-to-text/<family>; any-to-text also takes audio
+    if pipe.kind.split("/")[0] not in ("image-text-to-text", ANY_TO_TEXT):
         raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no image", "drop --image")
     loaded = [load_image(p) for p in images]
     if messages is not None:
         convs, chat = [_read_messages(messages)], True
     elif chat or system is not None:
         convs, chat = [[{"role": "user", "content": [*({"type": "image"} for _ in loaded),
+                                                      *({"type": "audio"} for _ in audio or []),
                                                       {"type": "text", "text": p}]}] for p in prompts], True
     else:
         convs = list(prompts)
+    media = {"audio": [list(audio) for _ in convs]} if audio else {}
     streaming = stream and len(convs) == 1
     res = pipe.generate(convs, images=[loaded for _ in convs], chat=chat, system=system,
-                        on_token=_stream_printer(pipe.generator) if streaming else None, **sampling)
+                        on_token=_stream_printer(pipe.generator) if streaming else None, **media, **sampling)
     if streaming:
         sys.stdout.write("\n")
     else:
         for t in res.texts:
             sys.stdout.write(f"{t}\n")
     console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
+
+
+#: the pipeline kind that takes images and audio beside a prompt (Qwen2.5-Omni's thinker)
+ANY_TO_TEXT = "any-to-text"
+
+
+def _pipeline_kind(bundle: Path) -> str | None:
+    """The kind of the bundle's pipeline section (None without one)."""
+    from onnxport.bundle import read_manifest
+
+    pipeline = read_manifest(bundle).pipeline
+    return pipeline.kind if pipeline is not None else None
 
 
 def _transcribe(bundle: Path, audio: list[Path], max_new_tokens: int | None) -> None:
@@ -363,14 +379,15 @@ def generate_cmd(
     chat: bool = typer.Option(False, "--chat", help="Each -p is the user turn of its own conversation, rendered with the bundle's chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message before each conversation (implies --chat)."),
     messages: Optional[Path] = typer.Option(None, "--messages", help="JSON file: a conversation as a list of {role, content} messages, or a list of those (implies --chat; instead of -p)."),
-    image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file for an image-text bundle (repeat for several, in placeholder order); with --chat each -p gets the images before its text."),
-    audio: Optional[List[Path]] = typer.Option(None, "--audio", help="WAV file (16 kHz mono) to transcribe with the bundle's speech-to-text pipeline (greedy); repeat for a batch."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file for an image-text or any-to-text bundle (repeat for several, in placeholder order); with --chat each -p gets the images before its text."),
+    audio: Optional[List[Path]] = typer.Option(None, "--audio", help="WAV file (16 kHz mono) to transcribe with the bundle's speech-to-text pipeline (greedy; repeat for a batch), or, for an any-to-text bundle (Qwen2.5-Omni), to go with each -p in placeholder order (repeat for several)."),
 ):
     """Generate text with ONNX Runtime (no torch)."""
     from onnxport.errors import InputError
     from onnxport.runtime import Generator
 
-    if audio:
+    prompted_audio = bool(audio) and _pipeline_kind(bundle) == ANY_TO_TEXT
+    if audio and not prompted_audio:
         if prompt or messages is not None or image:
             raise InputError("give either --audio or a prompt (-p / --messages / --image), not both",
                              "a speech-to-text bundle transcribes audio alone")
@@ -383,8 +400,8 @@ def generate_cmd(
         raise InputError("nothing to generate from", "give a prompt with -p TEXT, or a conversation with --messages FILE.json")
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, seed=seed)
-    if image:
-        _generate_with_images(bundle, image, prompt, messages, chat, system, stream, sampling)
+    if image or prompted_audio:
+        _generate_with_images(bundle, image or [], prompt, messages, chat, system, stream, sampling, audio)
         return
     gen = Generator(bundle)
     if chat or system is not None or messages is not None:
