@@ -201,8 +201,9 @@ def test_dtype_bad_input_is_one_line(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["export", str(DEMO_DIR), "-o", str(tmp_path / "a"), "--dtype", "fp8"])
     assert res.exit_code == 2 and "unknown dtype 'fp8'" in res.output and "fp16" in res.output
-    res = runner.invoke(app, ["export", str(DEMO_DIR), "-o", str(tmp_path / "b"), "--dtype", "fp16", "--static"])
-    assert res.exit_code == 2 and "monolithic" in res.output
+    res = runner.invoke(app, ["export", str(DEMO_DIR), "-o", str(tmp_path / "b"), "--dtype", "bf16", "--bf16-compute",
+                              "--static"])
+    assert res.exit_code == 2 and "--bf16-compute" in res.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -152,3 +152,30 @@ def test_max_part_size_picks_the_pack(tmp_path, tiny_checkpoints):
         res = CliRunner().invoke(app, ["export", str(tiny_checkpoints("llama")), "-o", str(out), "--max-part-size", size])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
         assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_split_layouts_convert_precision_and_reverify(dtype, tiny_checkpoints, tmp_path):
+    """--dtype on the static split layout (NPU flows): every graph converted (fp16 compute with
+    the range guard on its own sample inputs, or bf16-stored weights), graph I/O float32 so the
+    split runtime is unchanged, weights shared again in one weights.data, and the bundle
+    verified again with the dtype's tolerances (each graph, and 8 greedy tokens end to end)."""
+    from onnxport.cli import app
+
+    ckpt = tiny_checkpoints("qwen2")
+    out = tmp_path / "b"
+    res = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--static", "--max-len", "64",
+                                   "--prefill-len", "16", "--pack", "2", "--dtype", dtype])
+    assert res.exit_code == 0, res.output
+    mf = json.loads((out / "manifest.json").read_text())
+    name = "float16" if dtype == "fp16" else "bfloat16"
+    onnx_graphs = [g for g in mf["graphs"] if g["file"].endswith(".onnx")]
+    assert all(g["precision"]["dtype"] == name for g in onnx_graphs)
+    assert mf["verification"]["ok"] and mf["verification"]["tolerance"]["dtype"] == name
+    assert sorted(p.name for p in out.glob("*.data")) == ["weights.data"]
+    stored = onnx.TensorProto.FLOAT16 if dtype == "fp16" else onnx.TensorProto.BFLOAT16
+    block = onnx.load(str(out / "block_cache_0-1.onnx"), load_external_data=False)
+    assert any(t.data_type == stored for t in block.graph.initializer)
+    prompts = [[5, 17, 300, 42, 7, 99]]
+    got = Generator(out).generate_ids(prompts, max_new_tokens=6, eos_token_id=None).padded
+    np.testing.assert_array_equal(got, hf_greedy(ckpt, prompts, 6))

@@ -101,7 +101,9 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                                         observe=ranges.note if ranges is not None else None)
                 if cfg.optimize:
                     optimize_decoder_graph(model, kv, tmp, manifest, cfg, verify_cfg)
-                if cfg.dtype != "float32":
+                if cfg.dtype != "float32" and split is not None:
+                    convert_split_precision(recipe, model, tmp, manifest, split, cfg, verify_cfg)
+                elif cfg.dtype != "float32":
                     convert_decoder_precision(model, kv, tmp, manifest, cfg, verify_cfg,
                                               ranges.max if ranges is not None else None)
             else:
@@ -145,9 +147,9 @@ def plan(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitConfig | N
                          "drop --attention, or export the monolithic layout")
     if cfg.optimize and (split is not None or not has_decoder):
         raise InputError("--optimize applies to monolithic text decoders so far", "drop --optimize")
-    if cfg.dtype != "float32" and split is not None:
-        raise InputError(f"--dtype {cfg.dtype} applies to the monolithic layout and encoder parts so far",
-                         "export the split layout in float32")
+    if cfg.dtype != "float32" and split is not None and (cfg.bf16_compute or cfg.low_memory):
+        raise InputError(f"--dtype {cfg.dtype} of a split layout: fp16, or bf16 weights (no --bf16-compute)",
+                         "drop --bf16-compute, or export the monolithic layout")
     if split is not None and cfg.kv_naming != "optimum":
         raise InputError("--kv-naming seed applies to the monolithic layout only",
                          "split graphs name their cache past_key_values.{i}.key -> present.{i}.key")
@@ -410,6 +412,49 @@ def verify_decoder_part(recipe, model, kv, folder: Path, manifest: Manifest, cfg
     if not record["ok"]:
         raise VerificationError(f"verification failed: {first_failure(record)}",
                                 "ONNX Runtime disagrees with PyTorch for this model; nothing was written (see --debug)")
+    return record
+
+
+def convert_split_precision(recipe, model, folder: Path, manifest: Manifest, split: SplitConfig, cfg: ExportConfig,
+                            verify_cfg: VerifyConfig) -> dict | None:
+    """optimize/precision on every graph of a verified split bundle: fp16 compute (the guard
+    keeps in fp32 the nodes past fp16's range on each graph's own sample inputs) or bf16-stored
+    weights; graph I/O stays float32, so the split runtime chains the graphs as before. Shared
+    weights are shared again. The bundle is then verified again with the dtype's tolerances
+    (each graph against its PyTorch piece, and greedy tokens end to end)."""
+    from onnxport.bundle.weights import share_weights
+    from onnxport.export.split import example_feeds
+    from onnxport.optimize.precision import to_bfloat16_weights, to_float16
+    from onnxport.verify.decoder import first_failure
+    from onnxport.verify.split import verify_split
+
+    graphs = [g for g in manifest.graphs if g.file.endswith(".onnx")]
+    for i, g in enumerate(graphs):
+        path = folder / g.file
+        if cfg.dtype == "float16":
+            past = 4 if split.static else 9
+            sizes = {"sequence_length": 7, "past_sequence_length": past,
+                     "total_sequence_length": 7 if g.role == "block" else past + 1}
+            sample = example_feeds(g, sizes, verify_cfg.seed + i, manifest.model.vocab_size,
+                                   past if g.role == "block_cache" else 0)
+            result = to_float16(path, [sample], None, keep_io=tuple(t.name for t in [*g.inputs, *g.outputs]),
+                                headroom=cfg.fp16_headroom, external_threshold=cfg.external_data_threshold_bytes,
+                                segment_bytes=verify_cfg.segment_bytes)
+        else:
+            result = to_bfloat16_weights(path, external_threshold=cfg.external_data_threshold_bytes)
+        g.precision = result.record()
+    if split.share_weights:
+        share_weights(folder, [g.file for g in graphs], SHARED_WEIGHTS)
+    for g in graphs:
+        g.external_data = sorted(set(external_locations(folder / g.file)))
+    if not cfg.verify:
+        return None
+    record = verify_split(recipe, model, folder, manifest, split, cfg, verify_cfg.for_dtype(cfg.dtype))
+    record["tolerance"]["dtype"] = cfg.dtype
+    manifest.verification = manifest.part(DECODER).verification = record
+    if not record["ok"]:
+        raise VerificationError(f"{cfg.dtype} split graphs drift past their tolerance: {first_failure(record)}",
+                                "export the split layout in float32 (or --dtype bf16); nothing was written")
     return record
 
 
