@@ -108,6 +108,10 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                                               ranges.max if ranges is not None else None)
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
+            if callable(getattr(recipe, "write_files", None)):
+                # files a part adds beside its graphs (Qwen2.5-Omni's speakers: a tensors-only
+                # torch pickle, rewritten as safetensors); before the pipeline check reads them
+                recipe.write_files(model, ckpt, tmp)
             if callable(getattr(recipe, "pipeline", None)):
                 pipelines.append(check_pipeline(recipe, model, recipe.pipeline(model, manifest.graphs), ckpt, tmp,
                                                 manifest, cfg))
@@ -178,11 +182,12 @@ def _text_decoder(recipes: dict):
 
 
 def complete_pipeline(pipelines: list, manifest: Manifest):
-    """The manifest's pipeline section: the first one a recipe proposed (`recipe.pipeline(model,
-    graphs)`, called after its part is exported) whose graphs are all in the bundle; None
-    when parts it chains were not exported (`--part`)."""
+    """The manifest's pipeline section: of those recipes proposed (`recipe.pipeline(model,
+    graphs)`, called after its part is exported) whose graphs are all in the bundle, the one
+    chaining the most graphs (Qwen2.5-Omni's any-to-any over its any-to-text), the first on a
+    tie; None when parts it chains were not exported (`--part`)."""
     names = {g.name or g.file for g in manifest.graphs} | {g.file for g in manifest.graphs}
-    for p in pipelines:
+    for p in sorted((p for p in pipelines if p is not None), key=lambda p: -len(p.graphs)):
         if p is None:
             continue
         missing = [g for g in p.graphs.values() if g not in names]
@@ -314,7 +319,8 @@ def export_decoder_part(recipe, model, ckpt: Checkpoint, cfg: ExportConfig, spli
 
         bind = Binder(CheckpointWeights(ckpt, model, model._onnxport_buffers, getattr(torch, cfg.trace_dtype)),
                       WRAPPER_PREFIX)
-    io = {"embeds": recipe.embeds_input, "position_axes": recipe.position_axes}
+    io = {"embeds": recipe.embeds_input, "position_axes": recipe.position_axes,
+          "hidden_output": recipe.hidden_output(model)}
     if split is None:
         try:
             graph, used = export_decoder(model, kv, cfg, folder / "model.onnx", bind=bind, **io)
@@ -477,7 +483,8 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
         samples = [feeds(graph.inputs, c.sizes, verify_cfg.seed + i, manifest.model.vocab_size, left_pad=c.left_pad)
                    for i, c in enumerate(cases)]
         # logits stay fp32; so do inputs_embeds (the embedding graph and the pipelines hand them over)
-        keep = tuple(n for n in ("logits", "inputs_embeds") if n in {t.name for t in [*graph.inputs, *graph.outputs]})
+        keep = tuple(n for n in ("logits", "inputs_embeds", "last_hidden_state")
+                     if n in {t.name for t in [*graph.inputs, *graph.outputs]})
         result = to_float16(path, samples, check if cfg.verify else None, keep_io=keep, headroom=cfg.fp16_headroom,
                             external_threshold=cfg.external_data_threshold_bytes,
                             segment_bytes=verify_cfg.segment_bytes, ranges=ranges)

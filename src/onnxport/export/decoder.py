@@ -8,6 +8,8 @@ The graph contract (names follow optimum / onnxruntime-genai):
              past_key_values.{i}.key / .value   [batch_size, kv_heads, past_sequence_length, head_dim]
     outputs  logits           float [batch_size, sequence_length, vocab_size]
              present.{i}.key / .value           [batch_size, kv_heads, total_sequence_length, head_dim]
+             (last_hidden_state                 [batch_size, sequence_length, hidden] after the logits,
+              when a pipeline reads it: Qwen2.5-Omni's talker)
 
 `kv_layout="bshd"` swaps the heads and sequence axes of every cache tensor; `kv_naming="seed"`
 uses past_key_in{i} / past_value_in{i} -> past_key{i} / past_value{i}.
@@ -51,16 +53,21 @@ from onnxport.spec import (
 log = logging.getLogger(__name__)
 
 WRAPPER_PREFIX = "model."  # FlatCacheDecoder.model
+#: the optional output beside the logits: the hidden states after the final norm
+LAST_HIDDEN = "last_hidden_state"
 
 
 def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: bool = True,
-            embeds_hidden: int | None = None, position_axes: int = 1) -> tuple[list[TensorSpec], list[TensorSpec]]:
+            embeds_hidden: int | None = None, position_axes: int = 1, hidden_output: int | None = None
+            ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's inputs and outputs. A model with recurrent state takes one token per call
     (sequence_length is 1): transformers' own single-token path, which the host runs token by
     token for a prompt too. `embeds_hidden`: the graph takes `inputs_embeds` [batch, seq,
     hidden] instead of token ids (multimodal decoders: image / audio features are placed
     among the token embeddings on the host; the `embedding` graph maps ids). `position_axes`
-    3: multimodal rotary (mrope) position ids [3, batch, seq] (temporal, height, width)."""
+    3: multimodal rotary (mrope) position ids [3, batch, seq] (temporal, height, width).
+    `hidden_output`: the graph also outputs `last_hidden_state` [batch, seq, hidden] (the final
+    norm's output), for a pipeline that reads it beside the logits (Qwen2.5-Omni's talker)."""
     seq = 1 if kv.has_states else SEQ
     first = (TensorSpec("inputs_embeds", cfg.trace_dtype, (BATCH, seq, embeds_hidden)) if embeds_hidden
              else TensorSpec("input_ids", "int64", (BATCH, seq)))
@@ -70,6 +77,8 @@ def io_spec(kv: KVSpec, vocab_size: int, cfg: ExportConfig, takes_position_ids: 
         inputs.append(TensorSpec("position_ids", "int64", (BATCH, seq) if position_axes == 1
                                  else (position_axes, BATCH, seq)))
     outputs = [TensorSpec("logits", cfg.trace_dtype, (BATCH, seq, vocab_size))]
+    if hidden_output:
+        outputs.append(TensorSpec(LAST_HIDDEN, cfg.trace_dtype, (BATCH, seq, hidden_output)))
     for e in cache_entries(kv, cfg.kv_naming):
         layer = kv.layers[e.layer]
         inputs.append(TensorSpec(e.past, cfg.trace_dtype, tuple(cache_dims(layer, e.what, cfg.kv_layout, PAST))))
@@ -81,8 +90,10 @@ class FlatCacheDecoder(torch.nn.Module):
     """Wraps a causal LM so its cache crosses the graph boundary as flat tensors."""
 
     def __init__(self, model: torch.nn.Module, kv: KVSpec, kv_layout: str = "bhsd", mask_4d: bool = False,
-                 gqa: bool = False, embeds: bool = False):
+                 gqa: bool = False, embeds: bool = False, hidden: bool = False):
         super().__init__()
+        #: also output the last hidden state (hidden_states[-1]: the final norm's output)
+        self.hidden = hidden
         #: the first input is inputs_embeds, not token ids
         self.embeds = embeds
         #: attention as com.microsoft.GroupQueryAttention (export/attention.py)
@@ -115,9 +126,12 @@ class FlatCacheDecoder(torch.nn.Module):
         for (i, what), t in zip(self.entries, past_key_values):
             tensors[(i, what)] = t.transpose(1, 2) if self.bshd and what in ("key", "value") else t
         tokens = {"inputs_embeds" if self.embeds else "input_ids": input_ids}
+        if self.hidden:
+            tokens["output_hidden_states"] = True
         if self.kv.is_empty:
             positions = {} if position_ids is None else {"position_ids": position_ids}
-            return (self.model(**tokens, attention_mask=attention_mask, **positions, return_dict=True).logits,)
+            out = self.model(**tokens, attention_mask=attention_mask, **positions, return_dict=True)
+            return (out.logits, out.hidden_states[-1]) if self.hidden else (out.logits,)
         layered = self.kv.has_states or self.kv.has_indexer  # 5.x layer objects beyond key/value
         if layered:
             cache = build_state_cache(self.kv, tensors)
@@ -145,7 +159,7 @@ class FlatCacheDecoder(torch.nn.Module):
                 return_dict=True,
                 **{self.cache_kwarg: cache},
             )
-        flat = [out.logits]
+        flat = [out.logits, out.hidden_states[-1]] if self.hidden else [out.logits]
         if self.gqa:
             new = [t for i in range(self.num_layers) for t in cache.onnxport_present[i]]
         elif layered:
@@ -182,14 +196,16 @@ def takes_position_ids(model) -> bool:
 
 
 def flat_cache_wrapper(model, kv: KVSpec, kv_layout: str, mask_4d: bool = False, gqa: bool = False,
-                       embeds: bool = False) -> FlatCacheDecoder:
+                       embeds: bool = False, hidden: bool = False) -> FlatCacheDecoder:
     cls = FlatCacheDecoder if takes_position_ids(model) else FlatCacheDecoderNoPositions
-    return cls(model, kv, kv_layout, mask_4d=mask_4d, gqa=gqa, embeds=embeds).eval()
+    return cls(model, kv, kv_layout, mask_4d=mask_4d, gqa=gqa, embeds=embeds, hidden=hidden).eval()
 
 
 def graph_wrapper(model, kv: KVSpec, graph: Graph, kv_layout: str) -> FlatCacheDecoder:
-    """The wrapper whose inputs are those of the decoder `graph` (token ids or embeddings)."""
-    return flat_cache_wrapper(model, kv, kv_layout, embeds=graph.inputs[0].name == "inputs_embeds")
+    """The wrapper whose inputs and outputs are those of the decoder `graph` (token ids or
+    embeddings; with or without the last hidden state)."""
+    return flat_cache_wrapper(model, kv, kv_layout, embeds=graph.inputs[0].name == "inputs_embeds",
+                              hidden=LAST_HIDDEN in graph.output_names)
 
 
 class TokenEmbedding(torch.nn.Module):
@@ -246,7 +262,7 @@ def uses_sliding_window(model) -> bool:
 
 
 def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=None, embeds: bool = False,
-                   position_axes: int = 1) -> tuple[Graph, set[str]]:
+                   position_axes: int = 1, hidden_output: bool = False) -> tuple[Graph, set[str]]:
     """Export `model` to `out_file` (+ `model.onnx.data` when large). A model on the meta
     device is traced with meta inputs and its weights come from `bind` (`export.stream`).
 
@@ -254,14 +270,15 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
     text = text_config(model.config)
     vocab = text.vocab_size
     inputs, outputs = io_spec(kv, vocab, cfg, takes_position_ids(model),
-                              embeds_hidden=text.hidden_size if embeds else None, position_axes=position_axes)
+                              embeds_hidden=text.hidden_size if embeds else None, position_axes=position_axes,
+                              hidden_output=text.hidden_size if hidden_output else None)
     # TorchScript cannot trace transformers 4.5x's vmap mask builder; build the mask in the
     # wrapper (sliding-window models keep transformers' per-layer masks: not needed on 5.x).
     mask_4d = cfg.exporter == "torchscript" and not uses_sliding_window(model) and takes_position_ids(model)
     gqa = cfg.attention == "gqa"
     if gqa:
         check_gqa(kv, cfg)
-    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d, gqa, embeds)
+    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d, gqa, embeds, hidden_output)
     case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
     example = feeds(inputs, case.sizes, vocab_size=vocab)
     device = next(model.parameters()).device

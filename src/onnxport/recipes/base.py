@@ -171,6 +171,11 @@ class DecoderLM(Recipe):
             logits = torch_tanh(logits / cap) * cap
         return logits
 
+    def hidden_output(self, model) -> bool:
+        """Whether the decoder graph also outputs `last_hidden_state` (the final norm's output),
+        for a pipeline that reads the hidden states beside the logits."""
+        return False
+
     def skipped_weights(self, model, unread: set[str]) -> dict[str, str]:
         """Of the parameters the decoder graph does not read (`unread`), those that are
         legitimately left out, with the reason. Anything unread and not returned here fails

@@ -7,9 +7,11 @@
 - `audio`: the thinker's audio tower, through the `qwen2_5_omni_audio_encoder` recipe's graph
   (chunking, pooling indices and the chunk mask computed on the host).
 
-The audio part, exported last, proposes the `any-to-text` pipeline (runtime/pipelines/omni.py)
-and checks it end to end against the thinker's generate. The talker and token2wav (speech
-output) are not exported: their weights are listed as skipped, by name, with the reason.
+The audio part proposes the `any-to-text` pipeline (runtime/pipelines/omni.py) and checks it
+end to end against the thinker's generate. The talker and token2wav (speech output) are the
+parts of `qwen2_5_omni_speech.py`: the decoder graph lists their weights as another part's, and,
+when the checkpoint has them, also outputs the thinker's last hidden state, which the talker
+reads.
 
 Every part loads the full model once (api.export shares one model between parts of one
 `model_class`), wrapped as `OmniThinkerLM` so parameter names stay the checkpoint's
@@ -108,15 +110,18 @@ class Qwen25OmniThinkerText(DecoderLM):
     def base_model(self, model):
         return model.thinker.model.language_model
 
+    def hidden_output(self, model) -> bool:
+        """The talker reads the thinker's last hidden states beside its tokens."""
+        return hasattr(model, "talker")
+
     def skipped_weights(self, model, unread: set[str]) -> dict[str, str]:
-        """The thinker's encoders are the vision and audio parts; talker and token2wav make
-        speech, which onnxport does not export."""
+        """The thinker's encoders are the vision and audio parts; talker and token2wav (speech
+        output) are the talker and token2wav parts."""
         out = {}
         for name in unread:
             top = name.split(".")[0]
             if top in SPEECH_MODULES:
-                out[name] = (f"belongs to {SPEECH_MODULES[top]}, the speech output of qwen2_5_omni, "
-                             "which onnxport does not export")
+                out[name] = f"belongs to {SPEECH_MODULES[top]}, the speech output part {top!r} of the checkpoint"
             elif name.startswith("thinker.model.visual."):
                 out[name] = "belongs to thinker.model.visual, the vision part of the checkpoint"
             elif name.startswith("thinker.model.audio_tower."):
@@ -133,7 +138,7 @@ class Qwen25OmniVision(Qwen25VLVision):
     family = "qwen2_5_omni"
     model_class = MODEL_CLASS
     min_transformers_major = 5
-    # the any-to-text pipeline comes from the audio part, exported last; Qwen2.5-VL's
+    # the any-to-text pipeline comes from the audio part, exported after this one; Qwen2.5-VL's
     # image-text pipeline would leave the audio placeholders empty
     pipeline = None
     verify_pipeline = None

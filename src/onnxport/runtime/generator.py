@@ -27,6 +27,8 @@ GQA_OP = "com.microsoft.GroupQueryAttention"
 
 #: called with (row, token_id) for every new token of every unfinished row
 TokenCallback = Callable[[int, int], None]
+#: called with (step, the decoder's outputs by name) after every call of the decoder graph
+OutputsCallback = Callable[[int, dict], None]
 
 
 @dataclass
@@ -202,13 +204,16 @@ class Generator:
         eos_token_id: int | list[int] | None = -1,
         on_token: TokenCallback | None = None,
         prefill: dict | None = None,
+        on_outputs: OutputsCallback | None = None,
     ) -> GenerationResult:
         """Generate from token-id prompts (left-padded into one batch).
 
         `eos_token_id=-1` (default) uses the bundle's generation_config; None disables EOS.
         `prefill` (multimodal pipelines): {"inputs_embeds": [batch, longest, hidden] with the
         features in place, "position_ids": [3, batch, longest], "position_delta": [batch]
-        added to every later position}, for the left-padded prompt batch."""
+        added to every later position}, for the left-padded prompt batch. `on_outputs(step,
+        outputs)` sees each call's outputs (a pipeline reading `last_hidden_state`); monolithic
+        decoders that read a whole prompt per call."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token", "pass a non-empty prompt")
         if max_new_tokens < 1:
@@ -230,6 +235,9 @@ class Generator:
         eos = self.eos_ids if eos_token_id == -1 else ([] if eos_token_id is None else
                                                         ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)))
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        if on_outputs is not None and (self.split is not None or self.step_only):
+            raise RuntimeInputError("on_outputs needs a monolithic decoder that reads a whole prompt per call",
+                                    "export with the monolithic layout")
         if self.split is not None:
             return self._generate_split(prompts, max_new_tokens, sampler, eos, on_token, do_sample)
         if self.step_only:
@@ -266,6 +274,8 @@ class Generator:
             t0 = time.perf_counter()
             feeds = self._feeds(input_ids, mask, positions, past, embeds if step == 0 else None)
             outs = run(feeds) if run is not None else self.session.run(feeds, check=step == 0)
+            if on_outputs is not None:
+                on_outputs(step, outs)
             next_tok = sampler(outs["logits"][:, -1, :])
             if step == max_new_tokens - 1 and self.forced.get("eos") is not None:
                 # transformers' ForcedEOSTokenLogitsProcessor: the last allowed token is EOS

@@ -113,7 +113,7 @@ def unpadded(name: str, a, mask, bshd: bool):
     """The part of an output at real (unpadded) positions: left-padded slots hold whatever the
     model computes for a query that may attend nothing, which no later step reads (attention
     masks them, the generator ignores their logits) and transformers leaves arbitrary too."""
-    if name == "logits" or name.endswith("indexer_key"):
+    if name in ("logits", "last_hidden_state") or name.endswith("indexer_key"):
         axis = 1
     elif name.endswith((".key", ".value")) or name.startswith(("past_key", "past_value")):
         axis = 1 if bshd else 2

@@ -16,8 +16,8 @@ expects) or chat messages rendered with the bundle's chat template. Each image's
 becomes one per merged patch, each clip's one per pooled audio frame, as transformers' processor
 expands them. Everything the runner needs comes from the manifest's `pipeline` section.
 
-Not covered: videos (and audio taken from a video, `use_audio_in_video`), speech output (the
-talker and token2wav are not exported). onnxruntime + numpy + Pillow + tokenizers (+ jinja2 for
+Not covered: videos (and audio taken from a video, `use_audio_in_video`). Speech output (an
+any-to-any bundle) is runtime/pipelines/omni_speech.py. onnxruntime + numpy + Pillow + tokenizers (+ jinja2 for
 chats); no torch.
 """
 
@@ -33,6 +33,9 @@ from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio
 from onnxport.runtime.pipelines import register_pipeline
 
 KIND = "any-to-text"
+#: the kinds whose thinker section this runner reads (any-to-any adds speech output to it:
+#: runtime/pipelines/omni_speech.py)
+THINKER_KINDS = (KIND, "any-to-any")
 
 
 def audio_token_count(frames):
@@ -182,7 +185,7 @@ class AnyToText:
         self.folder = Path(bundle)
         self.generator = Generator(self.folder, threads)
         pipeline = self.generator.manifest.pipeline
-        if pipeline is None or pipeline.kind != KIND:
+        if pipeline is None or pipeline.kind not in THINKER_KINDS:
             raise BundleError(f"{bundle} is not an any-to-text bundle (pipeline: "
                               f"{pipeline.kind if pipeline else 'none'})", "use onnxport.Generator for text")
         if self.generator.embed_session is None or not self.generator.position_axes:
