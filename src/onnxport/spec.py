@@ -185,6 +185,19 @@ def additive_mask(q_pos: np.ndarray, k_pos: np.ndarray, valid: np.ndarray, windo
     return np.where(ok, 0.0, MASK_MIN).astype(np.float32)[None, None]
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [batch, longest] int64 of token rows padded on the left, as transformers'
+    generate batches them: `pad` in the padded slots, mask 0 there."""
+    longest = max(len(r) for r in rows)
+    ids = np.full((len(rows), longest), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for r, row in enumerate(rows):
+        if len(row):
+            ids[r, longest - len(row):] = row
+            mask[r, longest - len(row):] = 1
+    return ids, mask
+
+
 def padded_positions(mask: np.ndarray, pad_position: int = 1) -> np.ndarray:
     """transformers' generate: positions count real tokens; padded slots get `pad_position`
     (1 in 4.x, 0 in 5.x: the manifest's `model.pad_position`)."""

@@ -20,7 +20,7 @@ from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
 from onnxport.runtime.split import SplitDecoder
 from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
-from onnxport.spec import padded_positions
+from onnxport.spec import left_pad, padded_positions
 
 #: the fused attention op of `--attention gqa` graphs (manifest graphs[].attention)
 GQA_OP = "com.microsoft.GroupQueryAttention"
@@ -247,11 +247,7 @@ class Generator:
             return self._generate_steps(prompts, max_new_tokens, sampler, eos, on_token,
                                         (prefill or {}).get("inputs_embeds"))
         batch, longest = len(prompts), max(len(p) for p in prompts)
-        input_ids = np.full((batch, longest), self.pad_feed, dtype=np.int64)
-        mask = np.zeros((batch, longest), dtype=np.int64)
-        for r, p in enumerate(prompts):
-            input_ids[r, longest - len(p):] = p
-            mask[r, longest - len(p):] = 1
+        input_ids, mask = left_pad(prompts, self.pad_feed)
         positions = padded_positions(mask, self.pad_position)
         prefill = prefill or {}
         embeds = prefill.get("inputs_embeds")

@@ -22,6 +22,7 @@ import numpy as np
 
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.pipelines import register_pipeline
+from onnxport.spec import left_pad
 
 KIND = "image-text-to-text"
 
@@ -208,12 +209,7 @@ class ImageTextToText:
         Generator.generate_ids pads it): token embeddings with the image features at the pad
         tokens (row-major, as transformers' masked_scatter), mrope positions and deltas."""
         gen = self.generator
-        batch, longest = len(rows), max(len(r) for r in rows)
-        ids = np.full((batch, longest), gen.pad_feed, dtype=np.int64)
-        mask = np.zeros((batch, longest), dtype=np.int64)
-        for r, p in enumerate(rows):
-            ids[r, longest - len(p):] = p
-            mask[r, longest - len(p):] = 1
+        ids, mask = left_pad(rows, gen.pad_feed)
         embeds = gen.embed(ids)
         is_image = (ids == self.image_token_id) & (mask == 1)
         n = int(is_image.sum())
