@@ -270,3 +270,15 @@ def test_max_part_size_cuts_an_encoder_into_a_verified_chain(encoder_checkpoints
     ref = EncoderRunner(exported_encoder("siglip")[0])(pixel_values=x)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], atol=1e-5, rtol=1e-5)
+
+
+def test_verify_rechecks_a_cut_encoder_chain(encoder_checkpoints, tmp_path):
+    """`onnxport verify` on a bundle whose encoder was cut: the chain is what it checks."""
+    out = tmp_path / "cut"
+    res = CliRunner().invoke(app, ["export", str(encoder_checkpoints("siglip")), "-o", str(out),
+                                   "--max-part-size", "60000", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    g = json.loads((out / "manifest.json").read_text())["graphs"][0]
+    assert len(g["chain"]) >= 4 and g["verification"]["ok"]

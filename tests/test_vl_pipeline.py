@@ -226,3 +226,15 @@ def test_short_video_greedy_tokens_equal_transformers(vl):
                              do_sample=False, pad_token_id=0, eos_token_id=None)[:, len(rows):].numpy()
     assert int(grid[0, 0]) == 2
     np.testing.assert_array_equal(got, ref)
+
+
+def test_verify_rechecks_the_chain(vl):
+    """`onnxport verify` re-runs every part and the chained pipeline against transformers."""
+    import json as _json
+
+    _, out, _ = vl
+    before = _json.loads((out / "manifest.json").read_text())["pipeline"]["verification"]
+    res = CliRunner().invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    after = _json.loads((out / "manifest.json").read_text())["pipeline"]["verification"]
+    assert after["ok"] and after["tokens_equal"] == before["tokens_equal"] == 8

@@ -533,6 +533,19 @@ def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: Exp
     return done
 
 
+def _reverify_pipeline(recipe, model, folder: Path, manifest: Manifest) -> None:
+    """`onnxport verify`: the chained pipeline's end-to-end check again, by the recipe that
+    proposed it (its model is loaded now)."""
+    hook = getattr(recipe, "verify_pipeline", None)
+    propose = getattr(recipe, "pipeline", None)
+    if manifest.pipeline is None or not callable(hook) or not callable(propose):
+        return
+    proposed = propose(model, manifest.graphs)
+    if proposed is None or proposed.kind != manifest.pipeline.kind:
+        return
+    manifest.pipeline.verification = hook(model, manifest.pipeline, folder, manifest)
+
+
 def _verify_bf16_compute(recipe, model, folder: Path, manifest: Manifest, verify_cfg: VerifyConfig) -> dict:
     """Re-verify a bf16-compute decoder on its CPU emulation twin (written beside the graph,
     removed after)."""
@@ -956,13 +969,20 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
             for part in recipe.parts(model):
                 g = pending.pop(part.name, None)
                 if g is not None:
-                    g.verification = verify_part(part, folder / g.file, verify_cfg.atol, verify_cfg.min_cosine, verify_cfg.rtol)
+                    session = None
+                    if g.chain:  # cut under --max-part-size: the chain is what runs
+                        from onnxport.runtime.segments import ChainSession
+
+                        session = ChainSession(folder, g.chain, [t.name for t in g.inputs])
+                    g.verification = verify_part(part, folder / g.file, verify_cfg.atol, verify_cfg.min_cosine,
+                                                 verify_cfg.rtol, session=session)
                     p = manifest.part(g.part)
                     if p is not None:
                         p.verification = {"ok": True, "graphs": [x.name for x in manifest.graphs_of(g.part)]}
             manifest.verification = _modules_summary(manifest) if manifest.kv_cache is None else manifest.verification
         else:
             continue
+        _reverify_pipeline(recipe, model, folder, manifest)
         del model
     if pending:
         raise VerificationError(f"no recipe of {ckpt.model_type!r} makes the graph(s) {', '.join(pending)}",
