@@ -65,9 +65,10 @@ def parts_for(model_type: str, config: dict | None = None) -> dict[str, type[Rec
     `decoder` for any causal-LM type without a family file, except for checkpoints of
     encoder-decoder models (whisper, bart: their decoder reads encoder states) unless the
     checkpoint itself is the *ForCausalLM. A checkpoint saved from *ForCausalLM classes only
-    (WhisperForCausalLM: the decoder without its encoder) has only the decoder part."""
-    found = {p: cls for (mt, p), cls in registered().items() if mt == model_type}
+    (WhisperForCausalLM: the decoder without its encoder) has only the decoder part. Parts the
+    checkpoint does not have (`Recipe.present_in(config)`) are left out."""
     config = config or {}
+    found = {p: cls for (mt, p), cls in registered().items() if mt == model_type and cls.present_in(config)}
     archs = [str(a) for a in config.get("architectures") or []]
     causal_only = bool(archs) and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     seq2seq = config.get("is_encoder_decoder") and not causal_only

@@ -85,6 +85,12 @@ class Recipe:
     def __init__(self, model_type: str):
         self.model_type = model_type
 
+    @classmethod
+    def present_in(cls, config: dict) -> bool:
+        """Whether a checkpoint with this config.json has the part at all (Qwen2.5-Omni without
+        speech output has no talker); a part that is absent is not offered or exported."""
+        return True
+
     @property
     def name(self) -> str:
         return self.family or self.model_type
