@@ -275,9 +275,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.exists() else {}
     if not args.no_run:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
         import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
         from concurrent.futures import ThreadPoolExecutor

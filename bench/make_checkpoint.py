@@ -80,7 +80,7 @@ def write_random_checkpoint(shape: str, out: Path, dtype: str = "bf16", shard_by
         for k in keys:
             index["weight_map"][k] = final
     if n == 1:
-        (out / f"model-00001-of-00001.safetensors").rename(out / "model.safetensors")
+        (out / "model-00001-of-00001.safetensors").rename(out / "model.safetensors")
     else:
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.architectures = [type(model).__name__]  # peers (the genai builder) dispatch on it

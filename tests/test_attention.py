@@ -54,9 +54,8 @@ def test_gqa_custom_op_eager_body_matches_the_models_attention(tiny_checkpoints)
 
     from onnxport.api import load_model
     from onnxport.checkpoint import open_checkpoint
-    from onnxport.export.decoder import flat_cache_wrapper, wrapper_args
-    from onnxport.export.decoder import io_spec
     from onnxport.config import ExportConfig
+    from onnxport.export.decoder import flat_cache_wrapper, io_spec, wrapper_args
     from onnxport.recipes import get_recipes
     from onnxport.spec import ShapeCase, feeds
 

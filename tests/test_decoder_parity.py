@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TINY_ARCHS, hf_greedy
+
 from onnxport.runtime import Generator
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 250], [11, 600, 23, 8]]

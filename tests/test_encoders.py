@@ -14,7 +14,6 @@ from conftest import ENCODER_KINDS
 from typer.testing import CliRunner
 
 from onnxport.cli import app
-
 from onnxport.runtime import EncoderRunner
 
 ATOL = 1e-4  # fp32 encoders; observed max|diff| 1e-7 .. 4e-6
@@ -149,7 +148,11 @@ def test_minicpm_nearest_position_ids_equal_transformers():
 def test_vision_preprocessing_equals_transformers(grid):
     from transformers import vision_utils as vu
 
-    from onnxport.runtime.preprocess import vision_cu_seqlens, vision_position_ids, vision_window_index
+    from onnxport.runtime.preprocess import (
+        vision_cu_seqlens,
+        vision_position_ids,
+        vision_window_index,
+    )
 
     g = torch.tensor(grid)
     np.testing.assert_array_equal(vision_position_ids(g.numpy(), 2), vu.get_vision_position_ids(g, 2).numpy())

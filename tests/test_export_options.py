@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from conftest import hf_greedy
 from typer.testing import CliRunner
 
-from conftest import hf_greedy
 from onnxport.runtime import Generator
 
 PROMPTS = [[5, 17, 300, 42, 7, 99], [11, 600, 23]]

@@ -16,9 +16,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import DEMO_DIR, TOKENIZER_FILES, hf_greedy
 from typer.testing import CliRunner
 
-from conftest import DEMO_DIR, TOKENIZER_FILES, hf_greedy
 from onnxport.cli import app
 from onnxport.runtime import Generator
 

@@ -16,9 +16,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import hf_greedy, make_tiny_checkpoint
 from typer.testing import CliRunner
 
-from conftest import hf_greedy, make_tiny_checkpoint
 from onnxport.cli import app
 from onnxport.runtime import Generator
 

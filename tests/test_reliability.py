@@ -186,10 +186,10 @@ def test_graph_naming_external_data_outside_is_refused(bundle, location, tmp_pat
 
 
 def test_bundle_external_locations_are_read_from_the_graph(tmp_path):
-    from onnxport.bundle.folder import external_locations
-
     import onnx
     from onnx import helper, numpy_helper
+
+    from onnxport.bundle.folder import external_locations
 
     t = numpy_helper.from_array(np.ones((300, 300), np.float32), "w")
     g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],

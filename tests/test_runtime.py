@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import hf_greedy
 from typer.testing import CliRunner
 
-from conftest import hf_greedy
 from onnxport.errors import RuntimeInputError
 from onnxport.runtime import Generator
 from onnxport.runtime.sampling import Sampler

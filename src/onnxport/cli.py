@@ -86,7 +86,14 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
 def _working(label: str):
     """A spinner with `label`, and a bar per long phase the library reports (tracing, writing
     weights, running segments, verifying); all on stderr and gone when done."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from onnxport import progress
 
@@ -308,14 +315,13 @@ def _generate_with_images(bundle: Path, images: list[Path], prompts, messages, c
                           sampling: dict, audio: list[Path] | None = None) -> None:
     """--image (and --audio for an any-to-text bundle): the bundle's image-text or any-to-text
     pipeline; every prompt gets all the images and clips."""
+    from onnxport.errors import BundleError
     from onnxport.runtime.image_processor import load_image
     from onnxport.runtime.pipelines import open_pipeline
 
-    from onnxport.errors import BundleError
-
     pipe = open_pipeline(bundle)
-    # a family's own runner: image-text-to-text/<family>; any-to-text also takes audio
-    if pipe.kind.split("/")[0] not in ("image-text-to-text", ANY_TO_TEXT):
+    # a family's own runner: image-text-to-text/<family>; any-to-text (and any-to-any) also take audio
+    if pipe.kind.split("/")[0] not in ("image-text-to-text", *THINKER_KINDS):
         raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no image", "drop --image")
     loaded = [load_image(p) for p in images]
     if messages is not None:
@@ -338,8 +344,36 @@ def _generate_with_images(bundle: Path, images: list[Path], prompts, messages, c
     console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
 
 
-#: the pipeline kind that takes images and audio beside a prompt (Qwen2.5-Omni's thinker)
-ANY_TO_TEXT = "any-to-text"
+#: the pipeline kinds that take images and audio beside a prompt (Qwen2.5-Omni's thinker; any-to-any
+#: also speaks the reply)
+ANY_TO_TEXT, ANY_TO_ANY = "any-to-text", "any-to-any"
+THINKER_KINDS = (ANY_TO_TEXT, ANY_TO_ANY)
+
+
+def _generate_speech(bundle: Path, images: list[Path], prompts, messages, chat: bool, system, sampling: dict,
+                     audio: list[Path] | None, wav: Path) -> None:
+    """--speak: an any-to-any bundle's reply to one prompt, printed, and spoken into `wav`."""
+    from onnxport.errors import BundleError, InputError
+    from onnxport.runtime.image_processor import load_image
+    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.pipelines.text_to_speech import write_wav
+
+    pipe = open_pipeline(bundle)
+    if pipe.kind != ANY_TO_ANY:
+        raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which has no speech output",
+                          "drop --speak; a Qwen2.5-Omni checkpoint exported with its talker and token2wav speaks")
+    if messages is None and len(prompts) != 1:
+        raise InputError(f"--speak speaks one reply, got {len(prompts)} prompts", "pass one -p")
+    prompt = _read_messages(messages) if messages is not None else prompts[0]
+    with _working(f"speaking with {bundle}"):
+        reply = pipe.generate(prompt, images=[load_image(p) for p in images], audio=list(audio or []),
+                              chat=chat or system is not None or messages is not None, system=system, speak=True,
+                              **sampling)
+    sys.stdout.write(f"{reply.text}\n")
+    write_wav(wav, reply.samples, reply.sample_rate)
+    console.print(f"wrote {wav}: {reply.duration:.2f} s at {reply.sample_rate} Hz, {len(reply.codes)} codec codes; "
+                  f"thinker {1000 * reply.thinker_seconds:.0f} ms, talker {1000 * reply.talker_seconds:.0f} ms, "
+                  f"token2wav {1000 * reply.token2wav_seconds:.0f} ms")
 
 
 def _pipeline_kind(bundle: Path) -> str | None:
@@ -381,12 +415,13 @@ def generate_cmd(
     messages: Optional[Path] = typer.Option(None, "--messages", help="JSON file: a conversation as a list of {role, content} messages, or a list of those (implies --chat; instead of -p)."),
     image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file for an image-text or any-to-text bundle (repeat for several, in placeholder order); with --chat each -p gets the images before its text."),
     audio: Optional[List[Path]] = typer.Option(None, "--audio", help="WAV file (16 kHz mono) to transcribe with the bundle's speech-to-text pipeline (greedy; repeat for a batch), or, for an any-to-text bundle (Qwen2.5-Omni), to go with each -p in placeholder order (repeat for several)."),
+    speak: Optional[Path] = typer.Option(None, "--speak", help="Any-to-any bundles (Qwen2.5-Omni with speech output): also speak the reply into this WAV file (one prompt; greedy talker, 24 kHz)."),
 ):
     """Generate text with ONNX Runtime (no torch)."""
     from onnxport.errors import InputError
     from onnxport.runtime import Generator
 
-    prompted_audio = bool(audio) and _pipeline_kind(bundle) == ANY_TO_TEXT
+    prompted_audio = bool(audio) and _pipeline_kind(bundle) in THINKER_KINDS
     if audio and not prompted_audio:
         if prompt or messages is not None or image:
             raise InputError("give either --audio or a prompt (-p / --messages / --image), not both",
@@ -400,6 +435,9 @@ def generate_cmd(
         raise InputError("nothing to generate from", "give a prompt with -p TEXT, or a conversation with --messages FILE.json")
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, seed=seed)
+    if speak is not None:
+        _generate_speech(bundle, image or [], prompt, messages, chat, system, sampling, audio, speak)
+        return
     if image or prompted_audio:
         _generate_with_images(bundle, image or [], prompt, messages, chat, system, stream, sampling, audio)
         return
@@ -426,19 +464,39 @@ def generate_cmd(
 @app.command("speak")
 @_guard
 def speak_cmd(
-    bundle: Path = typer.Argument(..., help="Bundle with a text-to-speech pipeline (e.g. an exported chattts checkpoint)."),
-    text: str = typer.Option(..., "--text", "-t", help="Text to speak."),
+    bundle: Path = typer.Argument(..., help="Bundle with a text-to-speech pipeline (e.g. an exported chattts checkpoint), or an any-to-any one (Qwen2.5-Omni: it speaks its reply to the text)."),
+    text: str = typer.Option(..., "--text", "-t", help="Text to speak (any-to-any: the user turn the model replies to)."),
     output: Path = typer.Option(..., "-o", "--output", help="WAV file to write (mono, 16-bit PCM)."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Most audio-code frames (default: the model's max_new_token, within its positions)."),
     seed: Optional[int] = typer.Option(None, help="Sample the codes with this seed (the model's temperature / top-k / top-p); default: greedy."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Any-to-any bundles: most reply tokens (default 32)."),
+    speaker: Optional[str] = typer.Option(None, "--speaker", help="Any-to-any bundles: the voice (default: the bundle's, e.g. Chelsie)."),
 ):
-    """Speak text with ONNX Runtime (no torch): talker -> audio codes -> DVAE -> vocoder -> WAV."""
+    """Speak text with ONNX Runtime (no torch): talker -> audio codes -> DVAE -> vocoder -> WAV;
+    an any-to-any bundle replies to the text and speaks the reply (thinker -> talker -> token2wav)."""
     from onnxport.errors import InputError
     from onnxport.runtime.pipelines.text_to_speech import TextToSpeech, write_wav
 
     if output.exists() and not force:
         raise InputError(f"{output} already exists", "pass --force to replace it, or choose another -o")
+    if not text.strip():
+        raise InputError("the text to speak is empty", 'pass some words, e.g. --text "Hello there."')
+    if _pipeline_kind(bundle) == ANY_TO_ANY:
+        from onnxport.runtime.pipelines import open_pipeline
+
+        pipe = open_pipeline(bundle)
+        with _working(f"speaking with {bundle}"):
+            reply = pipe.generate(text, chat=True, max_new_tokens=max_new_tokens or 32, speak=True, speaker=speaker,
+                                  talker_max_new_tokens=max_frames, talker_do_sample=seed is not None,
+                                  talker_seed=seed, noise=seed)
+        write_wav(output, reply.samples, reply.sample_rate, overwrite=force)
+        end = "" if reply.stopped_at_eos else " (stopped at --max-frames, before the talker's end)"
+        out.print(f"{reply.text}\nwrote {output}: {reply.duration:.2f} s at {reply.sample_rate} Hz, "
+                  f"{len(reply.codes)} codec codes{end}; thinker {1000 * reply.thinker_seconds:.0f} ms, talker "
+                  f"{1000 * reply.talker_seconds:.0f} ms, token2wav {1000 * reply.token2wav_seconds:.0f} ms",
+                  soft_wrap=True, markup=False)
+        return
     tts = TextToSpeech(bundle)
     with _working(f"speaking with {bundle}"):
         speech = tts.generate(text, max_frames=max_frames, do_sample=seed is not None, seed=seed)

@@ -37,11 +37,11 @@ from onnxport.hf.compat import (
 )
 from onnxport.spec import (
     BATCH,
+    FULL_TRACE_CASE,
     PAST,
     SEQ,
-    TOTAL,
-    FULL_TRACE_CASE,
     STEP_TRACE_CASE,
+    TOTAL,
     TRACE_CASE,
     KVSpec,
     TensorSpec,

@@ -48,9 +48,8 @@ def export_graph(
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
     the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
     gives the initializers of a module traced on the meta device their data."""
-    from onnxport.patches import apply_patches
-
     from onnxport import progress
+    from onnxport.patches import apply_patches
 
     progress.update(f"tracing {out_file.name} ({exporter})", 0, None)
     tmp_file = out_file.with_name(out_file.stem + ".raw.onnx")

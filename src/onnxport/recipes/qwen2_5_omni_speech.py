@@ -39,7 +39,7 @@ from torch import nn
 
 from onnxport.errors import CheckpointError, VerificationError
 from onnxport.recipes import register_recipe
-from onnxport.recipes.chattts import snr_db
+from onnxport.recipes.chattts import log_mel_distance, snr_db
 from onnxport.recipes.encoder import EncoderRecipe
 from onnxport.recipes.qwen2_5_omni_thinker import (
     MODEL_CLASS,
@@ -61,6 +61,9 @@ SPEAKER_PICKLE = "spk_dict.pt"
 SPEAKERS_FILE = "speakers.safetensors"
 #: token2wav's output rate: Qwen2.5-Omni's model card and processor say 24 kHz; no config holds it
 SAMPLE_RATE = 24000
+#: the fidelity record's log-mel distance: 1024-point frames, hopped by BigVGAN's samples per mel
+#: frame (240 at Qwen2.5-Omni's size)
+MEL_N_FFT = 1024
 #: transformers' generate defaults (its signature): the talker's repetition penalty and end
 #: codes, token2wav's ODE steps, guidance and time-point sway
 REPETITION_PENALTY = 1.05
@@ -71,6 +74,9 @@ DEFAULT_SPEAKER = "Chelsie"
 #: the export-time end-to-end check: thinker tokens, most codec codes, the noise seed, the SNR
 #: the waveform must reach against PyTorch (fp32 graphs measure far above it)
 CHECK_TOKENS, CHECK_CODES, CHECK_SEED, MIN_SNR_DB = 8, 24, 0, 40.0
+#: codes the check's talker gives at least (end codes held back, as transformers' min_new_tokens):
+#: a waveform to compare on any weights
+CHECK_MIN_CODES = 8
 
 
 # --- speakers -------------------------------------------------------------------------------------
@@ -151,6 +157,10 @@ class OmniTalkerWithCache(nn.Module):
         from onnxport.hf.compat import build_dynamic_cache, cache_pairs, output_cache
 
         embeds, mask, positions, past = tensors[0], tensors[1], tensors[2], tensors[3:]
+        # the talker's first op is a Linear on this graph input: torch 2.13's linear decomposition
+        # then asserts the input's strides at run time (aten.sym_stride, which has no ONNX form);
+        # a copy has a layout known at trace time
+        embeds = embeds.clone()
         cache = build_dynamic_cache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         out = self.talker(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                           return_dict=True, **{self.cache_kwarg: cache})
@@ -181,7 +191,10 @@ class DiTStep(nn.Module):
         condition = speaker_embedding.unsqueeze(1).repeat(1, hidden_states.shape[1], 1)
         out = self.dit(hidden_states=hidden_states, speaker_embedding=condition, condition_vector=reference_mel,
                        quantized_code=quantized_code, time_step=time_step, apply_cfg=True)
-        guided, null = torch.chunk(out, 2, dim=0)
+        # torch.chunk on the dynamic batch becomes SplitToSequence, which onnxscript's constant
+        # folding fails on: slices instead
+        batch = hidden_states.shape[0]
+        guided, null = out[:batch], out[batch:]
         # transformers skips the unconditioned half below a scale of 1e-5; at 0 this is `guided`
         return guided + (guided - null) * guidance_scale
 
@@ -242,6 +255,12 @@ class _OmniSpeechRecipe(EncoderRecipe):
     #: the thinker's parts loaded this model already: api.export shares it by this name
     model_class = MODEL_CLASS
     min_transformers_major = 5
+
+    @classmethod
+    def present_in(cls, config: dict) -> bool:
+        # transformers' Qwen2_5OmniConfig: enable_audio_output (default true) decides whether
+        # the talker and token2wav are built and their weights read
+        return bool(config.get("enable_audio_output", True))
 
     def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> OmniThinkerLM:
         return load_thinker(ckpt, dtype, self.attn_implementation)
@@ -434,18 +453,24 @@ def check_any_to_any(model: OmniThinkerLM, folder: Path, new_tokens: int = CHECK
 
     t0 = time.perf_counter()
     got = pipe.generate(ids, audio=[clip], max_new_tokens=new_tokens, eos_token_id=None, speak=True,
-                        speaker=speaker, talker_max_new_tokens=max_codes, noise=torch_noise)
+                        speaker=speaker, talker_max_new_tokens=max_codes, talker_min_new_tokens=CHECK_MIN_CODES,
+                        noise=torch_noise)
     seconds = time.perf_counter() - t0
-    mel = pipe.features([clip], sampling_rate=pipe.sampling_rate, return_attention_mask=True)
+    # the reference: a batch of this prompt and a shorter one (left-padded), so transformers
+    # keeps the attention mask (see reference_generate); row 0 is compared
+    mel = pipe.features([clip, clip], sampling_rate=pipe.sampling_rate, return_attention_mask=True)
     rows = pipe.prepare(ids, audio=[clip]).rows[0]
-    input_ids = torch.tensor([rows])
-    ref = reference_generate(model, input_ids, speaker, new_tokens, max_codes, seed,
+    input_ids = torch.tensor([rows, [0, *rows[1:]]])
+    mask = torch.ones_like(input_ids)
+    mask[1, 0] = 0
+    ref = reference_generate(model, input_ids, mask, speaker, new_tokens, max_codes, seed,
+                             talker_min_new_tokens=CHECK_MIN_CODES,
                              input_features=torch.from_numpy(mel["input_features"]),
                              feature_attention_mask=torch.from_numpy(mel["attention_mask"]).long())
     tokens_equal = got.tokens == ref["tokens"]
     codes_equal = got.codes.tolist() == ref["codes"]
-    record = {"case": f"a 0.5 s clip ({len(rows)} prompt tokens), {new_tokens} greedy thinker tokens, at most "
-                      f"{max_codes} greedy codec codes, speaker {speaker!r}, noise torch.randn seed {seed}",
+    record = {"case": f"a 0.5 s clip ({len(rows)} prompt tokens), {new_tokens} greedy thinker tokens, "
+                      f"{CHECK_MIN_CODES} to {max_codes} greedy codec codes, speaker {speaker!r}, noise torch.randn seed {seed}",
               "tokens_equal": tokens_equal, "codes": int(len(got.codes)), "codes_equal": codes_equal,
               "stopped_at_eos": got.stopped_at_eos, "runtime_seconds": round(seconds, 3), "min_snr_db": MIN_SNR_DB}
     if not (tokens_equal and codes_equal):
@@ -454,28 +479,52 @@ def check_any_to_any(model: OmniThinkerLM, folder: Path, new_tokens: int = CHECK
                                 "every graph verified alone; run with --debug and report it; nothing was written")
     wave = ref["waveform"]
     snr = snr_db(got.samples, wave)
+    hop = math.prod(model.token2wav.code2wav_bigvgan_model.config.upsample_rates)
+    distance = log_mel_distance(got.samples, wave, SAMPLE_RATE, MEL_N_FFT, hop)
     record.update(samples=int(wave.size), snr_db=round(snr, 2) if math.isfinite(snr) else None,
-                  max_abs_diff=float(np.max(np.abs(got.samples - wave))) if wave.size else 0.0, ok=snr >= MIN_SNR_DB)
+                  max_abs_diff=float(np.max(np.abs(got.samples - wave))) if wave.size else 0.0,
+                  log_mel_distance=float(f"{distance:.3g}"), ok=snr >= MIN_SNR_DB)
     if not record["ok"]:
         raise VerificationError(f"any-to-any: waveform SNR {snr:.1f} dB against PyTorch (< {MIN_SNR_DB} dB)",
                                 "every graph verified alone; run with --debug and report it; nothing was written")
     return record
 
 
-def reference_generate(model: OmniThinkerLM, input_ids: torch.Tensor, speaker: str, new_tokens: int,
-                       max_codes: int, seed: int, **inputs) -> dict:
+def reference_generate(model: OmniThinkerLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, speaker: str,
+                       new_tokens: int, max_codes: int, seed: int, **inputs) -> dict:
     """transformers' `Qwen2_5OmniForConditionalGeneration.generate` (greedy thinker and talker,
-    `new_tokens` thinker tokens, no EOS) on the loaded modules: its thinker tokens, the talker's
-    codes (up to its first end code) and the waveform, its noise drawn after `seed`. The full
-    class's generate is called on this model's modules (OmniThinkerLM keeps them under the
-    same names); its speakers are the bundle's, never re-read from the pickle."""
+    `new_tokens` thinker tokens, no EOS) on the loaded modules, for row 0 of a left-padded
+    batch: its thinker tokens, the talker's codes (up to its first end code) and the waveform,
+    token2wav's noise being the first draw after `seed`. The full class's generate runs on this
+    model's modules (OmniThinkerLM keeps them under the same names) with the bundle's speakers.
+
+    Row 0 must be unpadded and another row padded: transformers 5.x drops an all-ones attention
+    mask in generate, and without a mask its talker skips the first step's codec pad / bos
+    embeddings and its rope index (the path Qwen's code and a padded batch run, which onnxport
+    follows); a padded batch keeps the mask."""
     import types
 
     import transformers
 
     speakers = read_speakers(model)
     eos = [model.talker.config.tts_codec_pad_token_id, model.talker.config.tts_codec_end_token_id]
-    full = types.SimpleNamespace(thinker=model.thinker, talker=model.talker, token2wav=model.token2wav,
+
+    class FirstRowOnly:
+        """token2wav for row 0 only (generate decodes row by row, row 0 first): the padded row
+        is there for the mask and may end with no code, which token2wav cannot decode."""
+
+        dtype = torch.float32
+        calls = 0
+
+        def float(self):
+            return self
+
+        def __call__(self, codes, **kwargs):
+            FirstRowOnly.calls += 1
+            return model.token2wav(codes, **kwargs) if FirstRowOnly.calls == 1 else torch.zeros(0)
+
+    model.token2wav.float()
+    full = types.SimpleNamespace(thinker=model.thinker, talker=model.talker, token2wav=FirstRowOnly(),
                                  config=model.full_config, has_talker=True,
                                  speaker_map={speaker: {k: (int(v) if k == "bos_token" else v)
                                                         for k, v in speakers[speaker].items()}})
@@ -489,9 +538,9 @@ def reference_generate(model: OmniThinkerLM, input_ids: torch.Tensor, speaker: s
     model.talker.generate = capture
     try:
         with torch.random.fork_rng(), torch.no_grad():
-            torch.manual_seed(seed)  # token2wav's initial noise is the first draw after it
-            sequences, wave = transformers.Qwen2_5OmniForConditionalGeneration.generate(
-                full, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), speaker=speaker,
+            torch.manual_seed(seed)  # token2wav's initial noise (row 0 first) is the first draw after it
+            sequences, waves = transformers.Qwen2_5OmniForConditionalGeneration.generate(
+                full, input_ids=input_ids, attention_mask=attention_mask, speaker=speaker,
                 thinker_max_new_tokens=new_tokens, thinker_eos_token_id=None, thinker_do_sample=False,
                 talker_max_new_tokens=max_codes, talker_do_sample=False, talker_eos_token_id=eos, **inputs)
     finally:
@@ -500,4 +549,4 @@ def reference_generate(model: OmniThinkerLM, input_ids: torch.Tensor, speaker: s
     codes = captured["codes"][0, input_ids.shape[1] + 2:].tolist()
     cut = next((i for i, c in enumerate(codes) if c in eos), len(codes))
     return {"tokens": sequences[0, input_ids.shape[1]:].tolist(), "codes": codes[:cut],
-            "waveform": wave.reshape(-1).float().numpy()}
+            "waveform": waves[0].reshape(-1).float().numpy()}

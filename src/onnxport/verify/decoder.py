@@ -7,8 +7,8 @@ from pathlib import Path
 
 from onnxport.bundle import Graph
 from onnxport.config import VerifyConfig
-from onnxport.progress import update as report
 from onnxport.export.decoder import wrapper_args
+from onnxport.progress import update as report
 from onnxport.spec import DECODER_CASES, FULL_CASES, GQA_CASES, STEP_CASES, ShapeCase, feeds
 from onnxport.verify.compare import compare
 

@@ -17,8 +17,8 @@ becomes one per merged patch, each clip's one per pooled audio frame, as transfo
 expands them. Everything the runner needs comes from the manifest's `pipeline` section.
 
 Not covered: videos (and audio taken from a video, `use_audio_in_video`). Speech output (an
-any-to-any bundle) is runtime/pipelines/omni_speech.py. onnxruntime + numpy + Pillow + tokenizers (+ jinja2 for
-chats); no torch.
+any-to-any bundle) is runtime/pipelines/omni_speech.py. onnxruntime + numpy + Pillow +
+tokenizers (+ jinja2 for chats); no torch.
 """
 
 from __future__ import annotations

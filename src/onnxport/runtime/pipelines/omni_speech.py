@@ -145,13 +145,14 @@ class AnyToAny(AnyToText):
     def generate(self, prompts, images=None, audio=None, max_new_tokens: int = 32, chat: bool = False,
                  system: str | None = None, on_token=None, sampling_rate: int | None = None, speak: bool = False,
                  speaker: str | None = None, talker_max_new_tokens: int | None = None,
-                 talker_do_sample: bool = False, talker_seed: int | None = None, noise: NoiseSource = None,
+                 talker_min_new_tokens: int = 0, talker_do_sample: bool = False, talker_seed: int | None = None, noise: NoiseSource = None,
                  **sampling):
         """Without `speak`: AnyToText.generate (text for a batch of prompts). With `speak`: one
         prompt's reply, spoken by `speaker` (default: the bundle's), as a SpokenReply. The
         talker is greedy unless `talker_do_sample` (then the checkpoint's temperature / top-k /
         top-p, seeded by `talker_seed`); `talker_max_new_tokens` caps the codes (default
-        transformers' 4096, within the talker's positions); `noise`: token2wav's initial state
+        transformers' 4096, within the talker's positions), `talker_min_new_tokens` holds its
+        end codes back until that many (transformers' min_new_tokens); `noise`: token2wav's initial state
         (see NoiseSource; default seed 0). `sampling` (do_sample, temperature, ...,
         eos_token_id) is the thinker's, as for AnyToText."""
         if not speak:
@@ -172,7 +173,8 @@ class AnyToAny(AnyToText):
         t1 = time.perf_counter()
         embeds, stream, positions, delta = self.talker_prompt(inputs, prefill, hidden, tokens, voice)
         codes, stopped = self.talk(embeds, stream, positions, delta, talker_max_new_tokens,
-                                   Sampler(talker_do_sample, **self._talker_sampling(), seed=talker_seed))
+                                   Sampler(talker_do_sample, **self._talker_sampling(), seed=talker_seed),
+                                   min_new_tokens=talker_min_new_tokens)
         t2 = time.perf_counter()
         samples = self.token2wav(codes, name, noise)
         return SpokenReply(self.tokenizer.decode(tokens), tokens, codes, samples, self.sample_rate, name, stopped,
@@ -230,9 +232,11 @@ class AnyToAny(AnyToText):
         return embeds[None], stream, positions, int(deltas[0])
 
     def talk(self, embeds: np.ndarray, stream: np.ndarray, positions: np.ndarray, delta: int,
-             max_new_tokens: int | None = None, sampler: Sampler | None = None) -> tuple[np.ndarray, bool]:
+             max_new_tokens: int | None = None, sampler: Sampler | None = None,
+             min_new_tokens: int = 0) -> tuple[np.ndarray, bool]:
         """(codec codes [n], stopped at an end code): the talker's generate loop on the prefix
-        `embeds` [1, prefix, width] (see `talker_prompt`)."""
+        `embeds` [1, prefix, width] (see `talker_prompt`); no end code before `min_new_tokens`
+        codes."""
         c = self.talker_config
         sampler = sampler or Sampler()
         prefix = embeds.shape[1]
@@ -265,6 +269,8 @@ class AnyToAny(AnyToText):
                 score = logits[ids]
                 logits[ids] = np.where(score < 0, score * np.float32(penalty), score / np.float32(penalty))
             logits[suppress] = -np.inf
+            if len(codes) < min_new_tokens:  # transformers' MinNewTokensLengthLogitsProcessor
+                logits[sorted(eos)] = -np.inf
             code = int(sampler(logits[None])[0])
             seen.add(code)
             if code in eos:
