@@ -84,6 +84,24 @@ def as_batch(prompts, images) -> tuple[list, list[list]]:
     return list(prompts), [list(i) if isinstance(i, (list, tuple)) else [i] for i in images]
 
 
+def expand_placeholders(ids: list[int], inputs: list[tuple[str, int | None, list[int], str]]) -> list[int]:
+    """Each placeholder token -> as many copies as its input takes (a processor's expansion).
+    `inputs`: (what, placeholder id or None, tokens per input in order, hint) per kind of input;
+    placeholders that do not match the inputs one to one are a one-line error."""
+    counts = {}
+    for what, token, found, hint in inputs:
+        count = ids.count(token) if token is not None else 0
+        if count != len(found):
+            raise RuntimeInputError(f"the prompt has {count} {what} placeholder(s) for {len(found)} {what}(s)", hint)
+        if token is not None:
+            counts[int(token)] = iter(found)
+    out: list[int] = []
+    for t in ids:
+        it = counts.get(t)
+        out += [t] if it is None else [t] * int(next(it))
+    return out
+
+
 @register_pipeline(KIND)
 class ImageTextToText:
     """Generate text from images and text with an onnxport image-text bundle.
@@ -140,23 +158,10 @@ class ImageTextToText:
         """Each image (video) pad token -> prod(grid) / merge**2 of them (the processor's
         expansion)."""
         video = int(self.video_token_id) if self.video_token_id is not None else None
-        video_grids = video_grids or []
-        for what, token, found in (("image", self.image_token_id, grids), ("video", video, video_grids)):
-            count = ids.count(token) if token is not None else 0
-            if count != len(found):
-                raise RuntimeInputError(
-                    f"the prompt has {count} {what} placeholder(s) for {len(found)} {what}(s)",
-                    f"write the {what} placeholder once per {what} (the chat template does it for "
-                    f"{{'type': '{what}'}})")
-        out, it, vit = [], iter(grids), iter(video_grids)
-        for t in ids:
-            if t == self.image_token_id:
-                out += [t] * (int(np.prod(next(it))) // self.merge ** 2)
-            elif video is not None and t == video:
-                out += [t] * (int(np.prod(next(vit))) // self.merge ** 2)
-            else:
-                out.append(t)
-        return out
+        return expand_placeholders(ids, [
+            (what, token, [int(np.prod(g)) // self.merge ** 2 for g in found],
+             f"write the {what} placeholder once per {what} (the chat template does it for {{'type': '{what}'}})")
+            for what, token, found in (("image", self.image_token_id, grids), ("video", video, video_grids or []))])
 
     # --- generation -----------------------------------------------------------------------------
 

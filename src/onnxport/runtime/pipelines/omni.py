@@ -31,6 +31,7 @@ import numpy as np
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
 from onnxport.runtime.pipelines import register_pipeline
+from onnxport.runtime.pipelines.image_text_to_text import expand_placeholders
 
 KIND = "any-to-text"
 #: the kinds whose thinker section this runner reads (any-to-any adds speech output to it:
@@ -231,22 +232,12 @@ class AnyToText:
         if self.video_token_id is not None and int(self.video_token_id) in ids:
             raise RuntimeInputError("the prompt has a video placeholder; this runner takes images and audio",
                                     "pass video frames as images, or use Qwen2.5-VL's image-text-to-text runner")
-        for what, token, found in (("image", self.image_token_id, grids), ("audio", self.audio_token_id, audio_tokens)):
-            count = ids.count(token)
-            if count != len(found):
-                raise RuntimeInputError(
-                    f"the prompt has {count} {what} placeholder(s) for {len(found)} {what} input(s)",
-                    f"write the {what} placeholder ({self.config.get(what + '_placeholder')}) once per {what} input "
-                    f"(the chat template does it for {{'type': '{what}'}})")
-        out, it, at = [], iter(grids), iter(audio_tokens)
-        for t in ids:
-            if t == self.image_token_id:
-                out += [t] * (int(np.prod(next(it))) // self.merge ** 2)
-            elif t == self.audio_token_id:
-                out += [t] * int(next(at))
-            else:
-                out.append(t)
-        return out
+        return expand_placeholders(ids, [
+            (what, token, counts, f"write the {what} placeholder ({self.config.get(what + '_placeholder')}) once per "
+                                  f"{what} input (the chat template does it for {{'type': '{what}'}})")
+            for what, token, counts in (("image", self.image_token_id,
+                                         [int(np.prod(g)) // self.merge ** 2 for g in grids]),
+                                        ("audio", self.audio_token_id, list(audio_tokens)))])
 
     def _clip(self, clip, sampling_rate: int | None, what: str) -> np.ndarray:
         """Mono float32 samples at the extractor's rate from a WAV path or an array (whose rate
