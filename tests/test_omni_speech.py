@@ -351,3 +351,20 @@ def test_verify_rechecks_the_speech_pipeline(omni, tmp_path):
     check = mf["pipeline"]["verification"]
     assert check["ok"] and check["codes_equal"] and check["snr_db"] >= MIN_SNR_DB, check
     assert mf["verification"]["ok"]
+
+
+def test_speakers_file_outside_the_bundle_is_refused(omni, tmp_path):
+    """A manifest naming a speakers file outside the bundle is refused before it is opened."""
+    import shutil
+
+    from onnxport.errors import BundleError
+    from onnxport.runtime.pipelines import open_pipeline
+
+    bundle = tmp_path / "b"
+    shutil.copytree(omni[1], bundle)
+    (tmp_path / "outside.safetensors").write_bytes((bundle / "speakers.safetensors").read_bytes())
+    mf = json.loads((bundle / "manifest.json").read_text())
+    mf["pipeline"]["config"]["speech"]["speakers"]["file"] = "../outside.safetensors"
+    (bundle / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        open_pipeline(bundle)

@@ -35,6 +35,7 @@ from typing import Callable, Union
 
 import numpy as np
 
+from onnxport.bundle import resolve_inside
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.pipelines import register_pipeline
 from onnxport.runtime.pipelines.omni import AnyToText, rope_index
@@ -136,7 +137,8 @@ class AnyToAny(AnyToText):
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         speech = self.config["speech"]
         self.talker_config, self.token2wav_config = speech["talker"], speech["token2wav"]
-        self.speakers = read_speakers(self.folder / speech["speakers"]["file"])
+        # a name from the manifest: kept inside the bundle before anything is opened
+        self.speakers = read_speakers(resolve_inside(self.folder, str(speech["speakers"]["file"])))
         self.default_speaker = speech["speakers"].get("default") or next(iter(self.speakers))
         self.sample_rate = int(self.token2wav_config["sample_rate"])
 
