@@ -62,26 +62,36 @@ def _write_wav(path, samples: np.ndarray, rate: int = RATE) -> None:
         f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
-@pytest.fixture(scope="module")
-def omni(tmp_path_factory):
-    """(checkpoint, bundle, special token ids): a tiny Qwen2.5-Omni without speech output
-    (enable_audio_output=False: no talker / token2wav weights), exported with every part."""
-    import transformers as T
+def write_processor_files(folder) -> dict[str, int]:
+    """tokenizer.json (the demo tokenizer + the Omni special tokens), tokenizer_config.json with
+    the chat template, preprocessor_config.json; returns the special tokens' ids."""
     from tokenizers import Tokenizer
 
-    ckpt = tmp_path_factory.mktemp("omnick") / "ckpt"
-    ckpt.mkdir()
+    folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json"))
     tok.add_special_tokens(SPECIAL)
-    tok.save(str(ckpt / "tokenizer.json"))
+    tok.save(str(folder / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL}
     cfg = json.loads((DEMO_DIR / "tokenizer_config.json").read_text())
     cfg.update(chat_template=CHAT_TEMPLATE, pad_token="<|im_end|>", eos_token="<|im_end|>")
     cfg.pop("added_tokens_decoder", None)
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (ckpt / "preprocessor_config.json").write_text(json.dumps({
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor", "feature_extractor_type": "WhisperFeatureExtractor",
         **IMAGES, **FEATURES}))
+    return ids
+
+
+def media_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The thinker's (and talker's) placeholder and start / end token config fields."""
+    return {"image_token_index": ids["<|IMAGE|>"], "video_token_index": ids["<|VIDEO|>"],
+            "audio_token_index": ids["<|AUDIO|>"], "vision_start_token_id": ids["<|vision_bos|>"],
+            "vision_end_token_id": ids["<|vision_eos|>"], "audio_start_token_id": ids["<|audio_bos|>"],
+            "audio_end_token_id": ids["<|audio_eos|>"]}
+
+
+def thinker_config(ids: dict[str, int]) -> dict:
+    """A tiny thinker: 2-block vision tower, 2-layer audio encoder, 2-layer text decoder."""
     vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "patch_size": 4,
               "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16, "out_hidden_size": 48,
               "fullatt_block_indexes": [1]}
@@ -91,12 +101,18 @@ def omni(tmp_path_factory):
     text = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "intermediate_size": 96, "vocab_size": 1040, "initializer_range": 0.2,
             "rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0}}
-    thinker = {"audio_config": audio, "vision_config": vision, "text_config": text,
-               "image_token_index": ids["<|IMAGE|>"], "video_token_index": ids["<|VIDEO|>"],
-               "audio_token_index": ids["<|AUDIO|>"], "vision_start_token_id": ids["<|vision_bos|>"],
-               "vision_end_token_id": ids["<|vision_eos|>"], "audio_start_token_id": ids["<|audio_bos|>"],
-               "audio_end_token_id": ids["<|audio_eos|>"]}
-    config = T.Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
+    return {"audio_config": audio, "vision_config": vision, "text_config": text, **media_token_ids(ids)}
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    """(checkpoint, bundle, special token ids): a tiny Qwen2.5-Omni without speech output
+    (enable_audio_output=False: no talker / token2wav weights), exported with every part."""
+    import transformers as T
+
+    ckpt = tmp_path_factory.mktemp("omnick") / "ckpt"
+    ids = write_processor_files(ckpt)
+    config = T.Qwen2_5OmniConfig(thinker_config=thinker_config(ids), enable_audio_output=False)
     torch.manual_seed(0)
     model = T.Qwen2_5OmniForConditionalGeneration(config).eval()
     with torch.no_grad():  # spread the logits: no greedy near-ties

@@ -15,18 +15,16 @@ import wave
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_DIR
 from test_omni_pipeline import (
     AUD,
-    CHAT_TEMPLATE,
-    FEATURES,
-    IMAGES,
     IMG,
-    SPECIAL,
     _clip,
     _image,
     _processor,
     _turn,
+    media_token_ids,
+    thinker_config,
+    write_processor_files,
 )
 from typer.testing import CliRunner
 
@@ -68,34 +66,10 @@ def build_checkpoint(folder, speakers=None):
     """A tiny Qwen2.5-Omni with speech output (the thinker of test_omni_pipeline, a 2-layer
     talker, a 2-layer DiT and a 3-stage BigVGAN) and its spk_dict.pt; returns the special ids."""
     import transformers as T
-    from tokenizers import Tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json"))
-    tok.add_special_tokens(SPECIAL)
-    tok.save(str(folder / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIAL}
-    cfg = json.loads((DEMO_DIR / "tokenizer_config.json").read_text())
-    cfg.update(chat_template=CHAT_TEMPLATE, pad_token="<|im_end|>", eos_token="<|im_end|>")
-    cfg.pop("added_tokens_decoder", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor", "feature_extractor_type": "WhisperFeatureExtractor",
-        **IMAGES, **FEATURES}))
-    media = {"image_token_index": ids["<|IMAGE|>"], "video_token_index": ids["<|VIDEO|>"],
-             "audio_token_index": ids["<|AUDIO|>"], "vision_start_token_id": ids["<|vision_bos|>"],
-             "vision_end_token_id": ids["<|vision_eos|>"], "audio_start_token_id": ids["<|audio_bos|>"],
-             "audio_end_token_id": ids["<|audio_eos|>"]}
-    thinker = {"audio_config": {"num_mel_bins": 128, "encoder_layers": 2, "encoder_attention_heads": 4,
-                                "encoder_ffn_dim": 128, "d_model": 64, "n_window": 10, "output_dim": 48},
-               "vision_config": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                                 "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
-                                 "out_hidden_size": 48, "fullatt_block_indexes": [1]},
-               "text_config": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 1040,
-                               "initializer_range": 0.2, "rope_parameters": {
-                                   "rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0}},
-               **media}
+    ids = write_processor_files(folder)
+    media = media_token_ids(ids)
+    thinker = thinker_config(ids)
     # embedding_size: the thinker's width (the talker reads its hidden states); head_dim 16 with
     # mrope_section [2, 3, 3]: every TMRoPE axis has its own rotary frequencies
     talker = {"embedding_size": 48, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
