@@ -42,10 +42,9 @@ from onnxport.recipes import register_recipe
 from onnxport.recipes.chattts import log_mel_distance, snr_db
 from onnxport.recipes.encoder import EncoderRecipe
 from onnxport.recipes.qwen2_5_omni_thinker import (
-    MODEL_CLASS,
+    OmniCheckpoint,
     OmniThinkerLM,
     any_to_text_pipeline,
-    load_thinker,
 )
 from onnxport.spec import BATCH, PAST, SEQ, TOTAL, kv_names
 
@@ -249,21 +248,14 @@ class TalkerReference:
 
 # --- recipes --------------------------------------------------------------------------------------
 
-class _OmniSpeechRecipe(EncoderRecipe):
-    family = "qwen2_5_omni"
+class _OmniSpeechRecipe(OmniCheckpoint, EncoderRecipe):
     task = "any-to-any"
-    #: the thinker's parts loaded this model already: api.export shares it by this name
-    model_class = MODEL_CLASS
-    min_transformers_major = 5
 
     @classmethod
     def present_in(cls, config: dict) -> bool:
         # transformers' Qwen2_5OmniConfig: enable_audio_output (default true) decides whether
         # the talker and token2wav are built and their weights read
         return bool(config.get("enable_audio_output", True))
-
-    def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> OmniThinkerLM:
-        return load_thinker(ckpt, dtype, self.attn_implementation)
 
     @staticmethod
     def _speech(model: OmniThinkerLM):

@@ -91,21 +91,27 @@ def load_thinker(ckpt: Checkpoint, dtype: torch.dtype, attn_implementation: str 
     return OmniThinkerLM(from_pretrained(loader, ckpt, dtype, attn_implementation))
 
 
+class OmniCheckpoint:
+    """What every `qwen2_5_omni` part's recipe shares: the whole checkpoint loaded once through
+    `load_thinker` (api.export hands one loaded model to every part with this model_class)."""
+
+    family = "qwen2_5_omni"
+    model_class = MODEL_CLASS
+    min_transformers_major = 5
+
+    def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> OmniThinkerLM:
+        return load_thinker(ckpt, dtype, self.attn_implementation)
+
+
 @register_recipe("qwen2_5_omni", part="decoder")
-class Qwen25OmniThinkerText(DecoderLM):
+class Qwen25OmniThinkerText(OmniCheckpoint, DecoderLM):
     """The thinker's language model: `model.onnx` takes inputs_embeds and TMRoPE ids [3, batch,
     seq] (the any-to-text pipeline places image and audio features among the token embeddings
     and computes the positions on the host), `embed_tokens.onnx` maps token ids."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    family = "qwen2_5_omni"
-    model_class = MODEL_CLASS
-    min_transformers_major = 5
     embeds_input = True
     position_axes = 3
-
-    def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> OmniThinkerLM:
-        return load_thinker(ckpt, dtype, self.attn_implementation)
 
     def base_model(self, model):
         return model.thinker.model.language_model
@@ -130,37 +136,25 @@ class Qwen25OmniThinkerText(DecoderLM):
 
 
 @register_recipe("qwen2_5_omni", part="vision")
-class Qwen25OmniVision(Qwen25VLVision):
+class Qwen25OmniVision(OmniCheckpoint, Qwen25VLVision):
     """Qwen2.5-VL's vision graph on the thinker's vision tower (the Omni class takes the same
     precomputed position ids / windows / cu_seqlens kwargs)."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    family = "qwen2_5_omni"
-    model_class = MODEL_CLASS
-    min_transformers_major = 5
     # the any-to-text pipeline comes from the audio part, exported after this one; Qwen2.5-VL's
     # image-text pipeline would leave the audio placeholders empty
     pipeline = None
     verify_pipeline = None
-
-    def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> OmniThinkerLM:
-        return load_thinker(ckpt, dtype, self.attn_implementation)
 
     def visual(self, model):
         return model.thinker.model.visual
 
 
 @register_recipe("qwen2_5_omni", part="audio")
-class Qwen25OmniThinkerAudio(Qwen25OmniAudio):
+class Qwen25OmniThinkerAudio(OmniCheckpoint, Qwen25OmniAudio):
     """The audio-encoder graph on the thinker's audio tower; proposes and checks the pipeline."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    family = "qwen2_5_omni"
-    model_class = MODEL_CLASS
-    min_transformers_major = 5
-
-    def load_model(self, ckpt: Checkpoint, dtype: torch.dtype) -> OmniThinkerLM:
-        return load_thinker(ckpt, dtype, self.attn_implementation)
 
     def audio_tower(self, model):
         return model.thinker.model.audio_tower
