@@ -84,6 +84,25 @@ def as_batch(prompts, images) -> tuple[list, list[list]]:
     return list(prompts), [list(i) if isinstance(i, (list, tuple)) else [i] for i in images]
 
 
+def open_embeds_decoder(bundle: str | Path, threads: int | None, kinds: tuple[str, ...], what: str,
+                        positions_3d: bool = True):
+    """(Generator, pipeline section) of a bundle whose pipeline is one of `kinds` and whose
+    decoder takes inputs_embeds (and, with `positions_3d`, 3-D positions); `what` names the
+    bundle in the error ("an image-text")."""
+    from onnxport.runtime.generator import Generator
+
+    generator = Generator(Path(bundle), threads)
+    pipeline = generator.manifest.pipeline
+    if pipeline is None or pipeline.kind not in kinds:
+        raise BundleError(f"{bundle} is not {what} bundle (pipeline: {pipeline.kind if pipeline else 'none'})",
+                          "use onnxport.Generator for text")
+    if generator.embed_session is None or (positions_3d and not generator.position_axes):
+        raise BundleError("the bundle's decoder does not take inputs_embeds" + (" and 3-D positions" if positions_3d
+                                                                                 else ""),
+                          "re-export the checkpoint with onnxport export")
+    return generator, pipeline
+
+
 def expand_placeholders(ids: list[int], inputs: list[tuple[str, int | None, list[int], str]]) -> list[int]:
     """Each placeholder token -> as many copies as its input takes (a processor's expansion).
     `inputs`: (what, placeholder id or None, tokens per input in order, hint) per kind of input;
@@ -112,18 +131,10 @@ class ImageTextToText:
 
     def __init__(self, bundle: str | Path, threads: int | None = None):
         from onnxport.runtime.encoder import EncoderRunner
-        from onnxport.runtime.generator import Generator
         from onnxport.runtime.image_processor import QwenVLImageProcessor
 
         self.folder = Path(bundle)
-        self.generator = Generator(self.folder, threads)
-        pipeline = self.generator.manifest.pipeline
-        if pipeline is None or pipeline.kind != KIND:
-            raise BundleError(f"{bundle} is not an image-text bundle (pipeline: "
-                              f"{pipeline.kind if pipeline else 'none'})", "use onnxport.Generator for text")
-        if self.generator.embed_session is None or not self.generator.position_axes:
-            raise BundleError("the bundle's decoder does not take inputs_embeds and 3-D positions",
-                              "re-export the checkpoint with onnxport export")
+        self.generator, pipeline = open_embeds_decoder(bundle, threads, (KIND,), "an image-text")
         cfg = pipeline.config
         self.config = cfg
         self.vision = EncoderRunner(self.folder, pipeline.graphs.get("vision", "vision"))

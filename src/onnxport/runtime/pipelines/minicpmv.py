@@ -26,7 +26,7 @@ import numpy as np
 
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.pipelines import register_pipeline
-from onnxport.runtime.pipelines.image_text_to_text import as_batch
+from onnxport.runtime.pipelines.image_text_to_text import as_batch, open_embeds_decoder
 
 KIND = "image-text-to-text/minicpmv"
 
@@ -41,18 +41,11 @@ class MiniCPMVImageTextToText:
 
     def __init__(self, bundle: str | Path, threads: int | None = None):
         from onnxport.runtime.encoder import EncoderRunner
-        from onnxport.runtime.generator import Generator
         from onnxport.runtime.image_processor import MiniCPMVImageProcessor
 
         self.folder = Path(bundle)
-        self.generator = Generator(self.folder, threads)
-        pipeline = self.generator.manifest.pipeline
-        if pipeline is None or pipeline.kind != KIND:
-            raise BundleError(f"{bundle} is not a MiniCPM-V image-text bundle (pipeline: "
-                              f"{pipeline.kind if pipeline else 'none'})", "use onnxport.Generator for text")
-        if self.generator.embed_session is None:
-            raise BundleError("the bundle's decoder does not take inputs_embeds", "re-export the checkpoint with "
-                              "onnxport export")
+        self.generator, pipeline = open_embeds_decoder(bundle, threads, (KIND,), "a MiniCPM-V image-text",
+                                                       positions_3d=False)
         cfg = pipeline.config
         self.config = cfg
         self.vision = EncoderRunner(self.folder, pipeline.graphs.get("vision", "vision"), threads)

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxport.errors import BundleError, RuntimeInputError
+from onnxport.errors import RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
 from onnxport.runtime.pipelines import register_pipeline
-from onnxport.runtime.pipelines.image_text_to_text import expand_placeholders
+from onnxport.runtime.pipelines.image_text_to_text import expand_placeholders, open_embeds_decoder
 
 KIND = "any-to-text"
 #: the kinds whose thinker section this runner reads (any-to-any adds speech output to it:
@@ -180,18 +180,10 @@ class AnyToText:
 
     def __init__(self, bundle: str | Path, threads: int | None = None):
         from onnxport.runtime.encoder import EncoderRunner
-        from onnxport.runtime.generator import Generator
         from onnxport.runtime.image_processor import QwenVLImageProcessor
 
         self.folder = Path(bundle)
-        self.generator = Generator(self.folder, threads)
-        pipeline = self.generator.manifest.pipeline
-        if pipeline is None or pipeline.kind not in THINKER_KINDS:
-            raise BundleError(f"{bundle} is not an any-to-text bundle (pipeline: "
-                              f"{pipeline.kind if pipeline else 'none'})", "use onnxport.Generator for text")
-        if self.generator.embed_session is None or not self.generator.position_axes:
-            raise BundleError("the bundle's decoder does not take inputs_embeds and 3-D positions",
-                              "re-export the checkpoint with onnxport export")
+        self.generator, pipeline = open_embeds_decoder(bundle, threads, THINKER_KINDS, "an any-to-text")
         cfg = pipeline.config
         self.config = cfg
         self.vision = EncoderRunner(self.folder, pipeline.graphs.get("vision", "vision"), threads)
