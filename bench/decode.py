@@ -2,20 +2,24 @@
 builder on the same checkpoint, in one run.
 
 Measures, batch 1, greedy: prefill latency for a PROMPT_LEN-token prompt and decode tokens/s
-for NEW_TOKENS new tokens. Median of --runs runs each after a warm-up, every runner measured in
-this one process, one after the other, with the same thread count. Prints JSON: per runner the
+for NEW_TOKENS new tokens. Every runner is built first and warmed up, then measured in --runs
+rounds of one run each (round-robin: the machine's speed drifts over minutes, and each round
+exposes every runner to the same drift); medians, all in this one process, same thread count. Prints JSON: per runner the
 numbers, the ratios against PyTorch and against genai's runner of the same precision, and how
 many of the first 32 greedy tokens equal PyTorch fp32's.
 
 Runners (`--runners`, comma separated; default: all that apply):
   pytorch            transformers eager, fp32
   onnxport           `onnxport export` default graph, fp32
-  onnxport-fast      `--attention gqa --optimize` (GroupQueryAttention, ORT fusions, MatMul
-                     packing; the generator keeps one cache buffer bound as past and present)
+  onnxport-fast      `--attention gqa --optimize` (GroupQueryAttention with the rotary and packed
+                     q/k/v inside, ORT fusions, MatMul packing; the generator keeps one cache
+                     buffer bound as past and present)
   onnxport-int4      onnxport-fast quantized: RTN int4 block 32, MatMulNBits accuracy_level 4
-  onnxport-int4-awq  the same with AWQ scales
-  genai / genai-int4 onnxruntime-genai's model builder, fp32 / int4 CPU, run by its own
-                     generator loop (skipped with a message when onnxruntime-genai is absent)
+  onnxport-int4-awq  AWQ scales, int4 block --awq-block-size (128: AWQ's own group size)
+  genai / genai-int4 onnxruntime-genai's model builder, fp32 / int4 CPU (its defaults: RTN block
+                     32, accuracy_level 4), run by its own generator loop (skipped with a
+                     message when onnxruntime-genai is absent)
+  genai-int4-b128    the builder's int4 with block_size=128 (the same block as onnxport-int4-awq)
   split-static       the static split layout (max-len 512)
 
     python bench/make_checkpoint.py qwen2-0.5b /tmp/qwen2-0.5b-random --dtype fp32
@@ -62,21 +66,20 @@ def make_qwen2_05b(out: Path) -> None:
         shutil.copy(Path(onnxport.__file__).parent / "demo_model" / f, out / f)
 
 
-def bench_ort(bundle: Path, prompt: list[int], new_tokens: int, runs: int, threads: int) -> dict:
+def ort_runner(bundle: Path, prompt: list[int], threads: int):
+    """once(n) -> (prefill ms, decode tok/s, tokens) with onnxport's Generator."""
     from onnxport.runtime import Generator
 
     gen = Generator(bundle, threads=threads)
-    gen.generate_ids([prompt], max_new_tokens=4, eos_token_id=None)  # warm-up
-    pre, dec, toks = [], [], None
-    for _ in range(runs):
-        r = gen.generate_ids([prompt], max_new_tokens=new_tokens, eos_token_id=None)
-        pre.append(r.prefill_ms)
-        dec.append(r.decode_tokens_per_s)
-        toks = r.padded[0].tolist()
-    return {"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec), "tokens": toks}
+
+    def once(n):
+        r = gen.generate_ids([prompt], max_new_tokens=n, eos_token_id=None)
+        return r.prefill_ms, r.decode_tokens_per_s, r.padded[0].tolist()
+
+    return once
 
 
-def bench_torch(ckpt: Path, prompt: list[int], new_tokens: int, runs: int, threads: int) -> dict:
+def torch_runner(ckpt: Path, prompt: list[int], threads: int):
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -99,24 +102,19 @@ def bench_torch(ckpt: Path, prompt: list[int], new_tokens: int, runs: int, threa
             t2 = time.perf_counter()
         return (t1 - t0) * 1000, (n - 1) / (t2 - t1), toks
 
-    once(4)
-    pre, dec, toks = [], [], None
-    for _ in range(runs):
-        p, d, toks = once(new_tokens)
-        pre.append(p)
-        dec.append(d)
-    return {"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec), "tokens": toks}
+    return once
 
 
 RUNNERS = ("pytorch", "onnxport", "onnxport-fast", "onnxport-int4", "onnxport-int4-awq", "genai", "genai-int4",
-           "split-static")
+           "genai-int4-b128", "split-static")
 DEFAULT = tuple(r for r in RUNNERS if r != "split-static")
 
 
-def bench_genai(ckpt: Path, out: Path, precision: str, prompt: list[int], new_tokens: int, runs: int,
-                threads: int) -> dict:
+def genai_runner(ckpt: Path, out: Path, precision: str, prompt: list[int], threads: int,
+                 block_size: int | None = None):
     """onnxruntime-genai: its builder's graph and its own generation loop (prefill = the first
-    token's time; decode = the rest), its session pinned to `threads`."""
+    token's time; decode = the rest), its session pinned to `threads`. (once, build record)"""
+    import contextlib
     import runpy
 
     import onnxruntime_genai as og
@@ -124,9 +122,9 @@ def bench_genai(ckpt: Path, out: Path, precision: str, prompt: list[int], new_to
     t0 = time.perf_counter()
     argv = sys.argv
     sys.argv = ["builder", "-i", str(ckpt), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out) + ".cache"]
+    if block_size:
+        sys.argv += ["--extra_options", f"block_size={block_size}"]
     try:
-        import contextlib
-
         with contextlib.redirect_stdout(sys.stderr):  # the builder prints its progress to stdout
             runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
     finally:
@@ -137,7 +135,6 @@ def bench_genai(ckpt: Path, out: Path, precision: str, prompt: list[int], new_to
     gcfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     cfg_file.write_text(json.dumps(gcfg))
     model = og.Model(str(out))
-    total = len(prompt) + new_tokens
 
     def once(n):
         params = og.GeneratorParams(model)
@@ -154,16 +151,8 @@ def bench_genai(ckpt: Path, out: Path, precision: str, prompt: list[int], new_to
         t2 = time.perf_counter()
         return (t1 - t0) * 1000, (k - 1) / (t2 - t1), list(gen.get_sequence(0))[len(prompt):]
 
-    once(4)
-    pre, dec, toks = [], [], None
-    for _ in range(runs):
-        p, d, toks = once(new_tokens)
-        pre.append(p)
-        dec.append(d)
-    del total
-    return {"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec), "tokens": toks,
-            "build_seconds": round(build_s, 1),
-            "graph_bytes": sum(f.stat().st_size for f in out.glob("model.onnx*"))}
+    return once, {"build_seconds": round(build_s, 1), **({"block_size": block_size or 32} if precision == "int4" else {}),
+                  "graph_bytes": sum(f.stat().st_size for f in out.glob("model.onnx*"))}
 
 
 def main() -> None:
@@ -176,6 +165,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runners", default=",".join(DEFAULT), help=f"comma separated, of {', '.join(RUNNERS)}")
+    ap.add_argument("--awq-block-size", type=int, default=128, help="onnxport-int4-awq's block size")
     ap.add_argument("--save", type=Path, help="also write the JSON here")
     ap.add_argument("--make-qwen2-0.5b", dest="make", metavar="DIR")
     args = ap.parse_args()
@@ -203,44 +193,62 @@ def main() -> None:
         m = export(ckpt, out, cfg, split=split)
         return m, round(time.perf_counter() - t0, 1)
 
+    runs: dict[str, object] = {}  # name -> once(n)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name in runners:
-            print(f"running {name} ...", file=sys.stderr)
+        for name in runners:  # build every runner first ...
+            print(f"preparing {name} ...", file=sys.stderr)
             if name == "pytorch":
-                results[name] = bench_torch(ckpt, prompt, args.new_tokens, args.runs, args.threads)
+                runs[name], results[name] = torch_runner(ckpt, prompt, args.threads), {}
             elif name == "onnxport":
                 _, s = timed_export(name, tmp / name, ExportConfig(verify=False))
-                results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
-                                 "export_seconds": s}
+                runs[name], results[name] = ort_runner(tmp / name, prompt, args.threads), {"export_seconds": s}
             elif name == "onnxport-fast" or (name.startswith("onnxport-int4") and not (tmp / "onnxport-fast").exists()):
                 m, s = timed_export(name, tmp / "onnxport-fast",
                                     ExportConfig(verify=False, attention="gqa", optimize=True))
                 if name == "onnxport-fast":
-                    results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
-                                     "export_seconds": s,
-                                     "passes": {r["name"]: r["fused"] for r in m.graph("decoder").optimization}}
+                    runs[name] = ort_runner(tmp / name, prompt, args.threads)
+                    results[name] = {"export_seconds": s,
+                                     "passes": {r["name"]: r["fused"] for r in m.graph("decoder").optimization
+                                                if r["applied"]}}
             if name.startswith("onnxport-int4"):
                 method = "awq" if name.endswith("awq") else "rtn"
+                block = args.awq_block_size if method == "awq" else 32
                 t0 = time.perf_counter()
                 m = quantize(tmp / "onnxport-fast", tmp / name,
-                             QuantConfig(method=method, accuracy_level=4, max_ppl_increase=1e9, escalate=False))
+                             QuantConfig(method=method, block_size=block, accuracy_level=4, max_ppl_increase=1e9,
+                                         escalate=False))
                 q = m.graph("decoder").quantization
-                results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
-                                 "quantize_seconds": round(time.perf_counter() - t0, 1),
+                runs[name] = ort_runner(tmp / name, prompt, args.threads)
+                results[name] = {"quantize_seconds": round(time.perf_counter() - t0, 1), "block_size": block,
                                  "graph_bytes": sum(f.stat().st_size for f in (tmp / name).glob("model.onnx*")),
                                  "heldout_perplexity": q["perplexity"]}
             elif name.startswith("genai"):
                 if importlib.util.find_spec("onnxruntime_genai") is None:
                     results[name] = {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
                     continue
-                results[name] = bench_genai(ckpt, tmp / name, "int4" if name.endswith("int4") else "fp32", prompt,
-                                            args.new_tokens, args.runs, args.threads)
+                runs[name], results[name] = genai_runner(ckpt, tmp / name, "int4" if "int4" in name else "fp32",
+                                                         prompt, args.threads, 128 if name.endswith("b128") else None)
             elif name == "split-static":
                 _, s = timed_export(name, tmp / name, ExportConfig(verify=False, kv_layout="bshd"),
                                     SplitConfig(static=True, max_len=512, prefill_len=args.prompt_len))
-                results[name] = {**bench_ort(tmp / name, prompt, args.new_tokens, args.runs, args.threads),
-                                 "export_seconds": s}
+                runs[name], results[name] = ort_runner(tmp / name, prompt, args.threads), {"export_seconds": s}
+        # ... then measure them in rounds, one run of each per round: this machine's speed drifts
+        # by 10-50 % over minutes, which would otherwise land on whichever runner ran then
+        for once in runs.values():
+            once(4)  # warm-up
+        measured = {name: ([], [], None) for name in runs}
+        for r in range(args.runs):
+            print(f"round {r + 1}/{args.runs} ...", file=sys.stderr)
+            for name, once in runs.items():
+                p, d, toks = once(args.new_tokens)
+                measured[name][0].append(p)
+                measured[name][1].append(d)
+                measured[name] = (*measured[name][:2], toks)
+        for name, (pre, dec, toks) in measured.items():
+            results[name].update({"prefill_ms": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec),
+                                  "decode_tokens_per_s_runs": [round(x, 2) for x in dec], "tokens": toks})
+        runs.clear()
     reference = results.get("pytorch", {}).get("tokens")
     for name, r in results.items():
         toks = r.pop("tokens", None)
@@ -252,7 +260,7 @@ def main() -> None:
     for name, r in results.items():
         if "decode_tokens_per_s" not in r:
             continue
-        for base in ("pytorch", "genai", "genai-int4"):
+        for base in ("pytorch", "genai", "genai-int4", "genai-int4-b128"):
             b = results.get(base, {})
             if base != name and "decode_tokens_per_s" in b:
                 ratios[f"{name}/{base}"] = {"decode": round(r["decode_tokens_per_s"] / b["decode_tokens_per_s"], 3),

@@ -30,21 +30,78 @@ def test_gqa_export_is_verified_and_token_exact(model_type, exported, tiny_check
     m = read_manifest(bundle)
     graph = m.graph("decoder")
     assert graph.attention == "com.microsoft.GroupQueryAttention"
-    ops = Counter((n.domain, n.op_type) for n in onnx.load(str(bundle / "model.onnx")).graph.node)
+    model = onnx.load(str(bundle / "model.onnx"))
+    ops = Counter((n.domain, n.op_type) for n in model.graph.node)
     assert ops[("com.microsoft", "GroupQueryAttention")] == m.model.num_layers
-    assert ops[("", "Softmax")] == 0  # no unfused attention left
-    # the model's rotary as one RotaryEmbedding for q and one for k per layer (no Neg left)
-    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * m.model.num_layers and ops[("", "Neg")] == 0
+    assert ops[("", "Softmax")] == 0 and ops[("", "Neg")] == 0  # no unfused attention or rotary left
     assert m.verification["ok"]
-    # the prompt-after-cache case runs at batch 1 (ONNX Runtime's kernel), a batched padded decode instead
-    shapes = [c["shape"] for c in m.verification["cases"]]
-    assert "batch=1,seq=7,past=5" in shapes and "batch=2,seq=1,past=33,left_pad=4" in shapes
     passes = {r["name"]: r for r in graph.optimization}
     assert passes["matmul_packing"]["applied"] and passes["matmul_packing"]["fused"]["packed_matmul_groups"] == 4
+    shapes = [c["shape"] for c in m.verification["cases"]]
+    # the prompt-after-cache case runs at batch 1 (ONNX Runtime's kernel), a batched padded decode instead
+    assert "batch=1,seq=7,past=5" in shapes
+    if model_type == "llama":
+        # gqa_rotary: the rotary and the packed q/k/v inside GroupQueryAttention, seqlens from
+        # the mask once; the graph takes right-padded batches and is verified with them
+        assert passes["gqa_rotary"]["applied"], passes["gqa_rotary"]["result"]
+        assert passes["gqa_rotary"]["fused"] == {"gqa_rotary_layers": 2, "packed_qkv_layers": 2}
+        assert graph.padding == "right" and ops[("com.microsoft", "RotaryEmbedding")] == 0
+        for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs["do_rotary"] == 1 and node.input[1] == "" and node.input[7] and len(node.input) == 9
+        assert "batch=2,seq=6,past=0,right_pad=3" in shapes and "batch=2,seq=1,past=33,right_pad=4" in shapes
+    else:
+        # gemma2's sliding window lives in the attention bias: the graph keeps its rotary nodes
+        # and left padding (one RotaryEmbedding for q and one for k per layer)
+        assert not passes["gqa_rotary"]["applied"] and graph.padding is None
+        assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * m.model.num_layers
+        assert "batch=2,seq=1,past=33,left_pad=4" in shapes
     gen = Generator(bundle)
-    assert gen.shared_buffer
-    got = gen.generate_ids(PROMPTS, max_new_tokens=24, eos_token_id=None).padded
+    assert gen.shared_buffer and gen.right_padded == (model_type == "llama")
+    seen = {}
+    got = gen.generate_ids(PROMPTS, max_new_tokens=24, eos_token_id=None,
+                           on_outputs=lambda step, outs: seen.setdefault(step, outs["logits"].copy())).padded
     np.testing.assert_array_equal(got, hf_greedy(tiny_checkpoints(model_type), PROMPTS, 24))
+    # the prompt's outputs reach callers laid out as left-padded whatever the graph's padding:
+    # the same as the default export's at every real position
+    ref = {}
+    Generator(exported(model_type)).generate_ids(PROMPTS, max_new_tokens=1, eos_token_id=None,
+                                                 on_outputs=lambda step, outs: ref.setdefault(step, outs["logits"]))
+    for r, prompt in enumerate(PROMPTS):
+        np.testing.assert_allclose(seen[0][r, -len(prompt):], ref[0][r, -len(prompt):], atol=2e-4)
+
+
+def test_gqa_rotary_packs_qkv_biases_and_serves_a_right_padded_batch(tmp_path):
+    """qwen2 (q/k/v biases, here random: a trained model's are not zero): gqa_rotary packs the
+    three projections and their biases into one MatMul + Add feeding GroupQueryAttention; the
+    graph verifies on right-padded cases and a batch of three prompt lengths gives
+    transformers' greedy tokens (left-padded there)."""
+    import torch
+    from conftest import make_tiny_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from onnxport.api import export
+    from onnxport.config import ExportConfig
+    from onnxport.runtime import Generator
+
+    ckpt = make_tiny_checkpoint("qwen2", tmp_path / "ck")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    biases = [k for k in weights if k.endswith("_proj.bias")]
+    assert len(biases) == 6
+    for k in biases:
+        weights[k] = torch.randn(weights[k].shape, generator=g) * 0.5
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    m = export(ckpt, tmp_path / "b", ExportConfig(attention="gqa", optimize=True))
+    graph = m.graph("decoder")
+    rec = next(r for r in graph.optimization if r["name"] == "gqa_rotary")
+    assert rec["applied"] and rec["fused"]["packed_qkv_layers"] == 2 and graph.padding == "right"
+    assert m.verification["ok"]
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node)
+    assert ops["Split"] == 2 and ops["Add"] == 2  # gate/up splits; one packed bias Add per layer
+    prompts = [*PROMPTS, [7, 8, 9, 10, 11, 12, 13]]
+    got = Generator(tmp_path / "b").generate_ids(prompts, max_new_tokens=16, eos_token_id=None).padded
+    np.testing.assert_array_equal(got, hf_greedy(ckpt, prompts, 16))
 
 
 def test_gqa_custom_op_eager_body_matches_the_models_attention(tiny_checkpoints):

@@ -35,3 +35,39 @@ def test_fusions_are_verified_recorded_and_keep_tokens(exported, tiny_checkpoint
     r = fuse_for_ort(copy, lambda p: (False, "logits: max|diff| 3 (bound 0.001)"))
     assert not r["applied"] and r["result"].startswith("rolled back") and r["fused"], r
     assert copy.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_optimize_command_on_an_exported_bundle(exported, tiny_checkpoints, tmp_path):
+    """`onnxport optimize B -o OUT`: the passes of export --optimize on a bundle already written
+    (here `--attention gqa`: the rotary and packed q/k/v go inside GroupQueryAttention), each
+    verified against the export's checkpoint; the result takes right-padded batches and still
+    gives transformers' greedy tokens. Bad inputs are one-line errors that write nothing."""
+    from typer.testing import CliRunner
+
+    from onnxport.bundle import read_manifest
+    from onnxport.cli import app
+    from onnxport.runtime import Generator
+
+    src = exported("llama", attention="gqa")
+    before = (src / "model.onnx").read_bytes()
+    out = tmp_path / "opt"
+    r = CliRunner().invoke(app, ["optimize", str(src), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "gqa_rotary (gqa_rotary_layers 2, packed_qkv_layers 2)" in r.output and "right-padded" in r.output
+    m = read_manifest(out)
+    graph = m.graph("decoder")
+    assert [p["name"] for p in graph.optimization] == ["ort_fusions", "matmul_packing", "reshape_chains", "gqa_rotary"]
+    assert graph.padding == "right" and m.verification["ok"]
+    assert any("right_pad" in c["shape"] for c in m.verification["cases"])
+    assert (src / "model.onnx").read_bytes() == before  # the source bundle is untouched
+    prompts = [[5, 17, 300, 42, 7, 9, 9], [11, 600, 23]]
+    got = Generator(out).generate_ids(prompts, max_new_tokens=16, eos_token_id=None).padded
+    np.testing.assert_array_equal(got, hf_greedy(tiny_checkpoints("llama"), prompts, 16))
+
+    # optimizing twice, or a folder that is no bundle: refused, nothing written
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.onnx").write_bytes(before)
+    for bad, why in ((out, "already optimized"), (tmp_path / "plain", "manifest")):
+        r = CliRunner().invoke(app, ["optimize", str(bad), "-o", str(tmp_path / "again")])
+        assert r.exit_code != 0 and why in r.output, r.output
+        assert not (tmp_path / "again").exists()

@@ -19,8 +19,10 @@ from pathlib import Path
 from onnxport.bundle import (
     DECODER,
     ENCODER,
+    GQA_ATTENTION,
     MODULES,
     MONOLITHIC,
+    RIGHT_PADDING,
     SPLIT,
     ExportInfo,
     Layout,
@@ -45,8 +47,8 @@ log = logging.getLogger(__name__)
 #: the one weights file the graphs of a split bundle share
 SHARED_WEIGHTS = "weights.data"
 
-__all__ = ["GenerationResult", "Generator", "export", "export_encoder", "export_module", "quantize", "verify",
-           "versions"]
+__all__ = ["GenerationResult", "Generator", "export", "export_encoder", "export_module", "optimize", "quantize",
+           "verify", "versions"]
 
 
 def versions() -> dict:
@@ -480,7 +482,8 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
 
     if cfg.dtype == "float16":
         cases = cases_for(graph)
-        samples = [feeds(graph.inputs, c.sizes, verify_cfg.seed + i, manifest.model.vocab_size, left_pad=c.left_pad)
+        samples = [feeds(graph.inputs, c.sizes, verify_cfg.seed + i, manifest.model.vocab_size, left_pad=c.left_pad,
+                         right_pad=c.right_pad)
                    for i, c in enumerate(cases)]
         # logits stay fp32; so do inputs_embeds (the embedding graph and the pipelines hand them over)
         keep = tuple(n for n in ("logits", "inputs_embeds", "last_hidden_state")
@@ -515,16 +518,26 @@ def convert_decoder_precision(model, kv, folder: Path, manifest: Manifest, cfg: 
 
 def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: ExportConfig,
                            verify_cfg: VerifyConfig) -> list[dict]:
-    """optimize/ passes on the verified decoder graph (ORT fusions, then MatMul packing), each
-    kept only when it verifies again."""
-    from onnxport.optimize.fusions import run_pass
+    """optimize/ passes on the verified decoder graph (ORT fusions, MatMul packing, reshape
+    chains; for GroupQueryAttention graphs the rotary and packed q/k/v inside it), each kept
+    only when it verifies again. A pass that makes the graph take right-padded batches is
+    verified with right-padded cases and recorded as the graph's `padding`."""
+    from dataclasses import replace
+
+    from onnxport.optimize.fusions import RIGHT_PADDING_PASSES, run_pass
 
     graph = manifest.graph(DECODER)
     done = []
-    for name in ("ort_fusions", "matmul_packing", "reshape_chains"):
+    names = ["ort_fusions", "matmul_packing", "reshape_chains"]
+    if graph.attention == GQA_ATTENTION and graph.padding is None:
+        names.append("gqa_rotary")
+    for name in names:
         records: list[dict] = []
-        check = _decoder_check(model, kv, manifest, graph, verify_cfg, records) if cfg.verify else None
+        checked = replace(graph, padding=RIGHT_PADDING) if name in RIGHT_PADDING_PASSES else graph
+        check = _decoder_check(model, kv, manifest, checked, verify_cfg, records) if cfg.verify else None
         rec = run_pass(folder / graph.file, name, check, cfg.external_data_threshold_bytes)
+        if rec["applied"] and name in RIGHT_PADDING_PASSES:
+            graph.padding = RIGHT_PADDING
         graph.optimization = [*(graph.optimization or []), rec]
         graph.external_data = sorted(set(external_locations(folder / graph.file)))
         if rec["applied"] and records:
@@ -807,6 +820,50 @@ def _load_any(ckpt: Checkpoint, dtype: str, model_class: str | None, trust_remot
         return from_pretrained(cls, ckpt, getattr(torch, dtype), "eager", trust_remote_code)
     except (TypeError, ValueError):  # remote-code classes that take no attn_implementation
         return from_pretrained(cls, ckpt, getattr(torch, dtype), None, trust_remote_code)
+
+
+# --- optimize -----------------------------------------------------------------------------------
+
+def optimize(bundle: str | Path, out: str | Path, model_dir: str | Path | None = None, check: bool = True,
+             verify_cfg: VerifyConfig = VerifyConfig(), force: bool = False, allow_pickle: bool = False) -> Manifest:
+    """`onnxport optimize`: the optimize/ passes (what `export --optimize` runs) on the decoder
+    of an exported float32 bundle, written as a new bundle at `out`. Each pass is verified
+    against the source checkpoint (the export's, or `model_dir`) and rolled back when it
+    breaks parity; the manifest lists every pass with its fused-op counts."""
+    from onnxport.recipes import get_recipes
+
+    src = Path(bundle)
+    manifest = read_manifest(src)
+    if manifest.kv_cache is None or manifest.is_split or manifest.kv_cache.step_only:
+        raise InputError("onnxport optimize takes a monolithic decoder bundle",
+                         "export one with onnxport export (the default layout)")
+    graph = manifest.graph(DECODER)
+    if (manifest.export.dtype or "float32") != "float32" or graph.quantization:
+        raise InputError(f"the bundle is {'quantized' if graph.quantization else manifest.export.dtype}: passes run on "
+                         "the float32 graph", "optimize the float32 bundle, then convert or quantize it")
+    if graph.optimization:
+        raise InputError(f"{src} is already optimized ({', '.join(r['name'] for r in graph.optimization)})",
+                         "optimize the bundle written by onnxport export")
+    recipe = ckpt = None
+    if check:  # the passes are verified against the checkpoint the bundle came from
+        ckpt = open_checkpoint(Path(model_dir) if model_dir else Path(manifest.source.path), allow_pickle=allow_pickle)
+        if model_dir is None and ckpt.sha256() != manifest.source.sha256:
+            raise CheckpointError(f"the checkpoint at {manifest.source.path} changed since the export (sha256 "
+                                  "differs)", "pass --model with the checkpoint the bundle was exported from")
+        recipe = _text_decoder(get_recipes(ckpt.model_type, (DECODER,), ckpt.config))
+        if recipe is None:
+            raise InputError(f"{ckpt.model_type!r} has no text decoder part to optimize", "check the bundle's source")
+    with atomic_bundle(out, force) as tmp:
+        for f in src.iterdir():
+            if f.name != "manifest.json":
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        model = load_model(recipe, ckpt) if check else None
+        kv = recipe.kv_spec(model) if check else None
+        optimize_decoder_graph(model, kv, tmp, manifest, ExportConfig(verify=check, optimize=True), verify_cfg)
+        del model
+        record_files(tmp, manifest)
+        write_manifest(tmp, manifest)
+    return manifest
 
 
 # --- quantize -----------------------------------------------------------------------------------

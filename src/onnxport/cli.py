@@ -212,6 +212,30 @@ def export_module_cmd(
     _print_bundle(manifest, output)
 
 
+@app.command("optimize")
+@_guard
+def optimize_cmd(
+    bundle: Path = typer.Argument(..., help="Float32 decoder bundle written by `onnxport export`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Optimized bundle folder to write."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to verify against (default: the export's source)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Apply the passes without checking them against PyTorch."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights. Only for trusted sources."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+):
+    """Graph passes for ONNX Runtime (what export --optimize runs), each verified against PyTorch and rolled back if it breaks parity."""
+    from onnxport.api import optimize
+
+    with _working(f"optimizing {bundle}"):
+        manifest = optimize(bundle, output, model, check=not no_verify, force=force, allow_pickle=allow_pickle)
+    graph = manifest.graph("decoder")
+    done = [f"{r['name']} ({', '.join(f'{k} {v}' for k, v in r['fused'].items())})" for r in graph.optimization
+            if r["applied"]]
+    skipped = [f"{r['name']}: {r['result']}" for r in graph.optimization if not r["applied"]]
+    out.print(f"wrote {output}/: {'; '.join(done) or 'no pass applied'}"
+              + (f"; not applied: {'; '.join(skipped)}" if skipped else "")
+              + ("; takes right-padded batches" if graph.padding else ""), soft_wrap=True)
+
+
 @app.command("quantize")
 @_guard
 def quantize_cmd(

@@ -198,6 +198,18 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def right_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [batch, longest] int64 of token rows padded on the right, for graphs whose
+    positions and cache slots come from the mask's row sums (`padding: right`)."""
+    longest = max(len(r) for r in rows)
+    ids = np.full((len(rows), longest), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = row
+        mask[r, : len(row)] = 1
+    return ids, mask
+
+
 def padded_positions(mask: np.ndarray, pad_position: int = 1) -> np.ndarray:
     """transformers' generate: positions count real tokens; padded slots get `pad_position`
     (1 in 4.x, 0 in 5.x: the manifest's `model.pad_position`)."""
@@ -217,11 +229,19 @@ class ShapeCase:
     past: int
     #: left padding in row 0: this many leading positions of attention_mask are 0
     left_pad: int = 0
+    #: right padding in row 0 (`padding: right` graphs): this many positions at the end of
+    #: the prompt are 0 (the last new tokens of a prefill, else the last past slots)
+    right_pad: int = 0
 
     @property
     def label(self) -> str:
         s = f"batch={self.batch},seq={self.seq},past={self.past}"
-        return s + (f",left_pad={self.left_pad}" if self.left_pad else "")
+        return s + (f",left_pad={self.left_pad}" if self.left_pad else "") + (
+            f",right_pad={self.right_pad}" if self.right_pad else "")
+
+    @property
+    def padded(self) -> bool:
+        return bool(self.left_pad or self.right_pad)
 
     @property
     def sizes(self) -> dict:
@@ -249,6 +269,15 @@ GQA_CASES = (
     ShapeCase(1, 7, 5),
     ShapeCase(2, 1, 33, left_pad=4),
 )
+#: GroupQueryAttention graphs with the rotary inside (`padding: right`, optimize/gqa_rotary.py):
+#: a right-padded batched prefill, a prompt continuing a cache (batch 1), and a batched decode
+#: step whose row 0 has padding between its prompt and the new token, as the generator leaves it
+GQA_RIGHT_CASES = (
+    ShapeCase(1, 1, 0),
+    ShapeCase(2, 6, 0, right_pad=3),
+    ShapeCase(1, 7, 5),
+    ShapeCase(2, 1, 33, right_pad=4),
+)
 #: example sizes for tracing: all distinct and > 1 so that no dynamic dim is specialised or
 #: unified with another by the exporter (torch.export specialises sizes 0 and 1)
 TRACE_CASE = ShapeCase(2, 3, 5)
@@ -270,7 +299,7 @@ FULL_TRACE_CASE = ShapeCase(2, 5, 0)
 
 
 def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int = 2, *, past: int = 0,
-          left_pad: int = 0, window: int | None = None, static_cache: bool = False) -> dict[str, np.ndarray]:
+          left_pad: int = 0, right_pad: int = 0, window: int | None = None, static_cache: bool = False) -> dict[str, np.ndarray]:
     """Inputs for the graph inputs `inputs` at `sizes` (named dim -> size).
 
     Token ids are random in [0, vocab_size); a 2-D `attention_mask` is a 0/1 padding mask with
@@ -286,6 +315,9 @@ def feeds(inputs: list[TensorSpec], sizes: dict, seed: int = 0, vocab_size: int 
     if total is not None and BATCH in sizes:
         mask2d = np.ones((sizes[BATCH], total), dtype=np.int64)
         mask2d[0, :left_pad] = 0
+        if right_pad:  # the prompt's end: the new tokens of a prefill, else the past
+            end = sizes.get(PAST) or total
+            mask2d[0, end - right_pad:end] = 0
     for inp in inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in inp.dims]
         name, dtype = inp.name, np.dtype(inp.dtype)

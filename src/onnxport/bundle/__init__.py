@@ -11,8 +11,10 @@ from onnxport.bundle.folder import (
 from onnxport.bundle.manifest import (
     DECODER,
     ENCODER,
+    GQA_ATTENTION,
     MODULES,
     MONOLITHIC,
+    RIGHT_PADDING,
     SCHEMA_VERSION,
     SPLIT,
     ExportInfo,
@@ -29,6 +31,6 @@ from onnxport.bundle.manifest import (
     write_manifest,
 )
 
-__all__ = ["DECODER", "ENCODER", "MODULES", "MONOLITHIC", "SCHEMA_VERSION", "SPLIT", "ExportInfo", "Graph", "KVCache",
+__all__ = ["DECODER", "ENCODER", "GQA_ATTENTION", "MODULES", "RIGHT_PADDING", "MONOLITHIC", "SCHEMA_VERSION", "SPLIT", "ExportInfo", "Graph", "KVCache",
            "Layout", "Manifest", "ModelInfo", "Part", "Pipeline", "Source", "atomic_bundle", "check_target", "read_manifest",
            "check_external_data", "external_locations", "record_files", "resolve_inside", "write_manifest"]

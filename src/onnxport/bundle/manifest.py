@@ -28,6 +28,10 @@ MANIFEST = "manifest.json"
 MONOLITHIC, SPLIT, MODULES = "monolithic", "split", "modules"
 # part kinds
 DECODER, ENCODER = "decoder", "encoder"
+#: graphs[].attention of `--attention gqa` decoders
+GQA_ATTENTION = "com.microsoft.GroupQueryAttention"
+#: graphs[].padding of decoders that take right-padded batches
+RIGHT_PADDING = "right"
 
 
 def _io(t: TensorSpec) -> dict:
@@ -83,6 +87,10 @@ class Graph:
     #: decoders exported with fused attention: "com.microsoft.GroupQueryAttention" (a prompt
     #: that continues a cache then runs one row at a time; see export/attention.py)
     attention: str | None = None
+    #: "right": the graph takes each row's positions and cache slots from the mask's row sums
+    #: (rotary inside GroupQueryAttention, optimize/gqa_rotary.py), so batches are padded on
+    #: the right; None: left padding, as transformers' generate pads
+    padding: str | None = None
     # embedding_table (raw .bin) only
     dtype: str | None = None
     shape: list[int] | None = None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from onnxport.bundle import Graph
+from onnxport.bundle import GQA_ATTENTION, Graph
 from onnxport.config import ExportConfig
 from onnxport.export.graph import export_graph
 from onnxport.hf.compat import (
@@ -292,7 +292,7 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
                                  cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=bind,
                                  translations=translations)
     graph = Graph("decoder", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
-                  patches=applied, attention="com.microsoft.GroupQueryAttention" if gqa else None)
+                  patches=applied, attention=GQA_ATTENTION if gqa else None)
     return graph, used
 
 

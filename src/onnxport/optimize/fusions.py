@@ -7,7 +7,9 @@
 - `matmul_packing` (optimize/packing.py): linear layers that read the same activation (q/k/v,
   gate/up) become one MatMul over their concatenated weights and a Split, as onnxruntime-genai's
   builder writes them: one weight read and one kernel per group at decode;
-- `reshape_chains`: Reshape(Reshape(x)) -> Reshape(x) (the views to heads and back).
+- `reshape_chains`: Reshape(Reshape(x)) -> Reshape(x) (the views to heads and back);
+- `gqa_rotary` (optimize/gqa_rotary.py): rotary and packed q/k/v inside GroupQueryAttention,
+  seqlens from the mask once: the graph then takes right-padded batches (`padding: right`).
 
 Each candidate is written beside the graph and replaces it only when the caller's check
 (verify/ against PyTorch) passes; otherwise the original stays and the record says why.
@@ -65,8 +67,17 @@ def _reshape_chains(model):
     return model, ({"folded_reshapes": n} if n else {})
 
 
+def _gqa_rotary(model):
+    from onnxport.optimize.gqa_rotary import fuse_rotary_into_gqa
+
+    return model, fuse_rotary_into_gqa(model)
+
+
 PASSES: dict[str, Callable] = {"ort_fusions": _ort_fusions, "matmul_packing": _matmul_packing,
-                               "reshape_chains": _reshape_chains}
+                               "reshape_chains": _reshape_chains, "gqa_rotary": _gqa_rotary}
+#: passes that change the graph's padding contract: the verification checks their candidate
+#: with right-padded inputs, and the manifest records the graph's `padding`
+RIGHT_PADDING_PASSES = ("gqa_rotary",)
 
 
 def run_pass(src: Path, name: str, check: Callable[[Path], tuple[bool, str]] | None,

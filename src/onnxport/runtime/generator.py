@@ -14,16 +14,16 @@ from typing import Callable
 
 import numpy as np
 
-from onnxport.bundle import read_manifest
+from onnxport.bundle import GQA_ATTENTION, RIGHT_PADDING, read_manifest
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
 from onnxport.runtime.split import SplitDecoder
 from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
-from onnxport.spec import left_pad, padded_positions
+from onnxport.spec import left_pad, padded_positions, right_pad
 
 #: the fused attention op of `--attention gqa` graphs (manifest graphs[].attention)
-GQA_OP = "com.microsoft.GroupQueryAttention"
+GQA_OP = GQA_ATTENTION
 
 #: called with (row, token_id) for every new token of every unfinished row
 TokenCallback = Callable[[int, int], None]
@@ -97,6 +97,10 @@ class Generator:
         #: both past and present (written in place: no per-step copy of the cache)
         self.shared_buffer = (self.split is None and not self.step_only and bool(self.past_names)
                               and self.manifest.graph("decoder").attention == GQA_OP)
+        #: the graph takes positions and cache slots from the mask's row sums (rotary inside
+        #: GroupQueryAttention): batches are padded on the right, each row's first token read
+        #: at its own last prompt slot
+        self.right_padded = self.split is None and self.manifest.graph("decoder").padding == RIGHT_PADDING
         self.kv_dtype = np.dtype(kv.dtype)
         self.vocab_size = int(self.manifest.model.vocab_size)
         self.forced: dict = {}
@@ -247,9 +251,15 @@ class Generator:
             return self._generate_steps(prompts, max_new_tokens, sampler, eos, on_token,
                                         (prefill or {}).get("inputs_embeds"))
         batch, longest = len(prompts), max(len(p) for p in prompts)
-        input_ids, mask = left_pad(prompts, self.pad_feed)
+        input_ids, mask = (right_pad if self.right_padded else left_pad)(prompts, self.pad_feed)
         positions = padded_positions(mask, self.pad_position)
-        prefill = prefill or {}
+        prefill = dict(prefill or {})
+        #: each row's shift from left to right padding (a pipeline's prefill arrives left-padded)
+        shift = np.asarray([longest - len(p) for p in prompts]) if self.right_padded else None
+        if shift is not None and shift.any():
+            for key, axis in (("inputs_embeds", 1), ("position_ids", -1)):
+                if prefill.get(key) is not None:
+                    prefill[key] = _shift_rows(prefill[key], -shift, axis)
         embeds = prefill.get("inputs_embeds")
         if prefill.get("position_ids") is not None:
             positions = prefill["position_ids"]
@@ -270,6 +280,10 @@ class Generator:
             t0 = time.perf_counter()
             feeds = self._feeds(input_ids, mask, positions, past, embeds if step == 0 else None)
             outs = run(feeds) if run is not None else self.session.run(feeds, check=step == 0)
+            if step == 0 and shift is not None and shift.any():
+                # callers see the prompt's outputs laid out as left-padded, as without this graph
+                outs = {k: _shift_rows(v, shift, 1) if v.ndim >= 2 and v.shape[:2] == (batch, longest) else v
+                        for k, v in outs.items()}
             if on_outputs is not None:
                 on_outputs(step, outs)
             next_tok = sampler(outs["logits"][:, -1, :])
@@ -414,6 +428,19 @@ class Generator:
         padded = padded[:, :longest]
         tokens = [_cut_at_eos(row, eos) for row in padded.tolist()]
         return GenerationResult(tokens, padded, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_tokens=steps)
+
+
+def _shift_rows(a: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:
+    """Each row r (batch axis: the first, or the second of [3, batch, seq] position ids) of
+    `a` rolled by shift[r] along `axis`: left <-> right padding."""
+    a = np.asarray(a)
+    batch_axis = 1 if a.ndim == 3 and axis == -1 else 0
+    out = np.empty_like(a)
+    for r, s in enumerate(shift):
+        idx = [slice(None)] * a.ndim
+        idx[batch_axis] = r
+        out[tuple(idx)] = np.roll(a[tuple(idx)], int(s), axis=axis if axis < 0 else axis - 1)
+    return out
 
 
 def _cut_at_eos(row: list[int], eos: list[int]) -> list[int]:

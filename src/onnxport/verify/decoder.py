@@ -5,11 +5,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from onnxport.bundle import Graph
+import numpy as np
+
+from onnxport.bundle import GQA_ATTENTION, RIGHT_PADDING, Graph
 from onnxport.config import VerifyConfig
 from onnxport.export.decoder import wrapper_args
 from onnxport.progress import update as report
-from onnxport.spec import DECODER_CASES, FULL_CASES, GQA_CASES, STEP_CASES, ShapeCase, feeds
+from onnxport.spec import (
+    DECODER_CASES,
+    FULL_CASES,
+    GQA_CASES,
+    GQA_RIGHT_CASES,
+    STEP_CASES,
+    ShapeCase,
+    feeds,
+)
 from onnxport.verify.compare import compare
 
 log = logging.getLogger(__name__)
@@ -36,8 +46,9 @@ def verify_decoder(
     if cases is None:
         cases = cases_for(graph)
     out_names = graph.output_names
-    xs = [feeds(graph.inputs, case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad)
+    xs = [feeds(graph.inputs, case.sizes, cfg.seed + i, vocab_size, left_pad=case.left_pad, right_pad=case.right_pad)
           for i, case in enumerate(cases)]
+    right = graph.padding == RIGHT_PADDING
     # all cases through ONNX Runtime first: a graph past the memory budget runs segment by
     # segment, each segment's weights loaded once for every case
     got_all, ran = run_feeds(onnx_file, out_names, xs, cfg.segment_bytes, observe=observe)
@@ -56,12 +67,12 @@ def verify_decoder(
             if reference is not None:
                 reference[key] = ref
         outputs = {}
-        mask = x.get("attention_mask") if case.left_pad else None
+        mask = x.get("attention_mask") if case.padded else None
         for name, e in zip(out_names, ref):
             a = got[name]
             if mask is not None and mask.ndim == 2:
-                a, e = unpadded(name, a, mask, getattr(wrapper, "bshd", False)), unpadded(
-                    name, e, mask, getattr(wrapper, "bshd", False))
+                bshd = getattr(wrapper, "bshd", False)
+                a, e = unpadded(name, a, mask, bshd, compact=right), unpadded(name, e, mask, bshd)
             outputs[name] = compare(a, e, cfg.atol, cfg.min_cosine, cfg.rtol)
         record = {"shape": case.label, "ok": all(r["ok"] for r in outputs.values()), "outputs": outputs}
         if mask is not None:
@@ -101,21 +112,27 @@ def verify_embedding(recipe, model, onnx_file: Path, graph: Graph, vocab_size: i
 
 def cases_for(graph: Graph) -> list[ShapeCase]:
     """DECODER_CASES; STEP_CASES for a one-token-per-call graph (recurrent state); FULL_CASES
-    for a graph without a cache; GQA_CASES for GroupQueryAttention graphs."""
+    for a graph without a cache; GQA_CASES for GroupQueryAttention graphs (GQA_RIGHT_CASES when
+    the rotary is inside: `padding: right`)."""
     step = graph.inputs[0].name == "input_ids" and graph.inputs[0].dims[-1] == 1
     no_cache = not any(i.name.startswith(("past_", "past_key")) for i in graph.inputs)
-    if graph.attention == "com.microsoft.GroupQueryAttention":
-        return GQA_CASES
+    if graph.attention == GQA_ATTENTION:
+        return GQA_RIGHT_CASES if graph.padding == RIGHT_PADDING else GQA_CASES
     return STEP_CASES if step else FULL_CASES if no_cache else DECODER_CASES
 
 
-def unpadded(name: str, a, mask, bshd: bool):
-    """The part of an output at real (unpadded) positions: left-padded slots hold whatever the
+def unpadded(name: str, a, mask, bshd: bool, compact: bool = False):
+    """The part of an output at real (unpadded) positions: padded slots hold whatever the
     model computes for a query that may attend nothing, which no later step reads (attention
-    masks them, the generator ignores their logits) and transformers leaves arbitrary too."""
+    masks them, the generator ignores their logits) and transformers leaves arbitrary too.
+
+    `compact`: a `padding: right` graph's cache keeps each row's real slots first (GQA writes
+    the new keys at slot seqlens_k), so its presents' real part is the first sum(mask) slots
+    of the row, in order; the reference keeps them where the mask is 1."""
+    cache = name.endswith((".key", ".value")) or name.startswith(("past_key", "past_value"))
     if name in ("logits", "last_hidden_state") or name.endswith("indexer_key"):
         axis = 1
-    elif name.endswith((".key", ".value")) or name.startswith(("past_key", "past_value")):
+    elif cache:
         axis = 1 if bshd else 2
     else:
         return a  # fixed-size states: compared whole
@@ -123,6 +140,8 @@ def unpadded(name: str, a, mask, bshd: bool):
     if a.shape[0] != mask.shape[0] or n > mask.shape[1]:
         return a
     keep = mask[:, mask.shape[1] - n:].astype(bool)  # [batch, n]
+    if compact and cache:
+        keep = np.arange(n)[None, :] < mask.sum(axis=1)[:, None]
     moved = a.swapaxes(1, axis) if axis != 1 else a
     return moved[keep]
 
