@@ -36,6 +36,8 @@ class OrtGraph:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        decoder = json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]
+        self.kv_heads, self.head_size = decoder["num_key_value_heads"], decoder["head_size"]
         self.pasts = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -43,8 +45,7 @@ class OrtGraph:
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, total), np.int64)}
         for i in self.pasts:
             if past is None:
-                heads, dim = (d if isinstance(d, int) else None for d in (i.shape[1], i.shape[3]))
-                feeds[i.name] = np.zeros((1, heads, 0, dim), np.float32)
+                feeds[i.name] = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
             else:
                 feeds[i.name] = past[i.name.replace("past_key_values", "present")]
         return dict(zip(self.outputs, self.session.run(None, feeds)))

@@ -282,7 +282,7 @@ class Generator:
             outs = run(feeds) if run is not None else self.session.run(feeds, check=step == 0)
             if step == 0 and shift is not None and shift.any():
                 # callers see the prompt's outputs laid out as left-padded, as without this graph
-                outs = {k: _shift_rows(v, shift, 1) if v.ndim >= 2 and v.shape[:2] == (batch, longest) else v
+                outs = {k: _shift_rows(v, shift, 1) if k in ("logits", "last_hidden_state") else v
                         for k, v in outs.items()}
             if on_outputs is not None:
                 on_outputs(step, outs)
