@@ -213,8 +213,8 @@ def fuse_rotary_into_gqa(model) -> dict:
             new.name = name
         graph.remove(node, safe=True)
     RemoveUnusedNodesPass()(model)
-    readers = {u.node.name for u in mask.uses()}
-    if readers - {rows.name, width.name}:
-        raise ValueError(f"attention_mask is still read by {sorted(readers - {rows.name, width.name})} after "
-                         "the rewrite: the graph would mix left- and right-padding")
+    others = [u.node for u in mask.uses() if u.node is not rows and u.node is not width]
+    if others:
+        raise ValueError(f"attention_mask is still read by {[n.op_type for n in others]} after the rewrite: the "
+                         "graph would mix left and right padding")
     return {"gqa_rotary_layers": len(plans), "packed_qkv_layers": packed_layers}
