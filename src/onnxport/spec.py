@@ -188,25 +188,24 @@ def additive_mask(q_pos: np.ndarray, k_pos: np.ndarray, valid: np.ndarray, windo
 def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) [batch, longest] int64 of token rows padded on the left, as transformers'
     generate batches them: `pad` in the padded slots, mask 0 there."""
+    return _pad(rows, pad, right=False)
+
+
+def right_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) as `left_pad`, padded on the right: for graphs whose positions and cache
+    slots come from the mask's row sums (`padding: right`)."""
+    return _pad(rows, pad, right=True)
+
+
+def _pad(rows: list[list[int]], pad: int, right: bool) -> tuple[np.ndarray, np.ndarray]:
     longest = max(len(r) for r in rows)
     ids = np.full((len(rows), longest), pad, dtype=np.int64)
     mask = np.zeros((len(rows), longest), dtype=np.int64)
     for r, row in enumerate(rows):
         if len(row):
-            ids[r, longest - len(row):] = row
-            mask[r, longest - len(row):] = 1
-    return ids, mask
-
-
-def right_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) [batch, longest] int64 of token rows padded on the right, for graphs whose
-    positions and cache slots come from the mask's row sums (`padding: right`)."""
-    longest = max(len(r) for r in rows)
-    ids = np.full((len(rows), longest), pad, dtype=np.int64)
-    mask = np.zeros((len(rows), longest), dtype=np.int64)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = row
-        mask[r, : len(row)] = 1
+            at = slice(0, len(row)) if right else slice(longest - len(row), longest)
+            ids[r, at] = row
+            mask[r, at] = 1
     return ids, mask
 
 

@@ -22,9 +22,6 @@ from onnxport.runtime.split import SplitDecoder
 from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
 from onnxport.spec import left_pad, padded_positions, right_pad
 
-#: the fused attention op of `--attention gqa` graphs (manifest graphs[].attention)
-GQA_OP = GQA_ATTENTION
-
 #: called with (row, token_id) for every new token of every unfinished row
 TokenCallback = Callable[[int, int], None]
 #: called with (step, the decoder's outputs by name) after every call of the decoder graph
@@ -96,7 +93,7 @@ class Generator:
         #: GroupQueryAttention graphs run with one fixed-size cache buffer per tensor, bound as
         #: both past and present (written in place: no per-step copy of the cache)
         self.shared_buffer = (self.split is None and not self.step_only and bool(self.past_names)
-                              and self.manifest.graph("decoder").attention == GQA_OP)
+                              and self.manifest.graph("decoder").attention == GQA_ATTENTION)
         #: the graph takes positions and cache slots from the mask's row sums (rotary inside
         #: GroupQueryAttention): batches are padded on the right, each row's first token read
         #: at its own last prompt slot
