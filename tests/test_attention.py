@@ -31,7 +31,8 @@ def test_gqa_export_is_verified_and_token_exact(model_type, exported, tiny_check
     graph = m.graph("decoder")
     assert graph.attention == "com.microsoft.GroupQueryAttention"
     model = onnx.load(str(bundle / "model.onnx"))
-    ops = Counter((n.domain, n.op_type) for n in model.graph.node)
+    # (the optional logits_to_keep input's own Neg / Slice aside)
+    ops = Counter((n.domain, n.op_type) for n in model.graph.node if not n.name.startswith("/logits_to_keep/"))
     assert ops[("com.microsoft", "GroupQueryAttention")] == m.model.num_layers
     assert ops[("", "Softmax")] == 0 and ops[("", "Neg")] == 0  # no unfused attention or rotary left
     assert m.verification["ok"]
@@ -64,11 +65,24 @@ def test_gqa_export_is_verified_and_token_exact(model_type, exported, tiny_check
     np.testing.assert_array_equal(got, hf_greedy(tiny_checkpoints(model_type), PROMPTS, 24))
     # the prompt's outputs reach callers laid out as left-padded whatever the graph's padding:
     # the same as the default export's at every real position
-    ref = {}
-    Generator(exported(model_type)).generate_ids(PROMPTS, max_new_tokens=1, eos_token_id=None,
-                                                 on_outputs=lambda step, outs: ref.setdefault(step, outs["logits"]))
+    ref, last = {}, {}
+    default = Generator(exported(model_type))
+    # the default graph computes the prompt's logits at the last slot only (logits_to_keep) ...
+    assert default.keeps_logits
+    default.generate_ids(PROMPTS, max_new_tokens=1, eos_token_id=None,
+                         on_outputs=lambda step, outs: last.setdefault(step, outs["logits"]))
+    default.keeps_logits = False  # ... and at every slot without it
+    default.generate_ids(PROMPTS, max_new_tokens=1, eos_token_id=None,
+                         on_outputs=lambda step, outs: ref.setdefault(step, outs["logits"]))
+    assert last[0].shape == (len(PROMPTS), 1, 1024) and ref[0].shape[1] == max(map(len, PROMPTS))
+    np.testing.assert_allclose(last[0], ref[0][:, -1:], atol=1e-5)
+    # the right-padded graph's prompt of several lengths: every position (the last slot is not
+    # every row's last token); the left-padded one: the last slot alone
+    n = seen[0].shape[1]
+    assert n == (max(map(len, PROMPTS)) if model_type == "llama" else 1)
     for r, prompt in enumerate(PROMPTS):
-        np.testing.assert_allclose(seen[0][r, -len(prompt):], ref[0][r, -len(prompt):], atol=2e-4)
+        k = min(n, len(prompt))
+        np.testing.assert_allclose(seen[0][r, -k:], ref[0][r, -k:], atol=2e-4)
 
 
 def test_gqa_rotary_packs_qkv_biases_and_serves_a_right_padded_batch(tmp_path):

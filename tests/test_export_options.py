@@ -30,9 +30,12 @@ def graph_dims(path):
 def test_bshd_seed_naming_contract_and_parity(exported, tiny_checkpoints):
     bundle = exported("llama", kv_layout="bshd", kv_naming="seed")
     m, dims = graph_dims(bundle / "model.onnx")
-    names = [v.name for v in m.graph.input]
+    # what a caller must feed; logits_to_keep is optional (backed by an initializer)
+    defaults = {t.name for t in m.graph.initializer}
+    names = [v.name for v in m.graph.input if v.name not in defaults]
     assert names == ["input_ids", "attention_mask", "position_ids",
                      "past_key_in0", "past_value_in0", "past_key_in1", "past_value_in1"]
+    assert [v.name for v in m.graph.input if v.name in defaults] == ["logits_to_keep"]
     assert [v.name for v in m.graph.output] == ["logits", "past_key0", "past_value0", "past_key1", "past_value1"]
     assert dims["past_key_in0"] == ["batch_size", "past_sequence_length", 2, 16]
     assert dims["past_value1"] == ["batch_size", "total_sequence_length", 2, 16]

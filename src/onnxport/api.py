@@ -108,6 +108,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
                 elif cfg.dtype != "float32":
                     convert_decoder_precision(model, kv, tmp, manifest, cfg, verify_cfg,
                                               ranges.max if ranges is not None else None)
+                if split is None:
+                    add_optional_logits(tmp, manifest)
             else:
                 export_encoder_part(name, recipe, model, cfg, verify_cfg, tmp, manifest)
             if callable(getattr(recipe, "write_files", None)):
@@ -525,8 +527,13 @@ def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: Exp
     from dataclasses import replace
 
     from onnxport.optimize.fusions import RIGHT_PADDING_PASSES, run_pass
+    from onnxport.optimize.logits_to_keep import NAME, remove_logits_to_keep
 
     graph = manifest.graph(DECODER)
+    # passes fold or drop an overridable initializer: they run on the graph without it
+    readd = NAME in (graph.optional_inputs or {}) and remove_logits_to_keep(folder / graph.file)
+    if readd:
+        graph.optional_inputs = {k: v for k, v in graph.optional_inputs.items() if k != NAME} or None
     done = []
     names = ["ort_fusions", "matmul_packing", "reshape_chains"]
     if graph.attention == GQA_ATTENTION and graph.padding is None:
@@ -543,7 +550,24 @@ def optimize_decoder_graph(model, kv, folder: Path, manifest: Manifest, cfg: Exp
         if rec["applied"] and records:
             manifest.verification = manifest.part(DECODER).verification = records[-1]
         done.append(rec)
+    if readd:
+        add_optional_logits(folder, manifest)
     return done
+
+
+def add_optional_logits(folder: Path, manifest: Manifest) -> dict:
+    """optimize/logits_to_keep on the finished monolithic decoder graph: the optional input
+    that lets a prompt's call compute the last position's logits only (the graph's outputs
+    are unchanged when it is not fed). Recorded in the graph's `optional_inputs`."""
+    from onnxport.optimize.logits_to_keep import add_logits_to_keep, optional_input_record
+
+    graph = manifest.graph(DECODER)
+    rec = add_logits_to_keep(folder / graph.file)
+    if rec["applied"]:
+        graph.optional_inputs = {**(graph.optional_inputs or {}), **optional_input_record()}
+    else:
+        log.info("logits_to_keep not added: %s", rec["result"])
+    return rec
 
 
 def _reverify_pipeline(recipe, model, folder: Path, manifest: Manifest) -> None:

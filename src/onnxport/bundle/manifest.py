@@ -91,6 +91,9 @@ class Graph:
     #: (rotary inside GroupQueryAttention, optimize/gqa_rotary.py), so batches are padded on
     #: the right; None: left padding, as transformers' generate pads
     padding: str | None = None
+    #: inputs a caller may leave out, backed by a default in the graph: {name: {"dtype",
+    #: "dims", "default", "doc"}} (decoders: `logits_to_keep`, optimize/logits_to_keep.py)
+    optional_inputs: dict | None = None
     # embedding_table (raw .bin) only
     dtype: str | None = None
     shape: list[int] | None = None

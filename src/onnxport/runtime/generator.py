@@ -98,6 +98,10 @@ class Generator:
         #: GroupQueryAttention): batches are padded on the right, each row's first token read
         #: at its own last prompt slot
         self.right_padded = self.split is None and self.manifest.graph("decoder").padding == RIGHT_PADDING
+        #: the graph can compute a prompt's logits at its last position only (optional input
+        #: `logits_to_keep`, optimize/logits_to_keep.py): the lm_head then runs once per row
+        self.keeps_logits = self.split is None and "logits_to_keep" in (self.manifest.graph("decoder").optional_inputs
+                                                                       or {})
         self.kv_dtype = np.dtype(kv.dtype)
         self.vocab_size = int(self.manifest.model.vocab_size)
         self.forced: dict = {}
@@ -214,7 +218,9 @@ class Generator:
         features in place, "position_ids": [3, batch, longest], "position_delta": [batch]
         added to every later position}, for the left-padded prompt batch. `on_outputs(step,
         outputs)` sees each call's outputs (a pipeline reading `last_hidden_state`); monolithic
-        decoders that read a whole prompt per call."""
+        decoders that read a whole prompt per call. Graphs with the optional `logits_to_keep`
+        input compute the prompt call's logits at the last position only (every row's last
+        token: left padding, or right padding with prompts of one length)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token", "pass a non-empty prompt")
         if max_new_tokens < 1:
@@ -268,6 +274,8 @@ class Generator:
             run = None
             past = {n: self._empty_past(n, batch) for n in self.past_names}
 
+        # the prompt call's logits at the last slot only, where that is every row's last token
+        keep_last = self.keeps_logits and (not self.right_padded or len({len(p) for p in prompts}) == 1)
         unfinished = np.ones(batch, dtype=bool)
         new_tokens = np.full((batch, max_new_tokens), self.pad_id, dtype=np.int64)
         eos_arr = np.asarray(eos, dtype=np.int64)
@@ -276,6 +284,8 @@ class Generator:
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
             feeds = self._feeds(input_ids, mask, positions, past, embeds if step == 0 else None)
+            if step == 0 and keep_last:
+                feeds["logits_to_keep"] = np.array(1, dtype=np.int64)
             outs = run(feeds) if run is not None else self.session.run(feeds, check=step == 0)
             if step == 0 and shift is not None and shift.any():
                 # callers see the prompt's outputs laid out as left-padded, as without this graph
@@ -343,9 +353,15 @@ class Generator:
         step_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
         self._buffers.append(step_value)
 
+        # inputs backed by an initializer (logits_to_keep) bind only as OrtValues, kept alive here
+        optional, held = set(self.session.optional), {}
+
         def run(feeds: dict) -> dict:
             for name, value in feeds.items():
-                if name not in past:
+                if name in optional:
+                    held[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                    io.bind_ortvalue_input(name, held[name])
+                elif name not in past:
                     io.bind_cpu_input(name, np.ascontiguousarray(value))
             tokens = feeds["input_ids"] if "input_ids" in feeds else feeds["inputs_embeds"]
             if tokens.shape[1] == 1:

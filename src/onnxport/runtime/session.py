@@ -9,7 +9,7 @@ import numpy as np
 
 from onnxport.bundle import Graph, check_external_data, resolve_inside
 from onnxport.errors import BundleError, RuntimeInputError
-from onnxport.spec import PAST, SEQ, TOTAL
+from onnxport.spec import PAST, SEQ, TOTAL, TensorSpec
 
 
 def make_session(path: Path, threads: int | None = None, spinning: bool = True):
@@ -34,6 +34,8 @@ class GraphSession:
     def __init__(self, bundle: Path, entry: Graph, threads: int | None = None, spinning: bool = True):
         self.entry = entry
         self.inputs = {i.name: i for i in entry.inputs}
+        #: inputs the graph defaults when not fed (manifest `optional_inputs`)
+        self.optional = {n: TensorSpec(n, o["dtype"], tuple(o["dims"])) for n, o in (entry.optional_inputs or {}).items()}
         self.output_names = entry.output_names
         threads = threads or int(os.environ.get("ONNXPORT_THREADS", "0")) or None
         path = resolve_inside(bundle, entry.file)
@@ -48,7 +50,7 @@ class GraphSession:
 
     def check(self, feeds: dict[str, np.ndarray]) -> None:
         missing = [n for n in self.inputs if n not in feeds]
-        extra = [n for n in feeds if n not in self.inputs]
+        extra = [n for n in feeds if n not in self.inputs and n not in self.optional]
         if missing or extra:
             raise RuntimeInputError(
                 f"{self.entry.file}: "
@@ -59,7 +61,7 @@ class GraphSession:
             )
         bound: dict[str, int] = {}
         for name, arr in feeds.items():
-            spec = self.inputs[name]
+            spec = self.inputs.get(name) or self.optional[name]
             if str(arr.dtype) != spec.dtype:
                 raise RuntimeInputError(
                     f"input {name!r} has dtype {arr.dtype}, expected {spec.dtype}",
