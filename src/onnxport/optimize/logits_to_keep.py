@@ -48,6 +48,8 @@ def _lm_head(graph, output: str = "logits"):
         if (domain, node.op_type) in _HEADS:
             if node.input[0] in constant or node.input[1] not in constant and node.input[1] not in producer:
                 return None, f"{node.op_type} {node.name!r} does not multiply the hidden states by a weight"
+            if any(a.name in ("transA", "transBatchA") and a.i for a in node.attribute):
+                return None, f"{node.op_type} {node.name!r} transposes the hidden states"
             return node, ""
         if domain or node.op_type not in _PER_POSITION:
             return None, f"{output} comes from {node.op_type}, not from an lm_head MatMul"
