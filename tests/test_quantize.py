@@ -124,6 +124,42 @@ def test_error_model_is_the_packer(bits, symmetric):
     assert np.abs(mine - w).max() > 1e-4  # it does quantize
 
 
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_bias_add_folds_into_matmulnbits(accuracy_level):
+    """A constant bias Add after MatMulNBits becomes its bias input: same outputs, one node
+    less; a bias of another shape, or a product read twice, stays an Add."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from onnxport.optimize.quantize import fold_bias_adds
+
+    rng = np.random.default_rng(1)
+    k, n = 64, 24
+    inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"W{i}") for i in range(3)]
+    inits += [numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
+              numpy_helper.from_array(rng.standard_normal((1, n)).astype(np.float32), "b2d")]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["p0"], name="mm0"), helper.make_node("Add", ["b", "p0"], ["y0"]),
+             helper.make_node("MatMul", ["x", "W1"], ["p1"], name="mm1"), helper.make_node("Add", ["p1", "b2d"], ["y1"]),
+             helper.make_node("MatMul", ["x", "W2"], ["p2"], name="mm2"), helper.make_node("Add", ["p2", "b"], ["a2"]),
+             helper.make_node("Mul", ["p2", "a2"], ["y2"])]
+    io = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 5, n]) for i in range(3)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, k])], io, inits)
+    q = MatMulNBitsQuantizer(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), bits=4, block_size=32,
+                             is_symmetric=True, accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",))
+    q.process()
+    model = q.model.model
+    feed = {"x": rng.standard_normal((2, 5, k)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feed)
+    assert fold_bias_adds(model) == 1  # only y0's: b2d is [1, N], p2 is read twice
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Add") == 2 and ops.count("MatMulNBits") == 3
+    after = ort.InferenceSession(model.SerializeToString()).run(None, feed)
+    for a, b in zip(after, before):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_awq_beats_rtn_on_held_out_perplexity(demo_fp32, tmp_path):
     """Trained weights, int4, block 32, no escalation: AWQ's activation-aware scales give a
     lower held-out perplexity than plain RTN (measured 85.84 vs 86.14; fp32 84.10)."""

@@ -949,8 +949,8 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
                 continue  # --max-error already moved these
             for f in (tmp / graph.file, tmp / (graph.file + ".data")):
                 f.unlink(missing_ok=True)
-            quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes, scales,
-                           cfg.embedding)
+            folded = quantize_graph(src / graph.file, tmp / graph.file, spec, int8, cfg.external_data_threshold_bytes,
+                                    scales, cfg.embedding)
             q = replace(graph, external_data=sorted(set(external_locations(tmp / graph.file))), files=None)
             qm = replace(manifest, graphs=[q if g is graph else g for g in manifest.graphs])
             write_manifest(tmp, qm)
@@ -982,6 +982,7 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
             "awq": {"scaled_groups": len(scales), "applied_as": "Mul by 1/s before each group, W * s packed"}
             if scales is not None else None,
             "layers": {f"int{b}": sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))},
+            "bias_adds_folded": folded,
             "per_layer": [{"node": n, "module": modules.get(n), "bits": bits[n], "relative_error": round(e, 5)}
                           for n, e in errors.items()],
             "perplexity": {"source": round(ppl_fp, 4), "quantized": round(ppl_q, 4), "heldout_tokens": len(held)},

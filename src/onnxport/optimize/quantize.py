@@ -263,12 +263,46 @@ def apply_scales(model, scales: dict) -> int:
     return n_scaled
 
 
+def fold_bias_adds(model) -> int:
+    """MatMulNBits followed by an Add of a constant [N] float bias that nothing else reads from
+    the product (a packed q/k/v bias, a linear layer's bias): the bias becomes MatMulNBits'
+    own `bias` input (input 5) and the Add goes, one node less per layer and step. Returns the
+    number folded."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type != "MatMulNBits" or (len(node.input) > 5 and node.input[5]):
+            continue
+        y = node.output[0]
+        add = readers.get(y, [None])[0]
+        if y in outputs or len(readers.get(y, [])) != 1 or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            continue
+        bias = inits.get(add.input[1] if add.input[0] == y else add.input[0])
+        n_out = next((a.i for a in node.attribute if a.name == "N"), None)
+        if bias is None or list(bias.dims) != [n_out] or bias.data_type != TensorProto.FLOAT:
+            continue
+        node.input.extend([""] * (5 - len(node.input)))
+        node.input.append(bias.name)
+        node.output[0] = add.output[0]
+        model.graph.node.remove(add)
+        folded += 1
+    return folded
+
+
 def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str], external_threshold: int,
-                   scales: dict | None = None, embedding: bool = False) -> None:
+                   scales: dict | None = None, embedding: bool = False) -> int:
     """MatMulNBits at spec.bits for every quantizable MatMul, `int8_nodes` at 8 bits, after
     folding AWQ `scales` (if any) into activations and weights; with `embedding`, token
     embedding Gathers become GatherBlockQuantized (spec.bits, blocks along the hidden axis;
-    ONNX Runtime's quantizer raises the opset to 21 for the int4 type)."""
+    ONNX Runtime's quantizer raises the opset to 21 for the int4 type). Constant bias Adds
+    after MatMulNBits fold into it (`fold_bias_adds`); returns how many did."""
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -298,6 +332,8 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str],
                                  op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
         q.process()
         model = q.model.model
+    folded = fold_bias_adds(model)
     save_model(ir.serde.deserialize_model(model), dst, external_threshold)
+    return folded
 
 
