@@ -45,7 +45,10 @@ def test_gqa_export_is_verified_and_token_exact(model_type, exported, tiny_check
         # gqa_rotary: the rotary and the packed q/k/v inside GroupQueryAttention, seqlens from
         # the mask once; the graph takes right-padded batches and is verified with them
         assert passes["gqa_rotary"]["applied"], passes["gqa_rotary"]["result"]
-        assert passes["gqa_rotary"]["fused"] == {"gqa_rotary_layers": 2, "packed_qkv_layers": 2}
+        # (and the identity view after each GQA node: [batch_size, sequence_length, -1])
+        assert passes["gqa_rotary"]["fused"] == {"gqa_rotary_layers": 2, "packed_qkv_layers": 2, "views_dropped": 2}
+        assert all(u.op_type != "Reshape" for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                   for u in model.graph.node if n.output[0] in u.input)
         assert graph.padding == "right" and ops[("com.microsoft", "RotaryEmbedding")] == 0
         for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -53,7 +53,7 @@ def test_optimize_command_on_an_exported_bundle(exported, tiny_checkpoints, tmp_
     out = tmp_path / "opt"
     r = CliRunner().invoke(app, ["optimize", str(src), "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert "gqa_rotary (gqa_rotary_layers 2, packed_qkv_layers 2)" in r.output and "right-padded" in r.output
+    assert "gqa_rotary (gqa_rotary_layers 2, packed_qkv_layers 2, views_dropped 2)" in r.output and "right-padded" in r.output
     m = read_manifest(out)
     graph = m.graph("decoder")
     assert [p["name"] for p in graph.optimization] == ["ort_fusions", "matmul_packing", "reshape_chains", "gqa_rotary"]

@@ -151,6 +151,45 @@ def _packed_qkv(graph, q, k, v):
     return add.outputs[0]
 
 
+def _shape_pieces(value) -> list | None:
+    """The entries of a 1-D shape tensor built by Concat from constants and slices of graph
+    inputs' shapes: ints, or dim names of those inputs; None when anything else builds it."""
+    node = value.producer() if value is not None else None
+    if value is not None and value.const_value is not None:
+        return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
+    if _is(node, "Shape") and node.inputs[0] is not None and node.inputs[0].producer() is None:
+        dims = node.inputs[0].shape
+        if dims is None:
+            return None
+        names = [str(d) for d in dims]
+        return names[_attr(node, "start", 0):_attr(node, "end", len(names))]
+    if _is(node, "Concat"):
+        parts = [_shape_pieces(x) for x in node.inputs]
+        return None if any(p is None for p in parts) else [x for p in parts for x in p]
+    return None
+
+
+def _drop_views_after(node) -> bool:
+    """Drop the Reshape after a GroupQueryAttention node when it provably keeps the shape: GQA
+    writes [batch, sequence, heads * head_dim], and the view's shape is [batch_size,
+    sequence_length, -1] read from the graph inputs' named dims (or 0: copy, without
+    allowzero)."""
+    from onnxport.spec import BATCH, SEQ
+
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or not _is(uses[0].node, "Reshape") or uses[0].idx != 0:
+        return False
+    view = uses[0].node
+    pieces = _shape_pieces(view.inputs[1])
+    copy = () if _attr(view, "allowzero", 0) else (0,)  # allowzero: a 0 is a 0, not "copy"
+    if pieces is None or len(pieces) != 3 or pieces[0] not in (BATCH, *copy) or pieces[1] not in (SEQ, *copy) \
+            or pieces[2] != -1:
+        return False
+    view.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+    return True
+
+
 def fuse_rotary_into_gqa(model) -> dict:
     """Rewrite `model` (onnx_ir) as the module docstring says. Returns {what: count}, empty
     (model unchanged) when any GroupQueryAttention node does not match."""
@@ -191,7 +230,7 @@ def fuse_rotary_into_gqa(model) -> dict:
     total = ir.node("Cast", [scalar.outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa_rotary/total_length")
     seqlens.outputs[0].name, total.outputs[0].name = "gqa_rotary/seqlens_k", "gqa_rotary/total_sequence_length"
     graph.insert_before(next(iter(graph)), [rows, last, seqlens, width, scalar, total])
-    packed_layers = 0
+    packed_layers = views = 0
     for node, (qx, cos, sin), (kx, _, _), ins in plans:
         q, k, v = _through_view(qx), _through_view(kx), _through_view(ins[2])
         packed = _packed_qkv(graph, q, k, v)
@@ -212,9 +251,11 @@ def fuse_rotary_into_gqa(model) -> dict:
             old.name = None
             new.name = name
         graph.remove(node, safe=True)
+        views += _drop_views_after(fused)
     RemoveUnusedNodesPass()(model)
     others = [u.node for u in mask.uses() if u.node is not rows and u.node is not width]
     if others:
         raise ValueError(f"attention_mask is still read by {[n.op_type for n in others]} after the rewrite: the "
                          "graph would mix left and right padding")
-    return {"gqa_rotary_layers": len(plans), "packed_qkv_layers": packed_layers}
+    return {"gqa_rotary_layers": len(plans), "packed_qkv_layers": packed_layers,
+            **({"views_dropped": views} if views else {})}
