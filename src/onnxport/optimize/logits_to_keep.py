@@ -33,6 +33,15 @@ _PER_POSITION = {"Cast", "Tanh", "Mul", "Div", "Add", "Sub", "Identity"}
 _HEADS = {("", "MatMul"), ("com.microsoft", "FusedMatMul"), ("com.microsoft", "MatMulNBits")}
 
 
+def _save_in_place(model, path: Path) -> None:
+    """Write the edited structure over `path` (its external-data references unchanged)."""
+    import onnx
+
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
 def _lm_head(graph, output: str = "logits"):
     """The node computing the logits from the hidden states, or (None, why)."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -99,9 +108,7 @@ def add_logits_to_keep(path: Path, output: str = "logits") -> dict:
     for k, n in enumerate(nodes):
         graph.node.insert(at + k, n)
     head.input[0] = sliced
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    _save_in_place(model, path)
     log.info("logits_to_keep: slicing before %s %r", head.op_type, head.name)
     return {"applied": True, "result": f"before {head.op_type} {head.name!r}"}
 
@@ -129,9 +136,7 @@ def remove_logits_to_keep(path: Path) -> bool:
         graph.initializer.remove(t)
     for i in [i for i in graph.input if i.name == NAME]:
         graph.input.remove(i)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    _save_in_place(model, path)
     return True
 
 

@@ -100,8 +100,7 @@ class Generator:
         self.right_padded = self.split is None and self.manifest.graph("decoder").padding == RIGHT_PADDING
         #: the graph can compute a prompt's logits at its last position only (optional input
         #: `logits_to_keep`, optimize/logits_to_keep.py): the lm_head then runs once per row
-        self.keeps_logits = self.split is None and "logits_to_keep" in (self.manifest.graph("decoder").optional_inputs
-                                                                       or {})
+        self.keeps_logits = self.split is None and "logits_to_keep" in self.session.optional
         self.kv_dtype = np.dtype(kv.dtype)
         self.vocab_size = int(self.manifest.model.vocab_size)
         self.forced: dict = {}
