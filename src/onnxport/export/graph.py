@@ -14,6 +14,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from onnxport.errors import ExportError
@@ -224,11 +225,23 @@ def _export_torchscript(module, args, inputs, outputs, input_names, output_names
 
     m = onnx.load(str(path), load_external_data=False)
     consumed = {name for node in m.graph.node for name in node.input}
-    return {
-        i.name[len(prefix):] if i.name.startswith(prefix) else i.name
-        for i in m.graph.initializer
-        if i.name in consumed
-    }
+    read = {i.name: i for i in m.graph.initializer if i.name in consumed}
+    used = {n[len(prefix):] if n.startswith(prefix) else n for n in read}
+    # The exporter keeps one initializer per distinct value (torch.onnx's initializer
+    # deduplication): the second of two all-ones norms is read under the first one's name.
+    # A parameter counts as read when a consumed initializer holds exactly its values.
+    by_shape: dict[tuple, list] = {}
+    for init in read.values():
+        by_shape.setdefault(tuple(init.dims), []).append(init)
+    for name, p in module.named_parameters():
+        short = name[len(prefix):] if name.startswith(prefix) else name
+        if short in used or tuple(p.shape) not in by_shape:
+            continue
+        value = p.detach().float().numpy()
+        if any(np.array_equal(onnx.numpy_helper.to_array(i, base_dir=str(path.parent)).astype(np.float32), value)
+               for i in by_shape[tuple(p.shape)]):
+            used.add(short)
+    return used
 
 
 def used_parameters(ep, prefix: str = "") -> set[str]:

@@ -6,8 +6,9 @@ Contracts (batch is always 1, as NPU runtimes drive one sequence; kv layout per 
   embedding.onnx       input_ids [1, S] -> hidden_states [1, S, H]
                        (static: S = prefill_len; plus embedding_cache.onnx with S = 1)
   block_{a}-{b}.onnx   hidden_states [1, S, H], position_ids [1, S],
-                       attention_mask [1, 1, S, S] (additive float: 0 keep, finfo.min drop)
-                       [+ sliding_attention_mask, same shape, if a layer has a window]
+                       attention_mask [1, 1, S, S] (additive float: 0 keep, finfo.min drop;
+                       if a layer attends fully) [+ sliding_attention_mask, same shape, if a
+                       layer has a window]
                        [+ cos, sin [1, S, head_dim] with --rope outside]
                        -> hidden_states, present.{i}.key / .value [1, S, kv_heads, head_dim]
   block_cache_{a}-{b}  hidden_states [1, 1, H], position_ids [1, 1],
@@ -87,8 +88,10 @@ class Head(torch.nn.Module):
 
 class Block(torch.nn.Module):
     """Consecutive decoder layers `layer_ids` with the rotary embedding and the KV cache at the
-    graph boundary. Input order: hidden_states, position_ids, attention_mask,
-    [sliding_attention_mask], [cos, sin], then past key/value per layer (decode only)."""
+    graph boundary. Input order: hidden_states, position_ids, [attention_mask] (when a layer
+    attends fully), [sliding_attention_mask] (when a layer has a window), [cos, sin], then past
+    key/value per layer (decode only). A mask no layer reads is not an input: exporters drop
+    unread inputs, and a graph must declare exactly what it reads."""
 
     def __init__(self, recipe, model, layer_ids: list[int], decode: bool, static: bool, kv_layout: str,
                  rope_outside: bool):
@@ -98,13 +101,16 @@ class Block(torch.nn.Module):
         self.layers = [recipe.decoder_layers(model)[i] for i in layer_ids]
         self.windows = [recipe.sliding_window(model, i) for i in layer_ids]
         self.has_sliding = any(w is not None for w in self.windows)
+        self.has_full = any(w is None for w in self.windows)
         self.decode, self.static, self.bshd, self.rope_outside = decode, static, kv_layout == "bshd", rope_outside
         self.cache_kwarg = cache_kwarg(self.layers[0].forward)
 
     def forward(self, *inputs):
-        hidden, position_ids, mask = inputs[0], inputs[1], inputs[2]
-        k = 3
-        sliding_mask = None
+        hidden, position_ids = inputs[0], inputs[1]
+        k = 2
+        mask = sliding_mask = None
+        if self.has_full:
+            mask, k = inputs[k], k + 1
         if self.has_sliding:
             sliding_mask, k = inputs[k], k + 1
         if self.rope_outside:
@@ -162,8 +168,9 @@ def split_plan(recipe, model, kv: KVSpec, hidden: int, vocab: int, cfg, split: S
             s = 1 if decode else seq
             total = (split.max_len + 1 if split.static else TOTAL) if decode else seq
             past_len = split.max_len if split.static else PAST
-            ins = [T("hidden_states", dt, (1, s, hidden)), T("position_ids", "int64", (1, s)),
-                   T("attention_mask", dt, (1, 1, s, total))]
+            ins = [T("hidden_states", dt, (1, s, hidden)), T("position_ids", "int64", (1, s))]
+            if any(w is None for w in windows):
+                ins.append(T("attention_mask", dt, (1, 1, s, total)))
             if any(w is not None for w in windows):
                 ins.append(T("sliding_attention_mask", dt, (1, 1, s, total)))
             if split.rope == "outside":

@@ -61,10 +61,15 @@ class SplitDecoder:
         return {"cos": (np.cos(emb) * self.rope_scaling).astype(np.float32),
                 "sin": (np.sin(emb) * self.rope_scaling).astype(np.float32)}
 
-    def masks(self, entry: dict, q_pos, k_pos, valid) -> dict:
-        out = {"attention_mask": additive_mask(q_pos, k_pos, valid, None)}
+    def masks(self, entry, q_pos, k_pos, valid) -> dict:
+        """The masks the graph declares: `attention_mask` (full attention) and / or
+        `sliding_attention_mask` (a pack holding windowed layers)."""
+        names = {t.name for t in entry.inputs}
+        out = {}
+        if "attention_mask" in names:
+            out["attention_mask"] = additive_mask(q_pos, k_pos, valid, None)
         window = next((w for w in entry.sliding_windows or [] if w), None)
-        if window is not None:
+        if window is not None and "sliding_attention_mask" in names:
             out["sliding_attention_mask"] = additive_mask(q_pos, k_pos, valid, window)
         return out
 
