@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_cli_bad_input import assert_clean_failure, run
 
+from onnxport.config import VerifyConfig
 from onnxport.errors import InputError
 from onnxport.recipes.parts import parse_input_spec
 
@@ -139,7 +140,7 @@ def test_a_rewrite_that_changes_numerics_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(patches._REGISTRY, "tanh_as_wrong", WrongTanh)
     part = ModulePart("t", Tanh(), [TensorSpec("x", "float32", ("batch", 4))], ["y"], [{"batch": 2}, {"batch": 3}])
     with pytest.raises(VerificationError, match="rewrite tanh_as_wrong changes t's output y"):
-        export_part(part, tmp_path, "dynamo", 18, part_check(1e-4, 0.9999))
+        export_part(part, tmp_path, "dynamo", 18, part_check(VerifyConfig(atol=1e-4)))
     assert not list(tmp_path.iterdir())
 
 
@@ -163,7 +164,7 @@ def test_exporter_failure_names_the_cause_and_hints_the_fix(tmp_path):
     part = ModulePart("m", BranchOnValue(), [TensorSpec("x", "float32", ("rows", 3)), TensorSpec("n", "int64", (1,), low=1, high=3)],
                       ["y"], [{"rows": 4}, {"rows": 6}])
     with pytest.raises(ExportError) as err:
-        export_part(part, tmp_path, "dynamo", 18, part_check(1e-4, 0.9999))
+        export_part(part, tmp_path, "dynamo", 18, part_check(VerifyConfig(atol=1e-4)))
     assert "torch.onnx (dynamo) failed on m.onnx" in err.value.message
     assert "compute it outside the graph" in err.value.hint
     assert not list(tmp_path.iterdir())

@@ -695,7 +695,7 @@ def cut_module_graph(part, graph, folder: Path, cfg: ExportConfig, verify_cfg: V
     if cfg.verify:
         vcfg = verify_cfg.for_dtype(cfg.dtype)
         session = ChainSession(folder, chain, [t.name for t in graph.inputs])
-        record = verify_part(part, folder / graph.file, vcfg.atol, vcfg.min_cosine, vcfg.rtol, session=session)
+        record = verify_part(part, folder / graph.file, vcfg, session=session)
         graph.verification = {**record, "chain": f"{len(chain)} part graphs run in turn"}
     return chain
 
@@ -713,7 +713,7 @@ def convert_module_precision(part, graph, folder: Path, cfg: ExportConfig, verif
 
     def check(candidate: Path) -> tuple[bool, str]:
         try:
-            records.append(verify_part(part, candidate, vcfg.atol, vcfg.min_cosine, vcfg.rtol))
+            records.append(verify_part(part, candidate, vcfg))
         except VerificationError as e:
             return False, e.message
         worst = max(records[-1]["results"], key=lambda r: r["max_abs_diff"] / max(r["bound"], 1e-30))
@@ -756,7 +756,7 @@ def export_module_parts(parts: list, folder: Path, cfg: ExportConfig, verify_cfg
     from onnxport.export.module import export_part
     from onnxport.verify.module import part_check
 
-    check = part_check(verify_cfg.atol, verify_cfg.min_cosine, cfg.skip_patches, verify_cfg.rtol) if cfg.verify else None
+    check = part_check(verify_cfg, cfg.skip_patches) if cfg.verify else None
     return [export_part(p, folder, _exporters(cfg), cfg.opset, check, cfg.external_data_threshold_bytes,
                         cfg.skip_patches, part_name=part_name) for p in parts]
 
@@ -1056,8 +1056,7 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
                         from onnxport.runtime.segments import ChainSession
 
                         session = ChainSession(folder, g.chain, [t.name for t in g.inputs])
-                    g.verification = verify_part(part, folder / g.file, verify_cfg.atol, verify_cfg.min_cosine,
-                                                 verify_cfg.rtol, session=session)
+                    g.verification = verify_part(part, folder / g.file, verify_cfg, session=session)
                     p = manifest.part(g.part)
                     if p is not None:
                         p.verification = {"ok": True, "graphs": [x.name for x in manifest.graphs_of(g.part)]}

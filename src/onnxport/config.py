@@ -89,34 +89,50 @@ class ExportConfig:
             )
 
 
-#: (atol, rtol, min_cosine) per converted dtype, against the fp32 PyTorch model; the bound on
-#: max|diff| is atol + rtol * max|reference|. Measured on the trained demo model's logits (max
-#: ~12, 4 layers): fp16 compute differs by <= 0.0094 (7.8e-4 relative), bf16-stored weights
-#: (its fp16 weights rounded to bf16) by <= 0.065 (6e-3 relative). fp16 rounding grows with
-#: depth and width: a Llama-2-7B-shaped model (32 layers, hidden 4096) differs by 0.055 at
-#: logits of max 5.4 (1.0e-2 relative, cosine 0.99996) with or without norms kept in fp32, so
-#: fp16's rtol is 2e-2. Cosine stays the sharp test: a graph error (wrong mask, rotary,
-#: layout) moves logits by O(1) and cosine far below these.
+#: (atol, rtol, spread, min_cosine) per converted dtype, against the fp32 PyTorch model (the
+#: rules are VerifyConfig's). Measured worst cases over the four decoder shapes, on the model's
+#: own caches (verify/decoder.model_made_past), logits in units of the row's std, tensors
+#: relative to their max|ref|; SmolLM2-135M-Instruct (30 layers) / the demo model (4 layers):
+#:   fp16 compute      logits 0.016 / 0.0033, caches 2.6e-3 / 2.3e-3, cosine >= 0.9999999
+#:   bf16 weights      logits 0.105 / 0.019,  caches 1.2e-2 / 4.9e-3, cosine >= 0.999996
+#:   bf16 compute      logits 0.84  / 0.063,  caches 5.5e-2 / 2.3e-2, cosine >= 0.99926
+#:                     (CPU emulation; one greedy flip of 12 at a near-tie on SmolLM2)
+#: Each bound keeps ~3x over the deeper model's number; fp16 keeps more because its error grows
+#: with width and depth (a Llama-2-7B-shaped model, 32 layers of 4096: logits off by ~5 % of
+#: their scale). A graph error (mask, rotary, layout, a wrong weight) moves logits by O(std)
+#: and cosine far below these floors.
 DTYPE_TOLERANCES = {
-    "float16": (5e-3, 2e-2, 0.9995),
-    # bf16 compute (every activation rounded to 8 mantissa bits, norms and softmax in fp32):
-    # the trained demo model's logits differ by 0.21 at a max of 9.3 (2.2e-2 relative, cosine
-    # 0.99995) on the CPU emulation twin; the bound keeps 2.5x margin
-    "bfloat16-compute": (5e-2, 5e-2, 0.995),
-    "bfloat16": (2e-2, 2e-2, 0.999),
+    "float16": (5e-3, 2e-2, 1e-1, 0.9995),
+    "bfloat16": (2e-2, 5e-2, 3e-1, 0.999),
+    "bfloat16-compute": (5e-2, 1.5e-1, 2.5, 0.995),
 }
 
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    #: fp32 tolerances. ORT and PyTorch run the same fp32 math with different kernels and
-    #: reduction orders; for logits of a normalised network that is ~1e-5 absolute. 1e-3 is
-    #: two orders of margin yet catches any real graph error (wrong mask, rotary, layout).
+    """What "ONNX Runtime agrees with PyTorch" means (verify/compare.py applies it):
+
+    - tensors (hidden states, caches, encoder outputs): max|diff| <= atol + rtol * max|ref|;
+    - logits, per row: max|diff| <= atol + spread * std of the reference row;
+    - every output: cosine >= min_cosine.
+
+    The fp32 numbers, measured ONNX Runtime against PyTorch (worst over the four decoder
+    shapes, on the model's own caches): SmolLM2-135M-Instruct logits 3.0e-5 x the row's std,
+    caches 3.3e-6 of max|ref|; its split blocks (random hidden states of ~1e3 in a few
+    channels) 4.5e-6 of max|ref|; the demo model 2.9e-6 / 1.1e-6. PyTorch fp32 itself is no
+    closer to exact arithmetic: on SmolLM2 with random caches it differs from PyTorch fp64 by
+    4.5e-3 where ONNX Runtime differs by 3.6e-3 (0.15-0.2 % of the row's std; random caches
+    make attention peaked, which amplifies rounding). The logits bound keeps 5x over that
+    amplified case (300x over the model's own caches), the tensor bound 20x; atol is the
+    floor for values near zero (tiny random models). Still failing: a 1 % gain error, one
+    logit moved by a tenth of the row's std, one position's row swapped (tests/test_verify.py)."""
+
+    #: absolute floor of both rules (values near zero)
     atol: float = 1e-3
-    #: plus this fraction of the reference's largest magnitude: fp32 kernels agree to a relative
-    #: ~1e-6 (measured: 1.2e-3 at activations of ~1300 on a trained 135M model's block 11);
-    #: 1e-5 keeps 10x margin and stays far below any real graph error.
-    rtol: float = 1e-5
+    #: tensors: max|diff| <= atol + rtol * max|ref|
+    rtol: float = 1e-4
+    #: logits: max|diff| of each row <= atol + spread * the std of the reference row
+    spread: float = 1e-2
     #: cosine similarity per output, flattened; a wrong op drops this far below 0.9999.
     min_cosine: float = 0.9999
     seed: int = 0
@@ -131,13 +147,18 @@ class VerifyConfig:
         keeps this config's; the others are written down in DTYPE_TOLERANCES."""
         if dtype == "float32":
             return self
-        atol, rtol, min_cosine = DTYPE_TOLERANCES[dtype]
-        return VerifyConfig(atol=atol, rtol=rtol, min_cosine=min_cosine, seed=self.seed, dtype=dtype,
+        atol, rtol, spread, min_cosine = DTYPE_TOLERANCES[dtype]
+        return VerifyConfig(atol=atol, rtol=rtol, spread=spread, min_cosine=min_cosine, seed=self.seed, dtype=dtype,
                             segment_bytes=self.segment_bytes)
 
+    def record(self) -> dict:
+        """The tolerance as the manifest records it."""
+        return {"atol": self.atol, "rtol": self.rtol, "spread": self.spread, "min_cosine": self.min_cosine,
+                "dtype": self.dtype}
+
     def __post_init__(self) -> None:
-        if not (self.atol > 0 and self.rtol >= 0 and 0 < self.min_cosine <= 1):
-            raise InputError("verify tolerances must be atol > 0, rtol >= 0 and 0 < min_cosine <= 1")
+        if not (self.atol > 0 and self.rtol >= 0 and self.spread > 0 and 0 < self.min_cosine <= 1):
+            raise InputError("verify tolerances must be atol > 0, rtol >= 0, spread > 0 and 0 < min_cosine <= 1")
         if self.segment_bytes <= 0:
             raise InputError(f"the verification segment size must be positive, got {self.segment_bytes}")
 

@@ -14,23 +14,37 @@ def _ok(ok: bool) -> Text:
 
 
 def decoder_table(record: dict) -> Table:
-    """One row per shape and output; the per-layer cache rows collapse into the worst one."""
+    """One row per shape and output (the per-layer cache rows collapse into the worst one, by
+    its share of the bound); logits rows add how many greedy tokens agree."""
+    from rich import box
+
     tol = record["tolerance"]
-    table = Table(title=f"ONNX Runtime vs PyTorch ({tol['dtype']}: |diff| <= {tol['atol']:g} + {tol.get('rtol', 0):g}"
-                        f" * max|ref|, cosine >= {tol['min_cosine']})")
-    for col in ("shape", "output", "max|diff|", "cosine", ""):
-        table.add_column(col)
-    shown: dict[tuple[str, str], tuple] = {}
+    spread = f"logits |diff| <= {tol['atol']:g} + {tol['spread']:g} x row std; " if "spread" in tol else ""
+    table = Table(title=f"ONNX Runtime vs PyTorch ({tol['dtype']}: {spread}|diff| <= {tol['atol']:g} + "
+                        f"{tol.get('rtol', 0):g} x max|ref|; cosine >= {tol['min_cosine']})", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("shape", no_wrap=True)  # the case's name is never cut
+    table.add_column("output", overflow="fold", min_width=8)
+    for col in ("max|diff|", "bound", "cosine", ""):
+        table.add_column(col, no_wrap=True)
+    shown: dict[tuple[str, str], dict] = {}
     for case in record["cases"]:
         for name, r in case["outputs"].items():
-            diff, cos, ok = r.get("max_abs_diff", float("nan")), r.get("cosine", float("nan")), r["ok"]
-            key = (case["shape"], "present (all layers)" if name.startswith(("present", "past_key")) else name)
+            key = (case["shape"], "present.*" if name.startswith(("present", "past_key")) else name)
             prev = shown.get(key)
-            if prev is None or diff > prev[0] or not ok:
-                shown[key] = (diff, cos, ok if prev is None else (ok and prev[2]))
-    for (shape, name), (diff, cos, ok) in shown.items():
-        table.add_row(Text(shape), Text(name), f"{diff:.2e}", f"{cos:.7f}", _ok(ok))
+            if prev is None or _share(r) > _share(prev) or not r["ok"]:
+                shown[key] = {**r, "ok": r["ok"] and (prev is None or prev["ok"])}
+    for (shape, name), r in shown.items():
+        label = f"{name} {r['greedy_equal']}" if r.get("greedy_equal") else name
+        bound = f"{r['bound']:.1e}" if r.get("bound") is not None else "-"
+        table.add_row(Text(shape), Text(label), f"{r.get('max_abs_diff', float('nan')):.1e}", bound,
+                      f"{r.get('cosine', float('nan')):.6f}", _ok(r["ok"]))
     return table
+
+
+def _share(r: dict) -> float:
+    """max|diff| as a share of its bound (0 when the row has no bound)."""
+    return r.get("max_abs_diff", 0.0) / r["bound"] if r.get("bound") else 0.0
 
 
 def modules_table(manifest: Manifest) -> Table:

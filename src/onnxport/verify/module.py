@@ -13,12 +13,13 @@ from onnxport.recipes.parts import ModulePart, as_tuple, fmt_sizes
 from onnxport.runtime.session import make_session
 
 
-def part_check(atol: float, min_cosine: float, skip_patches: tuple[str, ...] = (), rtol: float = 0.0):
-    """The `check` export_part calls on each candidate graph: rewrites first, then ORT."""
+def part_check(tol, skip_patches: tuple[str, ...] = ()):
+    """The `check` export_part calls on each candidate graph: rewrites first, then ORT.
+    `tol`: a VerifyConfig."""
 
     def check(part: ModulePart, onnx_file: Path, applied: list[str], exporter: str, args) -> dict:
-        check_rewrites_eager(part, applied, exporter, args, atol, skip_patches)
-        return verify_part(part, onnx_file, atol, min_cosine, rtol)
+        check_rewrites_eager(part, applied, exporter, args, tol.atol, skip_patches)
+        return verify_part(part, onnx_file, tol)
 
     return check
 
@@ -64,14 +65,14 @@ def _first_mismatch(ref, got, atol):
     return None
 
 
-def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: float, rtol: float = 0.0,
-                session=None) -> dict:
+def verify_part(part: ModulePart, onnx_file: Path, tol, session=None) -> dict:
     """ONNX Runtime vs the unpatched PyTorch module (or the part's own expected outputs) at every
-    size in `part.sizes`; raises VerificationError naming the output and the sizes. `session`:
+    size in `part.sizes` with the tolerances of `tol` (a VerifyConfig); raises
+    VerificationError naming the output and the sizes. `session`:
     run this session-like object instead of opening `onnx_file` (a chain of part graphs)."""
     import numpy as np
 
-    from onnxport.verify.compare import compare
+    from onnxport.verify.compare import compare, describe
 
     try:
         sess = session if session is not None else make_session(onnx_file)
@@ -93,12 +94,11 @@ def verify_part(part: ModulePart, onnx_file: Path, atol: float, min_cosine: floa
                                     "a dim was fixed during export; name it in the input spec, or try --exporter torchscript") from e
         for name, a, e in zip(part.output_names, got, expected):
             e = e.detach().float().numpy() if e.is_floating_point() else e.numpy()
-            r = compare(np.asarray(a, dtype=e.dtype), e, atol, min_cosine, rtol)
+            r = compare(np.asarray(a, dtype=e.dtype), e, tol, logits=name == "logits")
             rows.append({"sizes": dict(sizes), "output": name, **r})
             if not r["ok"]:
-                what = r.get("error") or f"max|diff| {r['max_abs_diff']:.3g} (bound {r['bound']:.3g}), cosine {r['cosine']:.6f}"
-                raise VerificationError(f"{part.name}: {name} at {fmt_sizes(sizes)}: {what}",
+                raise VerificationError(f"{part.name}: {describe(name, r, tol.min_cosine)} at {fmt_sizes(sizes)}",
                                         "ONNX Runtime disagrees with PyTorch; run with --debug, or try --exporter torchscript")
-    return {"ok": True, "atol": atol, "rtol": rtol, "min_cosine": min_cosine, "results": rows}
+    return {"ok": True, **tol.record(), "results": rows}
 
 
