@@ -71,10 +71,32 @@ def test_gate_moves_the_most_sensitive_layers_to_int8(demo_fp32, tmp_path):
     assert [r["bits"] for r in q["per_layer"]] == [8] * n8 + [4] * (29 - n8)  # the most sensitive ones
     assert _bits(tmp_path / "mixed" / "model.onnx") == Counter({8: n8, 4: 29 - n8} if n8 < 29 else {8: 29})
     assert q["greedy_agreement"]["fraction"] >= 0.5
+    # the record says how many layers left the requested bits and why
+    assert q["fallback"]["int8_layers"] == n8 and q["fallback"]["of"] == 29
+    assert f"{attempts[0]['perplexity']:.3f}" in q["fallback"]["why"] and "greedy agreement" in q["fallback"]["why"]
     from onnxport.cli import app
 
     res = CliRunner().invoke(app, ["verify", str(tmp_path / "mixed")])  # no PyTorch tolerance applies
     assert res.exit_code == 2 and "quality gate" in res.output
+
+
+def test_int4_that_ends_all_int8_is_refused_unless_allowed(demo_fp32, tmp_path):
+    """--bits 4 whose gate escalates every layer is an error naming the all-int4 measurement,
+    nothing written; --allow-fallback writes it and says so (issue 26: SmolLM2 at block 128
+    silently came out 211 MatMul int8)."""
+    from onnxport.cli import app
+
+    out = tmp_path / "all8"
+    args = ["quantize", str(demo_fp32), "-o", str(out), "--max-error", "0.0001"]  # every layer starts at int8
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 4, res.output
+    assert "--bits 4: the quality gate moved all 29 layers to int8" in res.output and "--allow-fallback" in res.output
+    assert "relative output error exceeds --max-error" in res.output
+    assert not out.exists()
+    res = CliRunner().invoke(app, [*args, "--allow-fallback"])
+    assert res.exit_code == 0, res.output
+    assert "29 MatMul int8" in res.output and "int4 was asked for: the quality gate moved 29 of 29 layers" in res.output
+    assert _bits(out / "model.onnx") == Counter({8: 29})
 
 
 def test_gate_that_cannot_be_met_fails_and_writes_nothing(demo_fp32, tmp_path):

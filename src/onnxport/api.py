@@ -974,9 +974,26 @@ def quantize(bundle: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig
                 + (f" with {len(int8)} of {len(errors)} layers at int8" if int8 else ""),
                 "loosen --max-ppl-increase / --min-agreement, use --bits 8 or a smaller --block-size; nothing was written")
         bits = {n: (8 if n in set(int8) else cfg.bits) for n in errors}
+        fallback = None
+        if int8 and cfg.bits == 4:
+            first = attempts[0]
+            fallback = {"int8_layers": len(int8), "of": len(errors),
+                        "why": (f"with {first['int8_layers']} layers at int8 the held-out perplexity was "
+                                f"{first['perplexity']:.3f} vs the source's {ppl_fp:.3f} "
+                                f"({first['perplexity'] / ppl_fp - 1:+.1%}; allowed +{cfg.max_ppl_increase:.0%})"
+                                + (f" and greedy agreement {first['agreement']:.2f} (min {cfg.min_agreement})"
+                                   if cfg.min_agreement is not None else "")
+                                if not first["ok"] else
+                                f"their relative output error exceeds --max-error {cfg.max_error}")}
+            if len(int8) == len(errors) and not cfg.allow_fallback:
+                raise VerificationError(
+                    f"--bits 4: the quality gate moved all {len(errors)} layers to int8: {fallback['why']}",
+                    "pass --allow-fallback to write the int8 result, or try --method awq, --asymmetric, a smaller "
+                    "--block-size or a looser --max-ppl-increase; nothing was written")
         modules = module_names(src / graph.file)
         q.quantization = {
             "method": cfg.method, "bits": cfg.bits, "block_size": cfg.block_size, "symmetric": cfg.symmetric,
+            "fallback": fallback,
             "accuracy_level": cfg.accuracy_level or None, "format": "com.microsoft.MatMulNBits",
             "embedding": f"int{cfg.bits} GatherBlockQuantized" if cfg.embedding else "float32",
             "awq": {"scaled_groups": len(scales), "applied_as": "Mul by 1/s before each group, W * s packed"}

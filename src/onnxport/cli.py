@@ -252,6 +252,7 @@ def quantize_cmd(
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Layers whose relative output error on the calibration text exceeds this start at int8."),
     quantize_embedding: bool = typer.Option(False, "--quantize-embedding", help="Also quantize the token embedding table (GatherBlockQuantized)."),
     no_escalate: bool = typer.Option(False, "--no-escalate", help="int4: fail instead of moving the most sensitive layers to int8."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="int4: write the result even when the gate moved every layer to int8."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ):
     """Weight-only int4/int8 quantization with a quality gate (perplexity, greedy agreement)."""
@@ -261,7 +262,7 @@ def quantize_cmd(
     cfg = QuantConfig(bits=bits, block_size=block_size, method=method, symmetric=not asymmetric,
                       accuracy_level=accuracy_level, calib=str(calib) if calib else None,
                       max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, max_error=max_error,
-                      escalate=not no_escalate, embedding=quantize_embedding,
+                      escalate=not no_escalate, embedding=quantize_embedding, allow_fallback=allow_fallback,
                       force=force)
     with _working(f"quantizing {bundle} to int{bits}"):
         manifest = quantize(bundle, output, cfg)
@@ -270,6 +271,10 @@ def quantize_cmd(
     out.print(f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}{emb}; held-out perplexity "
               f"{q['perplexity']['quantized']:.3f} (source {q['perplexity']['source']:.3f}); greedy tokens equal to "
               f"the source: {q['greedy_agreement']['tokens_equal']}/{q['greedy_agreement']['tokens']}", soft_wrap=True)
+    if q.get("fallback"):
+        f = q["fallback"]
+        out.print(f"int{q['bits']} was asked for: the quality gate moved {f['int8_layers']} of {f['of']} layers to int8 "
+                  f"({f['why']})", soft_wrap=True)
 
 
 @app.command("verify")

@@ -223,6 +223,9 @@ class QuantConfig:
     agreement_tokens: int = 32
     #: int4: move the most sensitive layers to int8 until the gate holds
     escalate: bool = True
+    #: int4: accept a result the gate moved entirely to int8 (otherwise an error: a user who
+    #: asked for int4 does not silently get int8)
+    allow_fallback: bool = False
     #: also quantize the token embedding table (GatherBlockQuantized, same bits and block)
     embedding: bool = False
     force: bool = False
