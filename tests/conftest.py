@@ -23,11 +23,13 @@ TINY_ARCHS = {
 }
 
 
-def make_tiny_checkpoint(model_type: str, out: Path, **overrides) -> Path:
+def make_tiny_checkpoint(model_type: str, out: Path, untrained_norms: bool = False, **overrides) -> Path:
     """hidden 64, 2 layers, vocab 1024 (the demo tokenizer's), GQA 4/2 heads.
 
     initializer_range 0.2 (not 0.02) spreads the logits of a random model so greedy argmax
-    has no near-ties that fp32 kernel differences could flip; parity stays exact equality."""
+    has no near-ties that fp32 kernel differences could flip; parity stays exact equality.
+    Norm weights are randomized (trained ones are not all ones) unless `untrained_norms`: a
+    freshly initialised model's all-ones norms, which exporters deduplicate and fold."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,7 +54,8 @@ def make_tiny_checkpoint(model_type: str, out: Path, **overrides) -> Path:
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    randomize_norms(model)
+    if not untrained_norms:
+        randomize_norms(model)
     model.save_pretrained(out, safe_serialization=True)
     for f in TOKENIZER_FILES:
         shutil.copy(DEMO_DIR / f, out / f)
@@ -61,13 +64,16 @@ def make_tiny_checkpoint(model_type: str, out: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """model_type -> checkpoint folder (built lazily, once per session)."""
+    """model_type -> checkpoint folder (built lazily, once per session); "llama@untrained":
+    the same with a freshly initialised model's all-ones norms."""
     root = tmp_path_factory.mktemp("ckpt")
     cache: dict[str, Path] = {}
 
     def get(model_type: str) -> Path:
         if model_type not in cache:
-            cache[model_type] = make_tiny_checkpoint(model_type, root / model_type)
+            name, _, variant = model_type.partition("@")
+            cache[model_type] = make_tiny_checkpoint(name, root / model_type.replace("@", "-"),
+                                                     untrained_norms=variant == "untrained")
         return cache[model_type]
 
     return get

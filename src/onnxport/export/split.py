@@ -5,7 +5,7 @@ Contracts (batch is always 1, as NPU runtimes drive one sequence; kv layout per 
 
   embedding.onnx       input_ids [1, S] -> hidden_states [1, S, H]
                        (static: S = prefill_len; plus embedding_cache.onnx with S = 1)
-  block_{a}-{b}.onnx   hidden_states [1, S, H], position_ids [1, S],
+  block_{a}-{b}.onnx   hidden_states [1, S, H], position_ids [1, S] (not with --rope outside),
                        attention_mask [1, 1, S, S] (additive float: 0 keep, finfo.min drop;
                        if a layer attends fully) [+ sliding_attention_mask, same shape, if a
                        layer has a window]
@@ -88,10 +88,11 @@ class Head(torch.nn.Module):
 
 class Block(torch.nn.Module):
     """Consecutive decoder layers `layer_ids` with the rotary embedding and the KV cache at the
-    graph boundary. Input order: hidden_states, position_ids, [attention_mask] (when a layer
-    attends fully), [sliding_attention_mask] (when a layer has a window), [cos, sin], then past
-    key/value per layer (decode only). A mask no layer reads is not an input: exporters drop
-    unread inputs, and a graph must declare exactly what it reads."""
+    graph boundary. Input order: hidden_states, [position_ids] (rope inside), [attention_mask]
+    (when a layer attends fully), [sliding_attention_mask] (when a layer has a window), [cos,
+    sin] (rope outside), then past key/value per layer (decode only). An input nothing reads
+    is not declared: the dynamo exporter drops unread inputs, and a graph declares exactly
+    what it reads."""
 
     def __init__(self, recipe, model, layer_ids: list[int], decode: bool, static: bool, kv_layout: str,
                  rope_outside: bool):
@@ -106,8 +107,10 @@ class Block(torch.nn.Module):
         self.cache_kwarg = cache_kwarg(self.layers[0].forward)
 
     def forward(self, *inputs):
-        hidden, position_ids = inputs[0], inputs[1]
-        k = 2
+        hidden, k = inputs[0], 1
+        position_ids = None
+        if not self.rope_outside:
+            position_ids, k = inputs[1], 2
         mask = sliding_mask = None
         if self.has_full:
             mask, k = inputs[k], k + 1
@@ -168,7 +171,9 @@ def split_plan(recipe, model, kv: KVSpec, hidden: int, vocab: int, cfg, split: S
             s = 1 if decode else seq
             total = (split.max_len + 1 if split.static else TOTAL) if decode else seq
             past_len = split.max_len if split.static else PAST
-            ins = [T("hidden_states", dt, (1, s, hidden)), T("position_ids", "int64", (1, s))]
+            ins = [T("hidden_states", dt, (1, s, hidden))]
+            if split.rope != "outside":  # with cos / sin given, the layers read no positions
+                ins.append(T("position_ids", "int64", (1, s)))
             if any(w is None for w in windows):
                 ins.append(T("attention_mask", dt, (1, 1, s, total)))
             if any(w is not None for w in windows):

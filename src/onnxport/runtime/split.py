@@ -62,14 +62,11 @@ class SplitDecoder:
                 "sin": (np.sin(emb) * self.rope_scaling).astype(np.float32)}
 
     def masks(self, entry, q_pos, k_pos, valid) -> dict:
-        """The masks the graph declares: `attention_mask` (full attention) and / or
-        `sliding_attention_mask` (a pack holding windowed layers)."""
-        names = {t.name for t in entry.inputs}
-        out = {}
-        if "attention_mask" in names:
-            out["attention_mask"] = additive_mask(q_pos, k_pos, valid, None)
+        """`attention_mask` and, for a pack holding windowed layers, `sliding_attention_mask`
+        (each fed only where the graph declares it)."""
+        out = {"attention_mask": additive_mask(q_pos, k_pos, valid, None)}
         window = next((w for w in entry.sliding_windows or [] if w), None)
-        if window is not None and "sliding_attention_mask" in names:
+        if window is not None:
             out["sliding_attention_mask"] = additive_mask(q_pos, k_pos, valid, window)
         return out
 
@@ -113,7 +110,7 @@ class SplitDecoder:
         for entry, sess in self.blocks:
             feeds = {"hidden_states": h, "position_ids": pos, **self.rope_inputs(pos),
                      **self.masks(entry, pos[0], pos[0], np.ones(length, dtype=bool))}
-            outs = sess.run(feeds, check=False)
+            outs = sess.run(_declared(feeds, entry), check=False)
             h = outs["hidden_states_out"]
             for i in entry.layers:
                 for t in ("key", "value"):
@@ -150,7 +147,7 @@ class SplitDecoder:
                 for i in entry.layers:
                     for t in ("key", "value"):
                         feeds[f"past_key_values.{i}.{t}"] = cache[f"past_key_values.{i}.{t}"]
-                outs = sess.run(feeds, check=False)
+                outs = sess.run(_declared(feeds, entry), check=False)
                 h = outs["hidden_states_out"]
                 for i in entry.layers:
                     for t in ("key", "value"):
@@ -169,3 +166,10 @@ class SplitDecoder:
             p += 1
         decode_ms = (time.perf_counter() - t1) * 1000
         return tokens, prefill_ms, decode_ms
+
+
+def _declared(feeds: dict, entry) -> dict:
+    """The feeds a block graph declares: a graph lists only what its layers read (no
+    position_ids with the rope outside; only the masks of its layers' kinds)."""
+    names = {t.name for t in entry.inputs}
+    return {k: v for k, v in feeds.items() if k in names}
