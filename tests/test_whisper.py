@@ -234,6 +234,56 @@ def test_batch_equals_transformers(kw, stt, reference):
     assert len(ours.tokens[0]) < MAX_NEW
 
 
+def test_without_max_new_tokens_follows_generates_length_rule(stt, whisper):
+    """No max_new_tokens: generate's max_length (+ the prompt, capped at the model's
+    positions) bounds each window, as on a real checkpoint (max_length 448 = the positions);
+    detection, the forced prompt and both suppress lists as before."""
+    import torch
+    import transformers as T
+
+    model = T.WhisperForConditionalGeneration.from_pretrained(whisper[0], attn_implementation="eager").eval()
+    extractor = T.WhisperFeatureExtractor.from_pretrained(whisper[0])
+    audios = random_audios()
+    features = extractor(audios, sampling_rate=RATE, return_tensors="pt").input_features
+    with torch.no_grad():
+        ref = model.generate(features)
+    ours = stt.generate(audios)
+    assert_tokens_equal(ours.tokens, ref)
+    assert max(len(t) for t in ours.tokens) > MAX_NEW  # past the other tests' limit
+
+
+def test_saved_language_and_task_of_a_fine_tuned_checkpoint(whisper, tmp_path):
+    """A checkpoint whose generation config saved language / task (the usual result of
+    fine-tuning): the export records them and the runtime uses them when none is given, as
+    transformers' generate does; an explicit language still wins."""
+    import torch
+    import transformers as T
+
+    from onnxport.recipes.whisper import speech_to_text_config
+    from onnxport.runtime.pipelines import open_pipeline
+
+    model = T.WhisperForConditionalGeneration.from_pretrained(whisper[0], attn_implementation="eager").eval()
+    model.generation_config.language, model.generation_config.task = "fr", "translate"
+    config = speech_to_text_config(model)
+    assert (config["language"], config["task"]) == ("fr", "translate")
+    bundle = tmp_path / "b"
+    shutil.copytree(whisper[1], bundle)
+    mf = json.loads((bundle / "manifest.json").read_text())
+    mf["pipeline"]["config"].update(language="fr", task="translate")
+    (bundle / "manifest.json").write_text(json.dumps(mf))
+    extractor = T.WhisperFeatureExtractor.from_pretrained(whisper[0])
+    audios = random_audios()
+    features = extractor(audios, sampling_rate=RATE, return_tensors="pt").input_features
+    stt = open_pipeline(bundle)
+    with torch.no_grad():
+        ref = model.generate(features, max_new_tokens=MAX_NEW)
+        ref_de = model.generate(features, max_new_tokens=MAX_NEW, language="de")
+    ours = stt.generate(audios, max_new_tokens=MAX_NEW)
+    assert ours.prompts[0][:3] == [SOT, LANGS["<|fr|>"], TRANSLATE]
+    assert_tokens_equal(ours.tokens, ref)
+    assert_tokens_equal(stt.generate(audios, max_new_tokens=MAX_NEW, language="de").tokens, ref_de)
+
+
 def test_runtime_input_errors(stt):
     noise = random_audios()[0]
     for kw, needle in [({"language": "xx"}, "not one of this model's"), ({"task": "summarize"}, "unknown task"),
@@ -274,6 +324,17 @@ def test_cli_transcribes_wav(whisper, stt, tmp_path):
     assert res.exit_code == 0, res.output
     want = stt.generate(wavs, max_new_tokens=MAX_NEW).texts
     assert all(want) and res.stdout.splitlines()[:2] == want
+
+
+def test_cli_language_and_task(whisper, stt, tmp_path):
+    wav = write_wav(tmp_path / "clip.wav", random_audios()[1])
+    res = run("generate", whisper[1], "--audio", wav, "-n", MAX_NEW, "--language", "french", "--task", "translate")
+    assert res.exit_code == 0, res.output
+    want = stt.generate([wav], max_new_tokens=MAX_NEW, language="fr", task="translate")
+    assert want.prompts[0][:3] == [SOT, LANGS["<|fr|>"], TRANSLATE]
+    assert res.stdout.splitlines()[0] == want.texts[0]
+    res = run("generate", whisper[1], "--audio", wav, "--language", "klingon")
+    assert res.exit_code == 2 and "not one of this model's" in res.output and "Traceback" not in res.output
 
 
 @pytest.mark.parametrize("case", ["rate", "stereo", "missing", "with-prompt", "no-pipeline"])

@@ -413,7 +413,8 @@ def _pipeline_kind(bundle: Path) -> str | None:
     return pipeline.kind if pipeline is not None else None
 
 
-def _transcribe(bundle: Path, audio: list[Path], max_new_tokens: int | None) -> None:
+def _transcribe(bundle: Path, audio: list[Path], max_new_tokens: int | None, language: str | None = None,
+                task: str | None = None) -> None:
     """--audio: the bundle's speech-to-text pipeline, one transcript per line."""
     from onnxport.errors import BundleError
     from onnxport.runtime.pipelines import open_pipeline
@@ -421,7 +422,7 @@ def _transcribe(bundle: Path, audio: list[Path], max_new_tokens: int | None) -> 
     pipe = open_pipeline(bundle)
     if pipe.kind != "speech-to-text":
         raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no audio", "drop --audio")
-    res = pipe.generate(list(audio), max_new_tokens=max_new_tokens)
+    res = pipe.generate(list(audio), max_new_tokens=max_new_tokens, language=language, task=task)
     for i, tokens in enumerate(res.tokens):
         sys.stdout.write(f"{res.texts[i] if res.texts is not None else ' '.join(map(str, tokens))}\n")
     console.print(f"{len(audio)} audio, {res.generated_tokens} tokens generated in {1000 * res.seconds:.0f} ms")
@@ -445,6 +446,8 @@ def generate_cmd(
     image: Optional[List[Path]] = typer.Option(None, "--image", help="Image file for an image-text or any-to-text bundle (repeat for several, in placeholder order); with --chat each -p gets the images before its text."),
     audio: Optional[List[Path]] = typer.Option(None, "--audio", help="WAV file (16 kHz mono) to transcribe with the bundle's speech-to-text pipeline (greedy; repeat for a batch), or, for an any-to-text bundle (Qwen2.5-Omni), to go with each -p in placeholder order (repeat for several)."),
     speak: Optional[Path] = typer.Option(None, "--speak", help="Any-to-any bundles (Qwen2.5-Omni with speech output): also speak the reply into this WAV file (one prompt; greedy talker, 24 kHz)."),
+    language: Optional[str] = typer.Option(None, "--language", help="Speech-to-text: the spoken language (en, english or <|en|>); default: the model's own, else detected as transformers does."),
+    task: Optional[str] = typer.Option(None, "--task", help="Speech-to-text: transcribe or translate (default: the model's own)."),
 ):
     """Generate text with ONNX Runtime (no torch)."""
     from onnxport.errors import InputError
@@ -455,8 +458,10 @@ def generate_cmd(
         if prompt or messages is not None or image:
             raise InputError("give either --audio or a prompt (-p / --messages / --image), not both",
                              "a speech-to-text bundle transcribes audio alone")
-        _transcribe(bundle, audio, max_new_tokens)
+        _transcribe(bundle, audio, max_new_tokens, language, task)
         return
+    if language is not None or task is not None:
+        raise InputError("--language / --task go with --audio on a speech-to-text bundle", "drop them, or add --audio")
     max_new_tokens = 32 if max_new_tokens is None else max_new_tokens
     if messages is not None and prompt:
         raise InputError("give either -p or --messages, not both", "put the user turn last in the --messages file")

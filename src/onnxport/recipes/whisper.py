@@ -36,7 +36,9 @@ AUDIO, CROSS_KV, DECODER = "audio", "cross_kv", "decoder"
 #: `generate`: the prompt, the logits processors, stopping)
 GENERATION_FIELDS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "no_timestamps_token_id",
                      "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids", "lang_to_id", "task_to_id",
-                     "is_multilingual", "max_initial_timestamp_index", "max_length", "max_new_tokens")
+                     "is_multilingual", "max_initial_timestamp_index", "max_length", "max_new_tokens",
+                     # a fine-tuned checkpoint's saved defaults: generate reads them when none is given
+                     "language", "task")
 
 
 def cross_names(num_layers: int) -> list[str]:

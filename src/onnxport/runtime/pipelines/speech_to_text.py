@@ -165,10 +165,13 @@ class SpeechToText:
         or WAV file paths.
 
         `language` ('en', 'english' or '<|en|>'; one per audio in a list) and `task`
-        (transcribe | translate) as in transformers; None: the checkpoint's forced prompt, and
-        the language detected when the model is multilingual. `max_new_tokens` None: the
+        (transcribe | translate) as in transformers; None: the generation config's own
+        `language` / `task` when it saved them, else the checkpoint's forced prompt, and the
+        language detected when the model is multilingual. `max_new_tokens` None: the
         generation config's max_length rule. Greedy, short-form (one window)."""
         t0 = time.perf_counter()
+        language = language if language is not None else self.config.get("language")
+        task = task if task is not None else self.config.get("task")
         features = self._features(audio, sampling_rate)
         batch = features.shape[0]
         languages = self._language_tokens(language, batch)
