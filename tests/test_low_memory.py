@@ -209,4 +209,6 @@ def test_low_memory_fp16_is_guarded_and_verified_in_segments(bf16_checkpoint, tm
     assert v["ok"] and v["tolerance"]["dtype"] == "float16"
     assert v["checks"]["onnxruntime"]["mode"] == "segments"
     assert manifest.graph("decoder").precision["dtype"] == "float16"
-    assert len(calls) == 4  # 4 verification shapes, the reference computed once for fp32 and fp16
+    # 4 verification shapes + the prefixes that make the 2 cases' past caches, each computed
+    # once for the fp32 check and every fp16 candidate
+    assert len(calls) == 6
