@@ -80,7 +80,8 @@ def main() -> None:
     import importlib.util
 
     import onnxport
-    from onnxport.api import _default_calibration_text, export, quantize
+    from onnxport.api import export, quantize
+    from onnxport.optimize.gate import default_calibration_text as _default_calibration_text
     from onnxport.config import ExportConfig, QuantConfig
     from onnxport.runtime import Generator
     from onnxport.verify.quality import calibration_split, greedy_agreement, perplexity

@@ -163,8 +163,7 @@ def test_streamed_reference_holds_one_module_at_a_time(bf16_checkpoint):
     ckpt = open_checkpoint(bf16_checkpoint)
     recipe = get_recipes(ckpt.model_type, ("decoder",), ckpt.config)["decoder"]
     model, buffers = skeleton_model(recipe, ckpt, torch.float32)
-    model._onnxport_buffers = buffers
-    streamer = streamed_reference(model, ckpt, torch.float32)
+    streamer = streamed_reference(model, ckpt, buffers, torch.float32)
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         got = model(input_ids=ids).logits

@@ -13,7 +13,9 @@ PROMPTS = [[5, 17, 300, 42, 7], [11, 600, 23]]
 
 def test_fusions_are_verified_recorded_and_keep_tokens(exported, tiny_checkpoints, tmp_path):
     from onnxport.bundle import read_manifest
-    from onnxport.optimize.fusions import fuse_for_ort
+    from onnxport.bundle import Graph
+    from onnxport.optimize.fusions import OrtFusions
+    from onnxport.optimize.passes import GraphFile, Verified
     from onnxport.runtime import Generator
 
     bundle = exported("qwen3", optimize=True)
@@ -32,7 +34,8 @@ def test_fusions_are_verified_recorded_and_keep_tokens(exported, tiny_checkpoint
     before = (exported("qwen3") / "model.onnx").read_bytes()
     copy = tmp_path / "model.onnx"
     copy.write_bytes(before)
-    r = fuse_for_ort(copy, lambda p: (False, "logits: max|diff| 3 (bound 0.001)"))
+    reject = lambda p, g: (False, "logits: max|diff| 3 (bound 0.001)", None)  # noqa: E731
+    r = Verified(OrtFusions(), reject)(GraphFile(tmp_path, Graph("decoder", "model.onnx"))).record
     assert not r["applied"] and r["result"].startswith("rolled back") and r["fused"], r
     assert copy.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 

@@ -141,7 +141,8 @@ def test_fp16_that_cannot_be_made_safe_fails_with_a_hint_and_leaves_the_graph(bi
     from onnxport.bundle import read_manifest
     from onnxport.config import ExportConfig
     from onnxport.errors import ExportError
-    from onnxport.optimize.precision import to_float16
+    from onnxport.optimize.passes import GraphFile, Verified
+    from onnxport.optimize.precision import Float16
     from onnxport.spec import DECODER_CASES, feeds
 
     out = tmp_path / "fp32"
@@ -152,7 +153,8 @@ def test_fp16_that_cannot_be_made_safe_fails_with_a_hint_and_leaves_the_graph(bi
     samples = [feeds(g.inputs, DECODER_CASES[0].sizes, 0, 1024)]
     seen = []
     with pytest.raises(ExportError) as e:
-        to_float16(src, samples, lambda p: (seen.append(p) or False, "logits: max|diff| 9 (bound 0.1)"))
+        Verified(Float16(samples), lambda p, graph: (seen.append(p) or False, "logits: max|diff| 9 (bound 0.1)", None),
+                 required=True)(GraphFile(out, g))
     assert len(seen) == 2  # ranges only, then norm statistics / softmax / exp kept too
     assert "bf16" in e.value.hint and "max|diff| 9" in e.value.message
     assert src.read_bytes() == before

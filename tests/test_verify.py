@@ -94,7 +94,7 @@ def test_verification_reads_caches_the_model_made(exported, tiny_checkpoints):
     precision), not standard-normal tensors: what a graph reads in use."""
     import torch
 
-    from onnxport.api import load_model
+    from onnxport.export.load import load_model
     from onnxport.bundle import read_manifest
     from onnxport.checkpoint import open_checkpoint
     from onnxport.export.decoder import graph_wrapper

@@ -184,7 +184,7 @@ def test_manifest_pipeline_section(whisper):
 
 
 def test_pipeline_needs_every_graph_it_chains():
-    from onnxport.api import complete_pipeline
+    from onnxport.bundle.assemble import complete_pipeline
     from onnxport.bundle import Graph, Pipeline
 
     class Manifest:

@@ -283,6 +283,8 @@ class StreamedForward:
     def __init__(self, model, weights: CheckpointWeights):
         self.model, self.weights = model, weights
         self.handles = []
+        #: module -> its meta parameters while it runs with the real ones
+        self._meta: dict[int, dict] = {}
         self.loaded_bytes = 0
         self.peak_module_bytes = 0
         for name, buf in weights.buffers.items():
@@ -309,7 +311,7 @@ class StreamedForward:
                 saved[n] = p
                 module._parameters[n] = torch.nn.Parameter(torch.from_numpy(arr), requires_grad=False)
                 total += arr.nbytes
-            module._onnxport_meta_params = saved
+            self._meta[id(module)] = saved
             self.loaded_bytes += total
             self.peak_module_bytes = max(self.peak_module_bytes, total)
 
@@ -317,10 +319,8 @@ class StreamedForward:
 
     def _unloader(self, module, names: list[str]):
         def hook(_module, _args, _out):
-            saved = getattr(module, "_onnxport_meta_params", None) or {}
-            for n, p in saved.items():
+            for n, p in self._meta.pop(id(module), {}).items():
                 module._parameters[n] = p
-            module._onnxport_meta_params = None
 
         return hook
 
@@ -330,13 +330,11 @@ class StreamedForward:
         self.handles = []
 
 
-def streamed_reference(model, ckpt, dtype: torch.dtype) -> StreamedForward:
-    """Install weight streaming on the `--low-memory` skeleton `model` (kept on it): from now on
-    its forward reads each module's weights from `ckpt` when that module runs."""
-    weights = CheckpointWeights(ckpt, model, model._onnxport_buffers, dtype)
-    streamer = StreamedForward(model, weights)
-    model._onnxport_streamer = streamer
-    return streamer
+def streamed_reference(model, ckpt, buffers: dict, dtype: torch.dtype) -> StreamedForward:
+    """Install weight streaming on the `--low-memory` skeleton `model` (whose real `buffers`
+    skeleton_model returned): from now on its forward reads each module's weights from `ckpt`
+    when that module runs."""
+    return StreamedForward(model, CheckpointWeights(ckpt, model, buffers, dtype))
 
 
 def _is_meta(tensor) -> bool:

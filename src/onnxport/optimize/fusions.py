@@ -11,108 +11,154 @@
 - `gqa_rotary` (optimize/gqa_rotary.py): rotary and packed q/k/v inside GroupQueryAttention,
   seqlens from the mask once: the graph then takes right-padded batches (`padding: right`).
 
-Each candidate is written beside the graph and replaces it only when the caller's check
-(verify/ against PyTorch) passes; otherwise the original stays and the record says why.
+Each is an `IrRewrite` pass (optimize/passes.py): the rewritten graph is a candidate staged
+beside the graph, kept only when `Verified`'s check (verify/ against PyTorch) passes; otherwise
+the original stays and the record says why.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import replace
+
+from onnxport.bundle import GQA_ATTENTION, RIGHT_PADDING
+from onnxport.optimize.passes import Candidate, GraphFile, GraphPass, require
 
 log = logging.getLogger(__name__)
 
 
-def _ort_fusions(model):
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+class IrRewrite(GraphPass):
+    """A rewrite of the graph in memory (onnx-ir), saved as one candidate. Subclasses give
+    `rewrite(model) -> (model, {what: count})` (empty counts: nothing matched)."""
 
-    model, counts = optimize_for_ort(model)
-    return model, {k: v for k, v in counts.items() if v}
+    def __init__(self, external_threshold: int = 1 << 30):
+        self.external_threshold = external_threshold
+
+    def rewrite(self, model) -> tuple[object, dict]:
+        raise NotImplementedError
+
+    def candidate(self, graph: GraphFile, staged, fused: dict) -> Candidate:
+        return Candidate(staged, {"fused": fused})
+
+    def candidates(self, graph: GraphFile) -> Iterator[Candidate]:
+        import onnx_ir as ir
+
+        from onnxport.bundle.weights import discard_staged, save_model, stage_graph
+
+        model = ir.load(str(graph.path))
+        try:
+            model, fused = self.rewrite(model)
+        except Exception as e:  # noqa: BLE001 - a rewriter failure leaves the graph as it was
+            log.warning("%s failed: %s", self.name, e)
+            self.skipped = f"rewriter failed: {str(e)[:200]}"
+            return
+        if not fused:
+            self.skipped = "no pattern matched"
+            return
+        dst = stage_graph(graph.path)
+        try:
+            save_model(model, dst, self.external_threshold)
+        except BaseException:
+            discard_staged(dst)
+            raise
+        del model
+        yield self.candidate(graph, dst, fused)
+
+    def record(self, kept, attempts, message):
+        """{"name", "applied", "fused": {what: count}, "result"}."""
+        fused = kept.details["fused"] if kept is not None else (attempts[-1]["fused"] if attempts else {})
+        return {"name": self.name, "applied": kept is not None, "fused": fused, "result": message}
 
 
-def _matmul_packing(model):
-    from onnxport.optimize.packing import pack_matmuls
+class OrtFusions(IrRewrite):
+    name = "ort_fusions"
 
-    n = pack_matmuls(model.graph)
-    return model, ({"packed_matmul_groups": n} if n else {})
+    def rewrite(self, model):
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        model, counts = optimize_for_ort(model)
+        return model, {k: v for k, v in counts.items() if v}
 
 
-def _reshape_chains(model):
+class MatmulPacking(IrRewrite):
+    name = "matmul_packing"
+
+    def rewrite(self, model):
+        from onnxport.optimize.packing import pack_matmuls
+
+        n = pack_matmuls(model.graph)
+        return model, ({"packed_matmul_groups": n} if n else {})
+
+
+class ReshapeChains(IrRewrite):
     """Reshape(Reshape(x, a), b) -> Reshape(x, b) when the inner one has no other reader: a
     view to heads and back (q / k / v around RotaryEmbedding and GroupQueryAttention) costs two
     nodes per tensor per layer otherwise. Reshape keeps element order, so only `b` matters
     when the outer Reshape has allowzero=1 (as the dynamo exporter writes it); otherwise a 0
     in `b` would copy a dim of the new input, so only constant `b`s without 0 are folded."""
-    import numpy as np
 
-    graph = model.graph
-    n = 0
-    for node in list(graph):
-        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
-            continue
-        inner = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx"):
-            continue
-        if len(inner.outputs[0].uses()) != 1 or inner.outputs[0].is_graph_output():
-            continue
-        allowzero = node.attributes.get("allowzero")
-        if not (allowzero is not None and allowzero.as_int()):  # 0s in `b` copy the input's dims
-            shape = node.inputs[1].const_value if node.inputs[1] is not None else None
-            if shape is None or (np.asarray(shape.numpy()) == 0).any():
+    name = "reshape_chains"
+
+    def rewrite(self, model):
+        import numpy as np
+
+        graph = model.graph
+        n = 0
+        for node in list(graph):
+            if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
                 continue
-        node.replace_input_with(0, inner.inputs[0])
-        graph.remove(inner, safe=True)
-        n += 1
-    return model, ({"folded_reshapes": n} if n else {})
+            inner = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx"):
+                continue
+            if len(inner.outputs[0].uses()) != 1 or inner.outputs[0].is_graph_output():
+                continue
+            allowzero = node.attributes.get("allowzero")
+            if not (allowzero is not None and allowzero.as_int()):  # 0s in `b` copy the input's dims
+                shape = node.inputs[1].const_value if node.inputs[1] is not None else None
+                if shape is None or (np.asarray(shape.numpy()) == 0).any():
+                    continue
+            node.replace_input_with(0, inner.inputs[0])
+            graph.remove(inner, safe=True)
+            n += 1
+        return model, ({"folded_reshapes": n} if n else {})
 
 
-def _gqa_rotary(model):
-    from onnxport.optimize.gqa_rotary import fuse_rotary_into_gqa
+class GqaRotary(IrRewrite):
+    """optimize/gqa_rotary.py: rotary and packed q/k/v inside GroupQueryAttention. The graph
+    then takes right-padded batches: the candidate is checked with right-padded cases and,
+    when kept, the manifest records `padding: right`."""
 
-    return model, fuse_rotary_into_gqa(model)
+    name = "gqa_rotary"
 
+    def requires(self, graph: GraphFile) -> None:
+        attention = graph.entry.attention or "the model's own attention"
+        require(graph.entry.attention == GQA_ATTENTION,
+                f"gqa_rotary runs on GroupQueryAttention graphs; {graph.entry.file} has {attention}",
+                "export with --attention gqa")
+        require(graph.entry.padding is None, f"{graph.entry.file} already takes right-padded batches",
+                "optimize the bundle written by onnxport export")
 
-PASSES: dict[str, Callable] = {"ort_fusions": _ort_fusions, "matmul_packing": _matmul_packing,
-                               "reshape_chains": _reshape_chains, "gqa_rotary": _gqa_rotary}
-#: passes that change the graph's padding contract: the verification checks their candidate
-#: with right-padded inputs, and the manifest records the graph's `padding`
-RIGHT_PADDING_PASSES = ("gqa_rotary",)
+    def ensures(self, graph: GraphFile) -> None:
+        assert graph.entry.padding == RIGHT_PADDING
 
+    def rewrite(self, model):
+        from onnxport.optimize.gqa_rotary import fuse_rotary_into_gqa
 
-def run_pass(src: Path, name: str, check: Callable[[Path], tuple[bool, str]] | None,
-             external_threshold: int = 1 << 30) -> dict:
-    """Apply pass `name` to `src` in place when `check(candidate)` passes. Returns the pass
-    record: {"name", "applied", "fused": {what: count}, "result"}."""
-    import onnx_ir as ir
+        return model, fuse_rotary_into_gqa(model)
 
-    from onnxport.bundle.weights import commit_graph, discard_staged, save_model, stage_graph
+    def candidate(self, graph: GraphFile, staged, fused: dict) -> Candidate:
+        def right_padded(g: GraphFile) -> None:
+            g.entry.padding = RIGHT_PADDING
 
-    model = ir.load(str(src))
-    try:
-        model, fused = PASSES[name](model)
-    except Exception as e:  # noqa: BLE001 - a rewriter failure leaves the graph as it was
-        log.warning("%s failed: %s", name, e)
-        return {"name": name, "applied": False, "fused": {}, "result": f"rewriter failed: {str(e)[:200]}"}
-    if not fused:
-        return {"name": name, "applied": False, "fused": {}, "result": "no pattern matched"}
-    dst = stage_graph(src)
-    try:
-        save_model(model, dst, external_threshold)
-        del model
-        ok, msg = check(dst) if check is not None else (True, "not checked (--no-verify)")
-    except BaseException:
-        discard_staged(dst)
-        raise
-    if not ok:
-        discard_staged(dst)
-        log.warning("%s broke parity, rolled back: %s", name, msg)
-        return {"name": name, "applied": False, "fused": fused, "result": f"rolled back: {msg}"}
-    commit_graph(dst, src)
-    return {"name": name, "applied": True, "fused": fused, "result": msg}
+        return Candidate(staged, {"fused": fused}, on_commit=right_padded,
+                         check_as=replace(graph.entry, padding=RIGHT_PADDING))
 
 
-def fuse_for_ort(src: Path, check: Callable[[Path], tuple[bool, str]] | None,
-                 external_threshold: int = 1 << 30) -> dict:
-    """The `ort_fusions` pass (see run_pass)."""
-    return run_pass(src, "ort_fusions", check, external_threshold)
+def fusion_passes(entry, external_threshold: int = 1 << 30) -> list[GraphPass]:
+    """The passes `--optimize` runs on a decoder graph, in order (gqa_rotary on
+    GroupQueryAttention graphs not yet right-padded)."""
+    passes = [OrtFusions(external_threshold), MatmulPacking(external_threshold), ReshapeChains(external_threshold)]
+    if entry.attention == GQA_ATTENTION and entry.padding is None:
+        passes.append(GqaRotary(external_threshold))
+    return passes

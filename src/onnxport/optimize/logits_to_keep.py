@@ -25,6 +25,8 @@ import logging
 import os
 from pathlib import Path
 
+from onnxport.optimize.passes import GraphFile, GraphPass, PassResult
+
 log = logging.getLogger(__name__)
 
 NAME = "logits_to_keep"
@@ -144,3 +146,33 @@ def optional_input_record() -> dict:
     """The manifest's `graphs[].optional_inputs` entry for the input."""
     return {NAME: {"dtype": "int64", "dims": [], "default": 0,
                    "doc": "logits for the last N positions only (0: every position); feed 1 at prefill"}}
+
+
+class LogitsToKeep(GraphPass):
+    """Add the optional input to a finished monolithic decoder graph (its outputs unchanged
+    when it is not fed); recorded in the graph's `optional_inputs`. No check: the default is
+    the graph as it was, bit for bit (tests/test_optimize.py)."""
+
+    name = NAME
+
+    def call(self, graph: GraphFile) -> PassResult:
+        rec = add_logits_to_keep(graph.path)
+        if rec["applied"]:
+            graph.entry.optional_inputs = {**(graph.entry.optional_inputs or {}), **optional_input_record()}
+        else:
+            log.info("logits_to_keep not added: %s", rec["result"])
+        return PassResult(graph, rec["applied"], {"name": self.name, **rec})
+
+
+class WithoutLogitsToKeep(GraphPass):
+    """Take the optional input out (fusions and onnxscript's rewriter fold or drop an
+    initializer-backed input): passes that run on an exported graph run between this and
+    `LogitsToKeep`."""
+
+    name = f"remove {NAME}"
+
+    def call(self, graph: GraphFile) -> PassResult:
+        removed = NAME in (graph.entry.optional_inputs or {}) and remove_logits_to_keep(graph.path)
+        if removed:
+            graph.entry.optional_inputs = {k: v for k, v in graph.entry.optional_inputs.items() if k != NAME} or None
+        return PassResult(graph, bool(removed), {"name": self.name, "applied": bool(removed)})

@@ -53,12 +53,16 @@ class GraphFile:
 class Candidate:
     """A rewritten graph staged beside the original. `details` go into the pass's record and
     its attempts; `on_commit` applies what keeping it implies to the manifest entry;
-    `check_as` is the entry to check it as (e.g. taking right-padded batches)."""
+    `check_as` is the entry to check it as (e.g. taking right-padded batches); `check_file`
+    makes the file the check runs instead of the candidate itself."""
 
     staged: Path
     details: dict = field(default_factory=dict)
     on_commit: Callable[[GraphFile], None] | None = None
     check_as: Graph | None = None
+    #: the file the check runs instead of `staged`, made on demand and removed after (the CPU
+    #: emulation twin of a bf16-compute graph)
+    check_file: Callable[[], Path] | None = None
 
 
 @dataclass
@@ -132,13 +136,18 @@ class Verified(GraphPass):
 
     def call(self, graph: GraphFile) -> PassResult:
         attempts: list[dict] = []
-        message = self.inner.skipped
+        message = ""
         for candidate in self.inner.candidates(graph):
             try:
                 if self.check is None:
                     ok, message, verification = True, "not checked (--no-verify)", None
                 else:
-                    ok, message, verification = self.check(candidate.staged, candidate.check_as or graph.entry)
+                    checked = candidate.check_file() if candidate.check_file is not None else candidate.staged
+                    try:
+                        ok, message, verification = self.check(checked, candidate.check_as or graph.entry)
+                    finally:
+                        if checked != candidate.staged:
+                            checked.unlink(missing_ok=True)
             except BaseException:
                 discard_staged(candidate.staged)
                 raise
@@ -152,8 +161,8 @@ class Verified(GraphPass):
                 return PassResult(graph, True, self.inner.record(candidate, attempts, message), verification)
             discard_staged(candidate.staged)
             log.warning("%s: candidate rejected: %s", self.name, message)
-        if not attempts:
-            return PassResult(graph, False, self.inner.record(None, [], message))
+        if not attempts:  # `skipped` says why (set while the candidates were looked for)
+            return PassResult(graph, False, self.inner.record(None, [], self.inner.skipped))
         if self.required:
             raise self.inner.failure(message, attempts)
         return PassResult(graph, False, self.inner.record(None, attempts, f"rolled back: {message}"))

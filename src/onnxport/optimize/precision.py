@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from onnxport.bundle.weights import commit_graph, discard_staged, stage_graph
-from onnxport.errors import ExportError
+from onnxport.bundle.weights import discard_staged, stage_graph
+from onnxport.errors import ExportError, OnnxportError, VerificationError
+from onnxport.optimize.passes import Candidate, GraphFile, GraphPass
 from onnxport.optimize.probe import graph_structure
+from onnxport.verify.emulate import emulate_bf16
 
 log = logging.getLogger(__name__)
 
@@ -142,40 +144,48 @@ def nodes_past_range(structure, ranges: dict[str, float], safe_max: float) -> di
 
 # --- float16 ------------------------------------------------------------------------------------
 
-def to_float16(src: Path, samples: list[dict], check: Callable[[Path], tuple[bool, str]] | None,
-               keep_io: tuple[str, ...] = ("logits",), headroom: float = 8.0,
-               external_threshold: int = 1 << 30, segment_bytes: int = 1 << 30,
-               ranges: dict[str, float] | None = None) -> PrecisionResult:
-    """Replace the fp32 graph `src` by its fp16 version, with the guard described in the module
-    doc. `check(path)` returns (ok, message) for a candidate; None skips the dynamic check
-    (ranges only). `ranges`: the value ranges of `src` on `samples` when a run already read
-    them (the fp32 verification can, saving a pass over a large graph). On failure `src` is
-    left as it was and ExportError is raised."""
-    safe_max = FP16_MAX / headroom
-    structure = graph_structure(src)
-    if ranges is None:
-        ranges = value_ranges(src, samples, segment_bytes)
-    kept = nodes_past_range(structure, ranges, safe_max)
-    escalated = {**kept, **{n.name: (n.op_type, "norm / softmax / exp kept in fp32 (escalation)")
-                            for n in structure.graph.node if n.op_type in SENSITIVE_OPS and n.name not in kept}}
-    result = PrecisionResult("float16", "float16", "float16", headroom=headroom)
-    dst = stage_graph(src)
-    for level, keep in enumerate([kept, escalated]):
-        try:
-            io = _convert_fp16(src, structure, dst, keep, keep_io, external_threshold)
-        except BaseException:
-            discard_staged(dst)
-            raise
-        ok, msg = check(dst) if check is not None else (True, "not checked (--no-verify)")
-        result.attempts.append({"level": level, "kept": len(keep), "ok": ok, "result": msg})
-        log.info("fp16 level %d (%d nodes kept in fp32): %s", level, len(keep), msg)
-        if ok:
-            result.kept, result.level, result.io = keep, level, io
-            commit_graph(dst, src)
-            return result
-    discard_staged(dst)
-    raise ExportError(f"fp16 drifts past its tolerance even with {len(keep)} nodes kept in fp32: {msg}",
-                      "export with --dtype bf16 (fp32's range, weights in half the bytes) or --dtype fp32")
+class Float16(GraphPass):
+    """fp16 compute with the guard described in the module doc; two candidates (the nodes past
+    fp16's safe range kept in fp32, then also norm statistics, softmax and exponentials), the
+    first that verifies is kept. `ranges`: the fp32 graph's value ranges on `samples` when a
+    run already read them (the fp32 verification can, saving a pass over a large graph)."""
+
+    name = "float16"
+
+    def __init__(self, samples: list[dict], keep_io: tuple[str, ...] = ("logits",), headroom: float = 8.0,
+                 external_threshold: int = 1 << 30, segment_bytes: int = 1 << 30,
+                 ranges: dict[str, float] | None = None):
+        self.samples, self.keep_io, self.headroom = samples, keep_io, headroom
+        self.external_threshold, self.segment_bytes, self.ranges = external_threshold, segment_bytes, ranges
+        self.levels: list[tuple[dict, dict]] = []  # (nodes kept in fp32, I/O dtypes) per candidate
+
+    def candidates(self, graph: GraphFile) -> Iterator[Candidate]:
+        src = graph.path
+        structure = graph_structure(src)
+        ranges = self.ranges if self.ranges is not None else value_ranges(src, self.samples, self.segment_bytes)
+        kept = nodes_past_range(structure, ranges, FP16_MAX / self.headroom)
+        escalated = {**kept, **{n.name: (n.op_type, "norm / softmax / exp kept in fp32 (escalation)")
+                                for n in structure.graph.node if n.op_type in SENSITIVE_OPS and n.name not in kept}}
+        for level, keep in enumerate([kept, escalated]):
+            dst = stage_graph(src)
+            try:
+                io = _convert_fp16(src, structure, dst, keep, self.keep_io, self.external_threshold)
+            except BaseException:
+                discard_staged(dst)
+                raise
+            self.levels.append((keep, io))
+            yield Candidate(dst, {"level": level, "kept": len(keep)})
+
+    def record(self, kept, attempts, message) -> dict:
+        result = PrecisionResult("float16", "float16", "float16", headroom=self.headroom, attempts=attempts)
+        if kept is not None:
+            result.level = kept.details["level"]
+            result.kept, result.io = self.levels[result.level]
+        return result.record()
+
+    def failure(self, message: str, attempts: list[dict]) -> OnnxportError:
+        return ExportError(f"fp16 drifts past its tolerance even with {len(self.levels[-1][0])} nodes kept in fp32: "
+                           f"{message}", "export with --dtype bf16 (fp32's range, weights in half the bytes) or --dtype fp32")
 
 
 def _convert_fp16(src: Path, structure, dst: Path, keep: dict, keep_io: tuple[str, ...],
@@ -249,101 +259,49 @@ def _retype_to_bf16(graph) -> None:
             _retype_to_bf16(g)
 
 
-def emulate_bf16(src: Path, dst: Path) -> None:
-    """A twin of the bf16-compute graph at `src` that ONNX Runtime's CPU kernels run (they have
-    no bf16 arithmetic): every node reading or writing bf16 computes in fp32 between a Cast of
-    its bf16 inputs up and a Cast of its outputs down to bf16. Values are rounded to bf16 where
-    the real graph stores them, which is what a bf16 GPU / TensorRT kernel does (fp32
-    accumulation, bf16 results). Saved beside `src` so its external data resolves."""
-    import onnx
-    from onnx import helper
+class Bfloat16Compute(GraphPass):
+    """A graph that computes in bf16 (GPU / TensorRT targets): ORT's float16 converter places
+    the casts, norm statistics, softmax and exponentials stay fp32 (bf16's 8-bit mantissa is
+    too coarse for reductions), the graph is retyped to bf16, graph I/O stays fp32. ONNX
+    Runtime's CPU provider has no bf16 kernels, so the candidate is checked on its
+    `emulate_bf16` twin; the record says so."""
 
-    model = onnx.load(str(src), load_external_data=False)
-    b16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
-    try:  # value types: a Shape of a bf16 tensor is int64, an Equal bool, ...
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # noqa: BLE001 - inference is best effort; the fallback below types the rest
-        inferred = model
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*g.input, *g.output, *inferred.graph.value_info] if v.type.tensor_type.elem_type}
-    types.update({t.name: t.data_type for t in g.initializer})
-    for node in g.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    types[node.output[0]] = a.t.data_type
-        elif node.op_type == "Cast":
-            types[node.output[0]] = next(a.i for a in node.attribute if a.name == "to")
-    # values inference could not type (after contrib ops): a float op's outputs take its
-    # first float input's type
-    floats = (b16, f32, onnx.TensorProto.FLOAT16)
-    for node in g.node:
-        if node.op_type in ("Cast", "Constant"):
-            continue
-        known = [types[i] for i in node.input if types.get(i) in floats]
-        for o in node.output:
-            if o and o not in types and known:
-                types[o] = known[0]
-    nodes = []
-    for i, node in enumerate(g.node):
-        if node.op_type in ("Cast", "Constant") or not any(types.get(n) == b16 for n in [*node.input, *node.output]):
-            nodes.append(node)
-            continue
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        for k, name in enumerate(node.input):
-            if name and types.get(name) == b16:
-                up = f"{name}__emu_f32_{i}_{k}"
-                nodes.append(helper.make_node("Cast", [name], [up], to=f32, name=f"emu_up_{i}_{k}"))
-                new.input[k] = up
-        downs = []
-        for k, name in enumerate(node.output):
-            if name and types.get(name) == b16:
-                wide = f"{name}__emu_wide"
-                new.output[k] = wide
-                downs.append(helper.make_node("Cast", [wide], [name], to=b16, name=f"emu_down_{i}_{k}"))
-        nodes.append(new)
-        nodes += downs
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.value_info[:]
-    onnx.save(model, str(dst))
+    name = "bfloat16-compute"
+    CHECKED_ON = "CPU emulation: bf16 ops computed in fp32, results rounded to bf16"
 
+    def __init__(self, keep_io: tuple[str, ...], external_threshold: int = 1 << 30):
+        self.keep_io, self.external_threshold = keep_io, external_threshold
+        self.keep: dict = {}
+        self.io: dict = {}
 
-def to_bfloat16_compute(src: Path, check: Callable[[Path], tuple[bool, str]] | None, keep_io: tuple[str, ...],
-                        external_threshold: int = 1 << 30) -> PrecisionResult:
-    """Replace the fp32 graph `src` by one that computes in bf16 (GPU / TensorRT targets):
-    ORT's float16 converter places the casts, norm statistics, softmax and exponentials stay
-    fp32 (bf16's 8-bit mantissa is too coarse for reductions), the graph is retyped to bf16,
-    graph I/O stays fp32. ONNX Runtime's CPU provider has no bf16 kernels, so `check` runs on
-    the `emulate_bf16` twin; the record says so."""
-    structure = graph_structure(src)
-    keep = {n.name: (n.op_type, "norm / softmax / exp kept in fp32 (bf16 precision)")
-            for n in structure.graph.node if n.op_type in SENSITIVE_OPS}
-    result = PrecisionResult("bfloat16", "bfloat16", "bfloat16")
-    dst = stage_graph(src)
-    twin = dst.with_name(dst.stem + ".emulated.onnx")
-    try:
-        io = _convert_fp16(src, structure, dst, keep, keep_io, external_threshold, bf16=True)
-        if check is not None:
-            emulate_bf16(dst, twin)
-            ok, msg = check(twin)
-        else:
-            ok, msg = True, "not checked (--no-verify)"
-        twin.unlink(missing_ok=True)
-    except BaseException:
-        discard_staged(dst)
-        raise
-    result.attempts.append({"level": 0, "kept": len(keep), "ok": ok, "result": msg,
-                            "checked_on": "CPU emulation: bf16 ops computed in fp32, results rounded to bf16"})
-    if not ok:
-        discard_staged(dst)
-        raise ExportError(f"bf16 compute drifts past its tolerance: {msg}",
-                          "export with --dtype bf16 (weight-only, fp32 compute) or --dtype fp16")
-    result.kept, result.io = keep, io
-    commit_graph(dst, src)
-    return result
+    def candidates(self, graph: GraphFile) -> Iterator[Candidate]:
+        src = graph.path
+        structure = graph_structure(src)
+        self.keep = {n.name: (n.op_type, "norm / softmax / exp kept in fp32 (bf16 precision)")
+                     for n in structure.graph.node if n.op_type in SENSITIVE_OPS}
+        dst = stage_graph(src)
+        try:
+            self.io = _convert_fp16(src, structure, dst, self.keep, self.keep_io, self.external_threshold, bf16=True)
+        except BaseException:
+            discard_staged(dst)
+            raise
+
+        def twin() -> Path:
+            path = dst.with_name(dst.stem + ".emulated.onnx")
+            emulate_bf16(dst, path)
+            return path
+
+        yield Candidate(dst, {"level": 0, "kept": len(self.keep), "checked_on": self.CHECKED_ON}, check_file=twin)
+
+    def record(self, kept, attempts, message) -> dict:
+        result = PrecisionResult("bfloat16", "bfloat16", "bfloat16", attempts=attempts)
+        if kept is not None:
+            result.kept, result.io = self.keep, self.io
+        return result.record()
+
+    def failure(self, message: str, attempts: list[dict]) -> OnnxportError:
+        return ExportError(f"bf16 compute drifts past its tolerance: {message}",
+                           "export with --dtype bf16 (weight-only, fp32 compute) or --dtype fp16")
 
 
 def _save_cast(proto, before: dict, src: Path, dst: Path, external_threshold: int) -> None:
@@ -430,48 +388,64 @@ def _caster(source, np_dtype):
 
 # --- bfloat16 (weight-only) ---------------------------------------------------------------------
 
-def to_bfloat16_weights(src: Path, external_threshold: int = 1 << 30, min_elements: int = 16) -> PrecisionResult:
-    """Replace the graph `src` by one that stores every float weight with at least
-    `min_elements` values in bf16 and reads it through Cast(to=float): fp32 compute, half the
-    weight bytes."""
-    import ml_dtypes
-    import onnx_ir as ir
+class Bfloat16Weights(GraphPass):
+    """Every float weight with at least `min_elements` values stored in bf16 and read through
+    Cast(to=float): fp32 compute, half the weight bytes. `label` prefixes the failure (the
+    graph's name)."""
 
-    from onnxport.bundle.weights import save_model
+    name = "bfloat16-weights"
 
-    model = ir.load(str(src))
-    graph = model.graph
-    io = {v.name: "float32" for v in [*graph.inputs, *graph.outputs] if v.dtype == ir.DataType.FLOAT}
-    n, inexact = 0, []
-    for name, init in list(graph.initializers.items()):
-        t = init.const_value
-        if t is None or t.dtype != ir.DataType.FLOAT or t.size < min_elements:
-            continue
-        uses = list(init.uses())
-        if not uses or init.is_graph_output():
-            continue
-        stored = ir.Value(name=name, type=ir.TensorType(ir.DataType.BFLOAT16), shape=init.shape)
-        stored.const_value = ir.LazyTensor(_to_bf16(t, ml_dtypes.bfloat16, inexact), dtype=ir.DataType.BFLOAT16,
-                                           shape=t.shape, name=name)
-        cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{name}/cast_bf16_to_fp32")
-        out = cast.outputs[0]
-        out.name, out.dtype, out.shape = f"{name}_fp32", ir.DataType.FLOAT, init.shape
-        for user, idx in uses:
-            user.replace_input_with(idx, out)
-        graph.initializers.pop(name)
-        graph.register_initializer(stored)
-        graph.insert_before(graph[0], cast) if len(graph) else graph.append(cast)
-        n += 1
-    dst = stage_graph(src)
-    try:
-        save_model(model, dst, external_threshold)
-    except BaseException:
-        discard_staged(dst)
-        raise
-    del model, graph
-    commit_graph(dst, src)
-    log.info("bf16 weights: %d tensors, %d rounded", n, len(inexact))
-    return PrecisionResult("bfloat16", "float32", "bfloat16", io=io, converted=n, rounded=inexact)
+    def __init__(self, external_threshold: int = 1 << 30, min_elements: int = 16, label: str = ""):
+        self.external_threshold, self.min_elements, self.label = external_threshold, min_elements, label
+        self.result: PrecisionResult | None = None
+
+    def candidates(self, graph: GraphFile) -> Iterator[Candidate]:
+        import ml_dtypes
+        import onnx_ir as ir
+
+        from onnxport.bundle.weights import save_model
+
+        src = graph.path
+        model = ir.load(str(src))
+        g = model.graph
+        io = {v.name: "float32" for v in [*g.inputs, *g.outputs] if v.dtype == ir.DataType.FLOAT}
+        n, inexact = 0, []
+        for name, init in list(g.initializers.items()):
+            t = init.const_value
+            if t is None or t.dtype != ir.DataType.FLOAT or t.size < self.min_elements:
+                continue
+            uses = list(init.uses())
+            if not uses or init.is_graph_output():
+                continue
+            stored = ir.Value(name=name, type=ir.TensorType(ir.DataType.BFLOAT16), shape=init.shape)
+            stored.const_value = ir.LazyTensor(_to_bf16(t, ml_dtypes.bfloat16, inexact), dtype=ir.DataType.BFLOAT16,
+                                               shape=t.shape, name=name)
+            cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{name}/cast_bf16_to_fp32")
+            out = cast.outputs[0]
+            out.name, out.dtype, out.shape = f"{name}_fp32", ir.DataType.FLOAT, init.shape
+            for user, idx in uses:
+                user.replace_input_with(idx, out)
+            g.initializers.pop(name)
+            g.register_initializer(stored)
+            g.insert_before(g[0], cast) if len(g) else g.append(cast)
+            n += 1
+        dst = stage_graph(src)
+        try:
+            save_model(model, dst, self.external_threshold)
+        except BaseException:
+            discard_staged(dst)
+            raise
+        del model, g
+        log.info("bf16 weights: %d tensors, %d rounded", n, len(inexact))
+        self.result = PrecisionResult("bfloat16", "float32", "bfloat16", io=io, converted=n, rounded=inexact)
+        yield Candidate(dst)
+
+    def record(self, kept, attempts, message) -> dict:
+        return self.result.record()
+
+    def failure(self, message: str, attempts: list[dict]) -> OnnxportError:
+        return VerificationError(f"{self.label}bf16 weights drift past their tolerance: {message}",
+                                 "export in float32; nothing was written")
 
 
 def _to_bf16(t, bf16, inexact: list):

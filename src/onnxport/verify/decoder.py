@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def verify_decoder(
     wrapper, onnx_file: Path, graph: Graph, vocab_size: int, cfg: VerifyConfig, cases=None,
-    reference: dict | None = None, observe=None,
+    reference: dict | None = None, observe=None, streamed: bool = False,
 ) -> dict:
     """Run `wrapper` (a FlatCacheDecoder) and the ONNX graph on each case; compare every output.
     Default cases: DECODER_CASES, STEP_CASES for a one-token-per-call graph (recurrent state),
@@ -38,7 +38,8 @@ def verify_decoder(
 
     `reference` caches the PyTorch outputs per case across calls (candidates of one graph:
     the fp16 guard's attempts, fusions), so a streamed reference runs once. `observe(name,
-    array)` sees every value ONNX Runtime computes (runtime/segments.run_feeds).
+    array)` sees every value ONNX Runtime computes (runtime/segments.run_feeds). `streamed`: the
+    PyTorch model reads its weights from the checkpoint as it runs (--low-memory).
 
     Returns the manifest's `verification` record; `ok` is False if any output at any shape
     breaks the tolerance. Callers decide whether that raises."""
@@ -87,10 +88,9 @@ def verify_decoder(
         results.append(record)
         log.info("verify %s: %s", case.label, "ok" if results[-1]["ok"] else "FAILED")
         report("verifying against PyTorch", i + 1, len(cases))
-    streamer = getattr(getattr(wrapper, "model", None), "_onnxport_streamer", None)
     checks = {"onnxruntime": ran,
               "pytorch": "streamed: each module's weights read from the checkpoint when it runs, then dropped"
-              if streamer is not None else "model in memory"}
+              if streamed else "model in memory"}
     return {
         "ok": all(r["ok"] for r in results),
         "tolerance": cfg.record(),
@@ -202,4 +202,85 @@ def first_failure(record: dict) -> str | None:
     return None
 
 
-__all__ = ["ShapeCase", "cases_for", "first_failure", "verify_decoder"]
+
+
+# --- the verify stage of a decoder part -----------------------------------------------------------
+
+def with_io_dtypes(graph: Graph, onnx_file: Path) -> Graph:
+    """`graph` with the I/O dtypes of the saved file (a conversion changes float ones)."""
+    from dataclasses import replace
+
+    import onnx
+
+    m = onnx.load(str(onnx_file), load_external_data=False)
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+             for v in [*m.graph.input, *m.graph.output]}
+    return replace(graph, inputs=[replace(t, dtype=types.get(t.name, t.dtype)) for t in graph.inputs],
+                   outputs=[replace(t, dtype=types.get(t.name, t.dtype)) for t in graph.outputs])
+
+
+def worst(record: dict) -> str:
+    """'logits: max|diff| 9.4e-03 (bound 6.4e-02), min cosine 0.99998' over all cases."""
+    logits = [c["outputs"]["logits"] for c in record["cases"] if "logits" in c["outputs"]]
+    if not logits:
+        return "ok"
+    r = max(logits, key=lambda x: x["max_abs_diff"] / x["bound"])
+    return (f"logits: max|diff| {r['max_abs_diff']:.3g} (bound {r['bound']:.3g}), "
+            f"min cosine {min(x['cosine'] for x in logits):.6f}")
+
+
+class DecoderCheck:
+    """ONNX Runtime against PyTorch for a monolithic decoder graph and every rewrite of it
+    (fusions, fp16 / bf16 candidates): the PyTorch reference of each case is computed once
+    (`loaded.reference`) and shared by every check."""
+
+    def __init__(self, loaded, kv, manifest, vcfg: VerifyConfig):
+        from onnxport.export.decoder import graph_wrapper
+
+        self.loaded, self.kv, self.manifest, self.vcfg = loaded, kv, manifest, vcfg
+        self.graph_wrapper = graph_wrapper
+
+    def run(self, candidate: Path, graph: Graph, vcfg: VerifyConfig | None = None, observe=None) -> dict:
+        """The verification record of `candidate` checked as `graph` (its I/O dtypes read from
+        the file)."""
+        g = with_io_dtypes(graph, candidate)
+        wrapper = self.graph_wrapper(self.loaded.model, self.kv, graph, self.manifest.kv_cache.layout)
+        return verify_decoder(wrapper, candidate, g, self.manifest.model.vocab_size, vcfg or self.vcfg,
+                              reference=self.loaded.reference, observe=observe, streamed=self.loaded.streamed)
+
+    def tolerance(self, dtype: str):
+        """check(candidate, graph) -> (ok, message, record) at `dtype`'s tolerances (a pass's
+        Verified wrapper calls it)."""
+        vcfg = self.vcfg.for_dtype(dtype)
+
+        def check(candidate: Path, graph: Graph) -> tuple[bool, str, dict]:
+            record = self.run(candidate, graph, vcfg)
+            return record["ok"], first_failure(record) or worst(record), record
+
+        return check
+
+
+def verify_decoder_part(loaded, kv, folder: Path, manifest, export_cfg, vcfg: VerifyConfig, split,
+                        observe=None) -> dict:
+    """ORT vs PyTorch for the decoder graphs as exported (each graph of a split layout against
+    its PyTorch piece, and greedy tokens end to end); record it; raise VerificationError on a
+    mismatch."""
+    from onnxport.errors import VerificationError
+    from onnxport.verify.split import verify_split
+
+    if split is None:
+        graph = manifest.graph("decoder")
+        record = DecoderCheck(loaded, kv, manifest, vcfg).run(folder / graph.file, graph, observe=observe)
+        embedding = next((g for g in manifest.graphs if g.role == "embedding" and g.part == "decoder"), None)
+        if embedding is not None:  # a decoder fed inputs_embeds: its token-embedding graph too
+            embedding.verification = verify_embedding(loaded.recipe, loaded.model, folder / embedding.file, embedding,
+                                                      manifest.model.vocab_size, vcfg)
+            record["embedding"] = embedding.verification
+            record["ok"] = record["ok"] and embedding.verification["ok"]
+    else:
+        record = verify_split(loaded.recipe, loaded.model, folder, manifest, split, export_cfg, vcfg)
+    manifest.verification = manifest.part("decoder").verification = record
+    if not record["ok"]:
+        raise VerificationError(f"verification failed: {first_failure(record)}",
+                                "ONNX Runtime disagrees with PyTorch for this model; nothing was written (see --debug)")
+    return record

@@ -89,3 +89,19 @@ def verify_split(recipe, model, folder, manifest: Manifest, split, export_cfg, c
         "tolerance": cfg.record(),
         "cases": cases,
     }
+
+
+def verify_converted_split(loaded, folder, manifest: Manifest, split, export_cfg, cfg: VerifyConfig) -> dict:
+    """A split bundle after --dtype: every graph and the greedy tokens end to end again, at the
+    dtype's tolerances; VerificationError when they drift past them."""
+    from onnxport.errors import VerificationError
+    from onnxport.verify.decoder import first_failure
+
+    dtype = export_cfg.dtype
+    record = verify_split(loaded.recipe, loaded.model, folder, manifest, split, export_cfg, cfg.for_dtype(dtype))
+    record["tolerance"]["dtype"] = dtype
+    manifest.verification = manifest.part("decoder").verification = record
+    if not record["ok"]:
+        raise VerificationError(f"{dtype} split graphs drift past their tolerance: {first_failure(record)}",
+                                "export the split layout in float32 (or --dtype bf16); nothing was written")
+    return record
