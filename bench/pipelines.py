@@ -84,14 +84,14 @@ def bench_whisper(tmp: Path, runs: int) -> dict:
     import numpy as np
 
     from onnxport.api import export
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     ckpt, bundle = tmp / "whisper-ckpt", tmp / "whisper"
     make_whisper(ckpt)
     t0 = time.perf_counter()
     export(ckpt, bundle)
     export_s = time.perf_counter() - t0
-    stt = open_pipeline(bundle)
+    stt = open_task(bundle)
     audio = (np.random.default_rng(0).standard_normal(16000 * 10) * 0.1).astype(np.float32)
     feats_ms, feats = timed(lambda: stt._features([audio], 16000), runs)
     enc_ms, states = timed(lambda: stt.audio.run({"input_features": feats}), runs)
@@ -108,7 +108,7 @@ def bench_qwen_vl(tmp: Path, runs: int) -> dict:
     import numpy as np
 
     from onnxport.api import export
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     ckpt, bundle = tmp / "vl-ckpt", tmp / "vl"
     make_qwen_vl(ckpt)
@@ -117,7 +117,7 @@ def bench_qwen_vl(tmp: Path, runs: int) -> dict:
     t0 = time.perf_counter()
     export(ckpt, bundle)
     export_s = time.perf_counter() - t0
-    pipe = open_pipeline(bundle)
+    pipe = open_task(bundle)
     image = np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)
     prompt = [151652, 151655, 151653, *range(100, 113)]
     pre_ms, out = timed(lambda: pipe.processor([image]), runs)

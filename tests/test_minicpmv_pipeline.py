@@ -187,7 +187,7 @@ def test_text_only_greedy_tokens_equal_transformers(bundles, kind):
 def test_greedy_tokens_equal_transformers(bundles, kind, case):
     """One image below scale_resolution**2 (upscaled, not sliced); one sliced into a 2x2 grid
     plus its source image; a left-padded batch: two images (one sliced) and a text-only row."""
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     ckpt, out, model = bundles(kind)
     texts, images = {"small_image": ([SMALL], [[_image(0, 30, 40)]]),
@@ -195,7 +195,7 @@ def test_greedy_tokens_equal_transformers(bundles, kind, case):
                      "batch": ([TWO, PLAIN], [[_image(2, 60, 110), _image(3, 20, 20)], []])}[case]
     inputs = _hf_processor(ckpt)(text=list(texts), images=[i for row in images for i in row], return_tensors="pt")
     ref = _hf_generate(model, inputs, 12)
-    pipe = open_pipeline(out)
+    pipe = open_task(out)
     got = pipe.generate(texts, images=images, max_new_tokens=12, eos_token_id=None)
     np.testing.assert_array_equal(got.padded, ref)
     if case == "sliced_image":
@@ -205,7 +205,7 @@ def test_greedy_tokens_equal_transformers(bundles, kind, case):
 def test_image_features_equal_transformers(bundles):
     """vision.onnx + merger.onnx, one call per slice, on the processor's packed pixels ==
     get_image_features on all slices at once (a sliced image and a small one)."""
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     ckpt, out, model = bundles("qwen3")
     inputs = _hf_processor(ckpt)(text=["<|image_pad|><|image_pad|>"], images=[_image(1, 130, 120), _image(0, 30, 40)],
@@ -213,7 +213,7 @@ def test_image_features_equal_transformers(bundles):
     with torch.no_grad():
         want = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"])
                          .pooler_output).numpy()
-    got = open_pipeline(out).image_features(inputs["pixel_values"].numpy(), inputs["target_sizes"].numpy())
+    got = open_task(out).image_features(inputs["pixel_values"].numpy(), inputs["target_sizes"].numpy())
     assert got.shape == want.shape == (6 * 9, 48)  # 6 slices of 12x12 patches, 9 tokens each
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
@@ -222,10 +222,10 @@ def test_prompt_ids_equal_the_processors(bundles):
     """The placeholder expansion (image ids, source tokens, slice rows) equals the processor's
     input_ids, with and without image ids and slicing, for text and for token-id prompts."""
     from onnxport.runtime.image_processor import MiniCPMVImageProcessor
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     ckpt, out, _ = bundles("qwen3")
-    pipe = open_pipeline(out)
+    pipe = open_task(out)
     images = [_image(4, 120, 50), _image(5, 16, 16), _image(6, 90, 200)]
     text = "<|image_pad|> first, then <|image_pad|>\nand <|image_pad|>."
     for settings in ({}, {"slice_mode": False}, {"use_image_id": False}):
@@ -243,13 +243,13 @@ def test_prompt_ids_equal_the_processors(bundles):
 
 def test_chat_messages_and_cli(bundles, tmp_path):
     """Chat messages render through the bundle's template; `generate --image` runs the pipeline."""
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     _, out, _ = bundles("qwen3")
     image = _image(7, 70, 50)
     messages = [{"role": "user", "content": [{"type": "text", "text": "describe "}, {"type": "image"},
                                              {"type": "text", "text": " please"}]}]
-    pipe = open_pipeline(out)
+    pipe = open_task(out)
     a = pipe.generate(messages, images=[image], max_new_tokens=8, eos_token_id=None).padded
     b = pipe.generate(SMALL, images=[image], max_new_tokens=8, eos_token_id=None).padded
     np.testing.assert_array_equal(a, b)
@@ -281,9 +281,9 @@ def test_bad_image_inputs_fail_in_one_line(bundles, tmp_path, case):
 
 def test_token_id_prompt_with_a_stray_image_token_is_refused(bundles):
     from onnxport.errors import RuntimeInputError
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     _, out, model = bundles("qwen3")
-    pipe = open_pipeline(out)
+    pipe = open_task(out)
     with pytest.raises(RuntimeInputError, match="1 image placeholder"):
         pipe.generate([5, model.config.image_token_id, 6], images=[], max_new_tokens=2)

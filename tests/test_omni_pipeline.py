@@ -137,7 +137,7 @@ def thinker(omni):
 
 @pytest.fixture(scope="module")
 def pipe(omni):
-    from onnxport.runtime.pipelines.omni import AnyToText
+    from onnxport.runtime.tasks.omni import AnyToText
 
     return AnyToText(omni[1])
 
@@ -206,7 +206,7 @@ def test_rope_index_equals_transformers(omni, thinker):
     """The numpy TMRoPE ids and deltas against the thinker's get_rope_index on a left-padded
     batch (image + audio, audio only, text only), and on an audio-only batch (transformers'
     branch without grids)."""
-    from onnxport.runtime.pipelines.omni import audio_token_count, rope_index
+    from onnxport.runtime.tasks.omni import audio_token_count, rope_index
 
     _, _, ids = omni
     v, a = ids["<|IMAGE|>"], ids["<|AUDIO|>"]

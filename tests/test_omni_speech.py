@@ -124,9 +124,9 @@ def full(omni):
 
 @pytest.fixture(scope="module")
 def pipe(omni):
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
-    return open_pipeline(omni[1])
+    return open_task(omni[1])
 
 
 def _torch_noise(seed: int):
@@ -239,7 +239,7 @@ def test_token2wav_equals_pytorch(full, pipe):
     points) over the DiT step graph, then BigVGAN, against PyTorch's token2wav with the same
     noise; the host's own time points equal transformers' for other settings too."""
     from onnxport.recipes.qwen2_5_omni_speech import ode_time_points
-    from onnxport.runtime.pipelines.omni_speech import time_points
+    from onnxport.runtime.tasks.omni_speech import time_points
 
     codes = np.random.default_rng(7).integers(0, CODEC["vocab_size"], 17)
     voice = pipe.speakers["Ethan"]
@@ -332,7 +332,7 @@ def test_speakers_file_outside_the_bundle_is_refused(omni, tmp_path):
     import shutil
 
     from onnxport.errors import BundleError
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     bundle = tmp_path / "b"
     shutil.copytree(omni[1], bundle)
@@ -341,4 +341,4 @@ def test_speakers_file_outside_the_bundle_is_refused(omni, tmp_path):
     mf["pipeline"]["config"]["speech"]["speakers"]["file"] = "../outside.safetensors"
     (bundle / "manifest.json").write_text(json.dumps(mf))
     with pytest.raises(BundleError, match="outside the bundle"):
-        open_pipeline(bundle)
+        open_task(bundle)

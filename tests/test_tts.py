@@ -87,9 +87,9 @@ def tts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(tts):
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
-    return open_pipeline(tts[1])
+    return open_task(tts[1])
 
 
 def reference_ids(ckpt: Path, text: str) -> list[int]:
@@ -267,9 +267,9 @@ def test_runner_works_without_torch(tts, tmp_path):
         "        raise ImportError('runtime must not import ' + name)\n"
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guard\n"
-        "from onnxport.runtime.pipelines import open_pipeline\n"
-        "from onnxport.runtime.pipelines.text_to_speech import write_wav\n"
-        f"s = open_pipeline({str(tts[1])!r}).generate({TEXT!r})\n"
+        "from onnxport.runtime.tasks import open_task\n"
+        "from onnxport.runtime.tasks.text_to_speech import write_wav\n"
+        f"s = open_task({str(tts[1])!r}).generate({TEXT!r})\n"
         "assert s.stopped_at_eos and s.samples.size > 0, s\n"
         f"write_wav({str(tmp_path / 'x.wav')!r}, s.samples, s.sample_rate)\n"
         "print(len(s.codes))\n"
@@ -312,7 +312,7 @@ def test_speak_bad_input_is_one_line(case, tts, tmp_path):
         mf = json.loads((tmp_path / "b" / "manifest.json").read_text())
         del mf["pipeline"]
         (tmp_path / "b" / "manifest.json").write_text(json.dumps(mf))
-        bundle, needle = tmp_path / "b", "no text-to-speech pipeline"
+        bundle, needle = tmp_path / "b", "has no pipeline section"
     elif case == "not-a-bundle":
         bundle, needle = tts[0], "not an onnxport bundle"
     else:

@@ -117,7 +117,7 @@ def test_manifest_chains_the_parts(vl):
 
 
 def test_one_image_greedy_tokens_equal_transformers(vl):
-    from onnxport.runtime.pipelines.image_text_to_text import ImageTextToText
+    from onnxport.runtime.tasks.image_text_to_text import ImageTextToText
 
     ckpt, out, _ = vl
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it<|im_end|>\n<|im_start|>assistant\n"
@@ -134,7 +134,7 @@ def test_one_image_greedy_tokens_equal_transformers(vl):
 
 def test_batch_of_two_images_and_text_only_row(vl):
     """Left-padded batch: two images in one row, none in the other (different mrope deltas)."""
-    from onnxport.runtime.pipelines.image_text_to_text import ImageTextToText
+    from onnxport.runtime.tasks.image_text_to_text import ImageTextToText
 
     ckpt, out, _ = vl
     two = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|> and "
@@ -149,7 +149,7 @@ def test_batch_of_two_images_and_text_only_row(vl):
 
 def test_chat_messages_and_cli(vl, tmp_path):
     """Chat messages render through the bundle's template; `generate --image` runs the pipeline."""
-    from onnxport.runtime.pipelines.image_text_to_text import ImageTextToText
+    from onnxport.runtime.tasks.image_text_to_text import ImageTextToText
 
     ckpt, out, _ = vl
     image = _image(3, 40, 40)
@@ -206,7 +206,7 @@ def test_short_video_greedy_tokens_equal_transformers(vl):
     and the video inputs its processor would give."""
     import transformers as T
 
-    from onnxport.runtime.pipelines.image_text_to_text import ImageTextToText
+    from onnxport.runtime.tasks.image_text_to_text import ImageTextToText
 
     ckpt, out, ids = vl
     frames = [np.asarray(_image(10 + i, 32, 40)) for i in range(4)]

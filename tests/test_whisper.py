@@ -127,9 +127,9 @@ def reference(whisper):
 
 @pytest.fixture(scope="module")
 def stt(whisper):
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
-    return open_pipeline(whisper[1])
+    return open_task(whisper[1])
 
 
 def assert_tokens_equal(ours: list[list[int]], sequences) -> None:
@@ -260,7 +260,7 @@ def test_saved_language_and_task_of_a_fine_tuned_checkpoint(whisper, tmp_path):
     import transformers as T
 
     from onnxport.recipes.whisper import speech_to_text_config
-    from onnxport.runtime.pipelines import open_pipeline
+    from onnxport.runtime.tasks import open_task
 
     model = T.WhisperForConditionalGeneration.from_pretrained(whisper[0], attn_implementation="eager").eval()
     model.generation_config.language, model.generation_config.task = "fr", "translate"
@@ -274,7 +274,7 @@ def test_saved_language_and_task_of_a_fine_tuned_checkpoint(whisper, tmp_path):
     extractor = T.WhisperFeatureExtractor.from_pretrained(whisper[0])
     audios = random_audios()
     features = extractor(audios, sampling_rate=RATE, return_tensors="pt").input_features
-    stt = open_pipeline(bundle)
+    stt = open_task(bundle)
     with torch.no_grad():
         ref = model.generate(features, max_new_tokens=MAX_NEW)
         ref_de = model.generate(features, max_new_tokens=MAX_NEW, language="de")
@@ -304,8 +304,8 @@ def test_runtime_runs_without_torch(whisper, tmp_path):
         "        raise ImportError('runtime must not import ' + name)\n"
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guard\n"
-        "from onnxport.runtime.pipelines import open_pipeline\n"
-        f"r = open_pipeline({str(whisper[1])!r}).generate({str(wav)!r}, max_new_tokens=8)\n"
+        "from onnxport.runtime.tasks import open_task\n"
+        f"r = open_task({str(whisper[1])!r}).generate({str(wav)!r}, max_new_tokens=8)\n"
         "assert r.tokens[0] and isinstance(r.text, str), r\n"
         "print(r.text)\n"
     )
@@ -367,7 +367,7 @@ def test_cli_bad_audio_is_one_line(case, whisper, tmp_path):
     assert needle in lines[0], res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
     if case == "no-pipeline":
-        from onnxport.runtime.pipelines import open_pipeline
+        from onnxport.runtime.tasks import open_task
 
         with pytest.raises(BundleError):
-            open_pipeline(bundle)
+            open_task(bundle)

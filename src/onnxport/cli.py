@@ -114,16 +114,10 @@ def _working(label: str):
 
 def _print_bundle(manifest, output: Path, verbose_modules: bool = True) -> None:
     """Verification tables of every part, then the one-line summary."""
-    from onnxport.report.console import decoder_table, module_lines, modules_table, summary
+    from onnxport.report.console import bundle_report
 
-    if manifest.kv_cache is not None and manifest.verification and "cases" in manifest.verification:
-        out.print(decoder_table(manifest.verification))
-    if manifest.named_graphs():
-        out.print(modules_table(manifest))
-        if verbose_modules:
-            for line in module_lines(manifest):
-                out.print(line, soft_wrap=True, markup=False)
-    out.print(summary(manifest, output), soft_wrap=True, markup=False)
+    for item in bundle_report(manifest, output, verbose_modules):
+        out.print(item, soft_wrap=True, markup=False) if isinstance(item, str) else out.print(item)
 
 
 @app.command("export")
@@ -224,16 +218,11 @@ def optimize_cmd(
 ):
     """Graph passes for ONNX Runtime (what export --optimize runs), each verified against PyTorch and rolled back if it breaks parity."""
     from onnxport.api import optimize
+    from onnxport.report.console import optimize_line
 
     with _working(f"optimizing {bundle}"):
         manifest = optimize(bundle, output, model, check=not no_verify, force=force, allow_pickle=allow_pickle)
-    graph = manifest.graph("decoder")
-    done = [f"{r['name']} ({', '.join(f'{k} {v}' for k, v in r['fused'].items())})" for r in graph.optimization
-            if r["applied"]]
-    skipped = [f"{r['name']}: {r['result']}" for r in graph.optimization if not r["applied"]]
-    out.print(f"wrote {output}/: {'; '.join(done) or 'no pass applied'}"
-              + (f"; not applied: {'; '.join(skipped)}" if skipped else "")
-              + ("; takes right-padded batches" if graph.padding else ""), soft_wrap=True)
+    out.print(optimize_line(manifest, output), soft_wrap=True, markup=False)
 
 
 @app.command("quantize")
@@ -258,6 +247,7 @@ def quantize_cmd(
     """Weight-only int4/int8 quantization with a quality gate (perplexity, greedy agreement)."""
     from onnxport.api import quantize
     from onnxport.config import QuantConfig
+    from onnxport.report.console import quantize_lines
 
     cfg = QuantConfig(bits=bits, block_size=block_size, method=method, symmetric=not asymmetric,
                       accuracy_level=accuracy_level, calib=str(calib) if calib else None,
@@ -266,15 +256,8 @@ def quantize_cmd(
                       force=force)
     with _working(f"quantizing {bundle} to int{bits}"):
         manifest = quantize(bundle, output, cfg)
-    q = manifest.graph("decoder").quantization
-    emb = f", embedding {q['embedding'].split()[0]}" if q.get("embedding", "float32") != "float32" else ""
-    out.print(f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}{emb}; held-out perplexity "
-              f"{q['perplexity']['quantized']:.3f} (source {q['perplexity']['source']:.3f}); greedy tokens equal to "
-              f"the source: {q['greedy_agreement']['tokens_equal']}/{q['greedy_agreement']['tokens']}", soft_wrap=True)
-    if q.get("fallback"):
-        f = q["fallback"]
-        out.print(f"int{q['bits']} was asked for: the quality gate moved {f['int8_layers']} of {f['of']} layers to int8 "
-                  f"({f['why']})", soft_wrap=True)
+    for line in quantize_lines(manifest, output):
+        out.print(line, soft_wrap=True, markup=False)
 
 
 @app.command("verify")
@@ -292,140 +275,20 @@ def verify_cmd(
     _print_bundle(manifest, bundle, verbose_modules=False)
 
 
-def _stream_printer(gen):
-    """Print new text of row 0 as tokens arrive, verbatim."""
-    from onnxport.runtime.tokenizer import StreamDecoder
-
-    stream = StreamDecoder(gen.tokenizer)
-
-    def on_token(row: int, tok: int) -> None:
-        if row == 0:
-            sys.stdout.write(stream.push(tok))
-            sys.stdout.flush()
-
-    return on_token
+def _write_text(text: str) -> None:
+    """Streamed text, verbatim, as it arrives."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
-def _read_messages(path: Path) -> list:
-    """--messages: a JSON list of messages (one conversation) or a list of conversations."""
-    import json
-
-    from onnxport.errors import InputError
-
-    if not path.is_file():
-        raise InputError(f"--messages {path} is not a file", "write the conversation as a JSON list of messages")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"--messages {path} is not valid JSON: {e}",
-                         'write e.g. [{"role": "user", "content": "hi"}]') from None
-    if not isinstance(data, list) or not data:
-        raise InputError(f"--messages {path} must hold a non-empty JSON list of messages",
-                         'write e.g. [{"role": "user", "content": "hi"}]')
-    return data
-
-
-def _generate_chat(gen, chats: list, system: str | None, stream: bool, sampling: dict) -> None:
-    """--chat: replies only (the rendered template is not echoed); streamed for one conversation."""
-    from onnxport.runtime.chat import as_conversations
-
-    conversations = as_conversations(chats, system)
-    streaming = stream and len(conversations) == 1
-    res = gen.chat(conversations, on_token=_stream_printer(gen) if streaming else None, **sampling)
-    if streaming:
+def _print_reply(reply) -> None:
+    """A task's reply: its lines on stdout (after what it streamed), its summary on stderr."""
+    if reply.streamed:
         sys.stdout.write("\n")
-    else:
-        for t in res.texts:
-            sys.stdout.write(f"{t}\n")
-    console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
-
-
-def _generate_with_images(bundle: Path, images: list[Path], prompts, messages, chat: bool, system, stream: bool,
-                          sampling: dict, audio: list[Path] | None = None) -> None:
-    """--image (and --audio for an any-to-text bundle): the bundle's image-text or any-to-text
-    pipeline; every prompt gets all the images and clips."""
-    from onnxport.errors import BundleError
-    from onnxport.runtime.image_processor import load_image
-    from onnxport.runtime.pipelines import open_pipeline
-
-    pipe = open_pipeline(bundle)
-    # a family's own runner: image-text-to-text/<family>; any-to-text (and any-to-any) also take audio
-    if pipe.kind.split("/")[0] not in ("image-text-to-text", *THINKER_KINDS):
-        raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no image", "drop --image")
-    loaded = [load_image(p) for p in images]
-    if messages is not None:
-        convs, chat = [_read_messages(messages)], True
-    elif chat or system is not None:
-        convs, chat = [[{"role": "user", "content": [*({"type": "image"} for _ in loaded),
-                                                      *({"type": "audio"} for _ in audio or []),
-                                                      {"type": "text", "text": p}]}] for p in prompts], True
-    else:
-        convs = list(prompts)
-    media = {"audio": [list(audio) for _ in convs]} if audio else {}
-    streaming = stream and len(convs) == 1
-    res = pipe.generate(convs, images=[loaded for _ in convs], chat=chat, system=system,
-                        on_token=_stream_printer(pipe.generator) if streaming else None, **media, **sampling)
-    if streaming:
-        sys.stdout.write("\n")
-    else:
-        for t in res.texts:
-            sys.stdout.write(f"{t}\n")
-    console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
-
-
-#: the pipeline kinds that take images and audio beside a prompt (Qwen2.5-Omni's thinker; any-to-any
-#: also speaks the reply)
-ANY_TO_TEXT, ANY_TO_ANY = "any-to-text", "any-to-any"
-THINKER_KINDS = (ANY_TO_TEXT, ANY_TO_ANY)
-
-
-def _generate_speech(bundle: Path, images: list[Path], prompts, messages, chat: bool, system, sampling: dict,
-                     audio: list[Path] | None, wav: Path) -> None:
-    """--speak: an any-to-any bundle's reply to one prompt, printed, and spoken into `wav`."""
-    from onnxport.errors import BundleError, InputError
-    from onnxport.runtime.image_processor import load_image
-    from onnxport.runtime.pipelines import open_pipeline
-    from onnxport.runtime.pipelines.text_to_speech import write_wav
-
-    pipe = open_pipeline(bundle)
-    if pipe.kind != ANY_TO_ANY:
-        raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which has no speech output",
-                          "drop --speak; a Qwen2.5-Omni checkpoint exported with its talker and token2wav speaks")
-    if messages is None and len(prompts) != 1:
-        raise InputError(f"--speak speaks one reply, got {len(prompts)} prompts", "pass one -p")
-    prompt = _read_messages(messages) if messages is not None else prompts[0]
-    with _working(f"speaking with {bundle}"):
-        reply = pipe.generate(prompt, images=[load_image(p) for p in images], audio=list(audio or []),
-                              chat=chat or system is not None or messages is not None, system=system, speak=True,
-                              **sampling)
-    sys.stdout.write(f"{reply.text}\n")
-    write_wav(wav, reply.samples, reply.sample_rate)
-    console.print(f"wrote {wav}: {reply.duration:.2f} s at {reply.sample_rate} Hz, {len(reply.codes)} codec codes; "
-                  f"thinker {1000 * reply.thinker_seconds:.0f} ms, talker {1000 * reply.talker_seconds:.0f} ms, "
-                  f"token2wav {1000 * reply.token2wav_seconds:.0f} ms")
-
-
-def _pipeline_kind(bundle: Path) -> str | None:
-    """The kind of the bundle's pipeline section (None without one)."""
-    from onnxport.bundle import read_manifest
-
-    pipeline = read_manifest(bundle).pipeline
-    return pipeline.kind if pipeline is not None else None
-
-
-def _transcribe(bundle: Path, audio: list[Path], max_new_tokens: int | None, language: str | None = None,
-                task: str | None = None) -> None:
-    """--audio: the bundle's speech-to-text pipeline, one transcript per line."""
-    from onnxport.errors import BundleError
-    from onnxport.runtime.pipelines import open_pipeline
-
-    pipe = open_pipeline(bundle)
-    if pipe.kind != "speech-to-text":
-        raise BundleError(f"{bundle} runs a {pipe.kind} pipeline, which takes no audio", "drop --audio")
-    res = pipe.generate(list(audio), max_new_tokens=max_new_tokens, language=language, task=task)
-    for i, tokens in enumerate(res.tokens):
-        sys.stdout.write(f"{res.texts[i] if res.texts is not None else ' '.join(map(str, tokens))}\n")
-    console.print(f"{len(audio)} audio, {res.generated_tokens} tokens generated in {1000 * res.seconds:.0f} ms")
+    for line in reply.lines:
+        sys.stdout.write(f"{line}\n")
+    if reply.summary:
+        console.print(reply.summary, soft_wrap=True, markup=False)
 
 
 @app.command("generate")
@@ -449,50 +312,23 @@ def generate_cmd(
     language: Optional[str] = typer.Option(None, "--language", help="Speech-to-text: the spoken language (en, english or <|en|>); default: the model's own, else detected as transformers does."),
     task: Optional[str] = typer.Option(None, "--task", help="Speech-to-text: transcribe or translate (default: the model's own)."),
 ):
-    """Generate text with ONNX Runtime (no torch)."""
-    from onnxport.errors import InputError
-    from onnxport.runtime import Generator
+    """Generate with ONNX Runtime (no torch). The bundle's manifest decides the task: text
+    generation, image/audio + text -> text, speech -> text (--audio), text -> text and speech
+    (--speak); the flags are that task's inputs."""
+    from onnxport.runtime.tasks import open_task
+    from onnxport.runtime.tasks.request import Request, Sampling, read_messages
 
-    prompted_audio = bool(audio) and _pipeline_kind(bundle) in THINKER_KINDS
-    if audio and not prompted_audio:
-        if prompt or messages is not None or image:
-            raise InputError("give either --audio or a prompt (-p / --messages / --image), not both",
-                             "a speech-to-text bundle transcribes audio alone")
-        _transcribe(bundle, audio, max_new_tokens, language, task)
-        return
-    if language is not None or task is not None:
-        raise InputError("--language / --task go with --audio on a speech-to-text bundle", "drop them, or add --audio")
-    max_new_tokens = 32 if max_new_tokens is None else max_new_tokens
-    if messages is not None and prompt:
-        raise InputError("give either -p or --messages, not both", "put the user turn last in the --messages file")
-    if messages is None and not prompt:
-        raise InputError("nothing to generate from", "give a prompt with -p TEXT, or a conversation with --messages FILE.json")
-    sampling = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                    top_p=top_p, seed=seed)
+    request = Request(prompts=tuple(prompt or ()), messages=read_messages(messages) if messages is not None else None,
+                      chat=chat, system=system, images=tuple(image or ()), audio=tuple(audio or ()), speak=speak,
+                      overwrite=True, language=language, task=task, stream=stream,
+                      sampling=Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed))
+    runner = open_task(bundle)
     if speak is not None:
-        _generate_speech(bundle, image or [], prompt, messages, chat, system, sampling, audio, speak)
-        return
-    if image or prompted_audio:
-        _generate_with_images(bundle, image or [], prompt, messages, chat, system, stream, sampling, audio)
-        return
-    gen = Generator(bundle)
-    if chat or system is not None or messages is not None:
-        _generate_chat(gen, _read_messages(messages) if messages is not None else list(prompt), system, stream,
-                       dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed))
-        return
-    streaming = stream and len(prompt) == 1
-    if streaming:
-        sys.stdout.write(prompt[0])
-        sys.stdout.flush()
-    res = gen.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, on_token=_stream_printer(gen) if streaming else None)
-    if streaming:
-        sys.stdout.write("\n")
+        with _working(f"speaking with {bundle}"):
+            reply = runner.run(request)
     else:
-        for p, t in zip(prompt, res.texts):
-            sys.stdout.write(f"{p}{t}\n")
-    console.print(f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s")
+        reply = runner.run(request, on_text=_write_text)
+    _print_reply(reply)
 
 
 @app.command("speak")
@@ -509,36 +345,15 @@ def speak_cmd(
 ):
     """Speak text with ONNX Runtime (no torch): talker -> audio codes -> DVAE -> vocoder -> WAV;
     an any-to-any bundle replies to the text and speaks the reply (thinker -> talker -> token2wav)."""
-    from onnxport.errors import InputError
-    from onnxport.runtime.pipelines.text_to_speech import TextToSpeech, write_wav
+    from onnxport.runtime.tasks import open_task
+    from onnxport.runtime.tasks.request import Request, Sampling
 
-    if output.exists() and not force:
-        raise InputError(f"{output} already exists", "pass --force to replace it, or choose another -o")
-    if not text.strip():
-        raise InputError("the text to speak is empty", 'pass some words, e.g. --text "Hello there."')
-    if _pipeline_kind(bundle) == ANY_TO_ANY:
-        from onnxport.runtime.pipelines import open_pipeline
-
-        pipe = open_pipeline(bundle)
-        with _working(f"speaking with {bundle}"):
-            reply = pipe.generate(text, chat=True, max_new_tokens=max_new_tokens or 32, speak=True, speaker=speaker,
-                                  talker_max_new_tokens=max_frames, talker_do_sample=seed is not None,
-                                  talker_seed=seed, noise=seed)
-        write_wav(output, reply.samples, reply.sample_rate, overwrite=force)
-        end = "" if reply.stopped_at_eos else " (stopped at --max-frames, before the talker's end)"
-        out.print(f"{reply.text}\nwrote {output}: {reply.duration:.2f} s at {reply.sample_rate} Hz, "
-                  f"{len(reply.codes)} codec codes{end}; thinker {1000 * reply.thinker_seconds:.0f} ms, talker "
-                  f"{1000 * reply.talker_seconds:.0f} ms, token2wav {1000 * reply.token2wav_seconds:.0f} ms",
-                  soft_wrap=True, markup=False)
-        return
-    tts = TextToSpeech(bundle)
+    request = Request(text=text, speak=output, overwrite=force, max_frames=max_frames, speaker=speaker,
+                      sampling=Sampling(max_new_tokens=max_new_tokens, seed=seed))
+    runner = open_task(bundle)
     with _working(f"speaking with {bundle}"):
-        speech = tts.generate(text, max_frames=max_frames, do_sample=seed is not None, seed=seed)
-    write_wav(output, speech.samples, speech.sample_rate, overwrite=force)
-    end = "" if speech.stopped_at_eos else " (stopped at --max-frames, before the model's end)"
-    out.print(f"wrote {output}: {speech.duration:.2f} s at {speech.sample_rate} Hz, {len(speech.codes)} code frames"
-              f"{end}; talker {1000 * speech.talker_seconds:.0f} ms, decoder + vocoder "
-              f"{1000 * speech.decode_seconds:.0f} ms", soft_wrap=True, markup=False)
+        reply = runner.run(request)
+    _print_reply(reply)
 
 
 @app.command("recipes")
@@ -578,7 +393,8 @@ def demo_cmd(
     """Export, verify and run the embedded demo model (a tiny Llama trained on Python's docs)."""
     from onnxport.api import export
     from onnxport.config import ExportConfig
-    from onnxport.runtime import Generator
+    from onnxport.runtime.tasks import open_task
+    from onnxport.runtime.tasks.request import Request, Sampling
 
     src = Path(__file__).parent / "demo_model"
     with tempfile.TemporaryDirectory() as tmp:
@@ -588,14 +404,9 @@ def demo_cmd(
             manifest = export(src, target, ExportConfig(force=output is not None))
         t_export = time.perf_counter() - t0
         _print_bundle(manifest, target)
-        gen = Generator(target)
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-        res = gen.generate(prompt, max_new_tokens=max_new_tokens, on_token=_stream_printer(gen))
+        reply = open_task(target).run(Request(prompts=(prompt,), sampling=Sampling(max_new_tokens)), on_text=_write_text)
         sys.stdout.write("\n")
-        out.print(f"export+verify {t_export:.1f}s, prefill {res.prefill_ms:.1f} ms, "
-                  f"decode {res.decode_tokens_per_s:.1f} tokens/s"
-                  + (f", bundle at {target}" if output else ""))
+        out.print(f"export+verify {t_export:.1f}s, {reply.summary}" + (f", bundle at {target}" if output else ""))
 
 
 def main() -> None:

@@ -247,7 +247,7 @@ class ExportInfo:
 @dataclass
 class Pipeline:
     """How the parts of a bundle chain at run time, for the torch-free pipeline runner
-    `runtime/pipelines/<kind>.py`. `kind`: image-text-to-text | any-to-text |
+    `runtime/tasks/<kind>.py`. `kind`: image-text-to-text | any-to-text |
     speech-to-text | text-to-speech. `graphs` maps a role in the pipeline (`embedding`, `decoder`, `vision`,
     `audio`, `cross_kv`, `talker`, `vocoder`, ...) to a graph name or file of this bundle.
     `config` holds what the runner needs and no graph shows: placeholder token ids and how

@@ -26,7 +26,7 @@ Checkpoint: `config.json` (model_type "chattts", the fields of `ChatTTSConfig`) 
 Export (`onnxport export CKPT -o OUT`): part `talker` gives `condition`, `embed_text`,
 `embed_codes`, `talker` (flat KV cache, verified against LlamaModel with a real cache) and
 `code_heads`; part `codec` gives `dvae_decoder` and `vocoder`. The manifest's `text-to-speech`
-pipeline section says how they chain (runtime/pipelines/text_to_speech.py runs it) and holds the
+pipeline section says how they chain (runtime/tasks/text_to_speech.py runs it) and holds the
 end-to-end check made at export: audio codes of a sample text equal to `generate_codes` (the
 PyTorch reference loop below), and the waveform SNR / log-mel distance against PyTorch.
 """
@@ -616,7 +616,7 @@ def check_text_to_speech(model: ChatTTSModel, pipeline: Pipeline, folder: Path, 
 
     import numpy as np
 
-    from onnxport.runtime.pipelines.text_to_speech import TextToSpeech
+    from onnxport.runtime.tasks.text_to_speech import TextToSpeech
 
     tts = TextToSpeech(folder, manifest=replace(manifest, pipeline=pipeline))
     cfg = model.config

@@ -1,7 +1,7 @@
 """Qwen2.5-Omni speech output (model_type `qwen2_5_omni`): parts `talker` and `token2wav`.
 
 transformers' `Qwen2_5OmniForConditionalGeneration.generate` speaks the thinker's reply in
-three stages; each becomes graphs the torch-free host drives (runtime/pipelines/omni_speech.py):
+three stages; each becomes graphs the torch-free host drives (runtime/tasks/omni_speech.py):
 
 - `talker` (part `talker`): Qwen2.5-Omni's talker on `inputs_embeds` in the thinker's width
   (its `thinker_to_talker_proj` is inside the graph), TMRoPE position ids [3, batch, seq] (the
@@ -425,7 +425,7 @@ def check_any_to_any(model: OmniThinkerLM, folder: Path, new_tokens: int = CHECK
 
     import numpy as np
 
-    from onnxport.runtime.pipelines.omni_speech import AnyToAny
+    from onnxport.runtime.tasks.omni_speech import AnyToAny
 
     cfg = model.config
     vocab = cfg.get_text_config().vocab_size

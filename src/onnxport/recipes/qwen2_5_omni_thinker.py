@@ -7,7 +7,7 @@
 - `audio`: the thinker's audio tower, through the `qwen2_5_omni_audio_encoder` recipe's graph
   (chunking, pooling indices and the chunk mask computed on the host).
 
-The audio part proposes the `any-to-text` pipeline (runtime/pipelines/omni.py) and checks it
+The audio part proposes the `any-to-text` pipeline (runtime/tasks/omni.py) and checks it
 end to end against the thinker's generate. The talker and token2wav (speech output) are the
 parts of `qwen2_5_omni_speech.py`: the decoder graph lists their weights as another part's, and,
 when the checkpoint has them, also outputs the thinker's last hidden state, which the talker
@@ -207,7 +207,7 @@ def any_to_text_pipeline(model: OmniThinkerLM, checkpoint_dir=None) -> Pipeline:
         "spatial_merge_size": vision.spatial_merge_size,
         "position_id_per_seconds": cfg.position_id_per_seconds,
         "position_ids": {"rule": "tmrope", "axes": ["temporal", "height", "width"],
-                         "runtime": "onnxport.runtime.pipelines.omni:rope_index"},
+                         "runtime": "onnxport.runtime.tasks.omni:rope_index"},
         "features": {"vision": "image_embeds", "audio": "audio_embeds",
                      "placed_at": "image_token_id: one row per merged patch; audio_token_id: one row per "
                                   "pooled audio frame; row-major over the batch"},
@@ -223,7 +223,7 @@ def check_any_to_text(model: OmniThinkerLM, folder, new_tokens: int = 8) -> dict
     import numpy as np
 
     from onnxport.errors import VerificationError
-    from onnxport.runtime.pipelines.omni import AnyToText
+    from onnxport.runtime.tasks.omni import AnyToText
 
     cfg = model.config
     vocab = cfg.get_text_config().vocab_size

@@ -117,7 +117,7 @@ def image_text_pipeline(model, checkpoint_dir=None):
         "spatial_merge_size": vision.spatial_merge_size,
         "tokens_per_second": getattr(vision, "tokens_per_second", None),
         "position_ids": {"rule": "mrope", "axes": ["temporal", "height", "width"],
-                         "runtime": "onnxport.runtime.pipelines.image_text_to_text:rope_index"},
+                         "runtime": "onnxport.runtime.tasks.image_text_to_text:rope_index"},
         "features": {"vision": "image_embeds", "placed_at": "image_token_id, row-major, one row per merged patch"},
         "image_processor": processor,
     }
@@ -130,7 +130,7 @@ def check_image_text(model, folder, new_tokens: int = 8) -> dict:
     import numpy as np
 
     from onnxport.errors import VerificationError
-    from onnxport.runtime.pipelines.image_text_to_text import ImageTextToText
+    from onnxport.runtime.tasks.image_text_to_text import ImageTextToText
 
     cfg = model.config
     vocab = cfg.get_text_config().vocab_size

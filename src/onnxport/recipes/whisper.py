@@ -13,7 +13,7 @@
 Both decoder graphs are verified against WhisperForConditionalGeneration's own forward (a real
 cache from a prefix of random tokens), not against the wrappers that were exported. The
 manifest's pipeline section (`pipeline`) carries what transformers' Whisper `generate` reads
-from the generation config; runtime/pipelines/speech_to_text.py runs it.
+from the generation config; runtime/tasks/speech_to_text.py runs it.
 """
 
 from __future__ import annotations

@@ -90,3 +90,43 @@ def summary(manifest: Manifest, output) -> str:
                      f"; {g.file}: bfloat16 weights ({'lossless' if p.get('lossless') else 'rounded'}), float32 compute")
     seconds = manifest.export.seconds
     return line + ")" + (f" in {seconds:.1f}s" if seconds is not None else "")
+
+
+def bundle_report(manifest: Manifest, output, verbose_modules: bool = True) -> list:
+    """What the CLI prints after writing or verifying a bundle: the verification table of a
+    decoder, those of module graphs (and their I/O lines), then the one-line summary."""
+    items: list = []
+    if manifest.kv_cache is not None and manifest.verification and "cases" in manifest.verification:
+        items.append(decoder_table(manifest.verification))
+    if manifest.named_graphs():
+        items.append(modules_table(manifest))
+        if verbose_modules:
+            items += module_lines(manifest)
+    items.append(summary(manifest, output))
+    return items
+
+
+def optimize_line(manifest: Manifest, output) -> str:
+    """`onnxport optimize`: the passes applied (and what each fused), those not applied and why."""
+    graph = manifest.graph("decoder")
+    done = [f"{r['name']} ({', '.join(f'{k} {v}' for k, v in r['fused'].items())})" for r in graph.optimization
+            if r["applied"]]
+    skipped = [f"{r['name']}: {r['result']}" for r in graph.optimization if not r["applied"]]
+    return (f"wrote {output}/: {'; '.join(done) or 'no pass applied'}"
+            + (f"; not applied: {'; '.join(skipped)}" if skipped else "")
+            + ("; takes right-padded batches" if graph.padding else ""))
+
+
+def quantize_lines(manifest: Manifest, output) -> list[str]:
+    """`onnxport quantize`: layers per bits, the gate's measurements, and why layers left the
+    requested bits."""
+    q = manifest.graph("decoder").quantization
+    emb = f", embedding {q['embedding'].split()[0]}" if q.get("embedding", "float32") != "float32" else ""
+    lines = [f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}{emb}; held-out "
+             f"perplexity {q['perplexity']['quantized']:.3f} (source {q['perplexity']['source']:.3f}); greedy tokens "
+             f"equal to the source: {q['greedy_agreement']['tokens_equal']}/{q['greedy_agreement']['tokens']}"]
+    if q.get("fallback"):
+        f = q["fallback"]
+        lines.append(f"int{q['bits']} was asked for: the quality gate moved {f['int8_layers']} of {f['of']} layers to "
+                     f"int8 ({f['why']})")
+    return lines

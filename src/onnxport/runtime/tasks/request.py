@@ -78,8 +78,6 @@ class Request:
             raise InputError("nothing to generate from",
                              "give a prompt with -p TEXT, or a conversation with --messages FILE.json")
 
-    def refuse(self, what: str, kind: str, hint: str) -> None:
-        raise InputError(f"a {kind} bundle takes no {what}", hint)
 
 
 @dataclass
@@ -90,6 +88,8 @@ class Reply:
 
     lines: list[str] = field(default_factory=list)
     summary: str = ""
+    #: row 0 went out through `on_text` (its line is still open)
+    streamed: bool = False
     files: list[Path] = field(default_factory=list)
 
 
@@ -125,3 +125,33 @@ def stream_decoder(tokenizer, on_text: OnText | None):
             on_text(stream.push(tok))
 
     return on_token
+
+
+def refuse(request: Request, kind: str, *, images: bool = False, audio: bool = False, speak: bool = False,
+           speech_options: bool = False, prompts: bool = False, text: bool = False) -> None:
+    """One line when the request carries what a `kind` task does not take."""
+    given = [("text to speak (onnxport speak)", text and request.text is not None),
+             ("--image", images and request.images), ("--audio", audio and request.audio),
+             ("--speak", speak and request.speak is not None),
+             ("--language / --task", speech_options and (request.language is not None or request.task is not None)),
+             ("prompt (-p / --messages)", prompts and (request.prompts or request.messages is not None))]
+    for what, there in given:
+        if there:
+            raise InputError(f"a {kind} bundle takes no {what}", HINTS.get(what, "drop it"))
+
+
+HINTS = {
+    "text to speak (onnxport speak)": "speak with a text-to-speech (ChatTTS) or any-to-any (Qwen2.5-Omni) bundle",
+    "--image": "export a checkpoint with a vision part (e.g. Qwen2.5-VL, MiniCPM-V) to send images",
+    "--audio": "a speech-to-text (Whisper) or any-to-text (Qwen2.5-Omni) bundle takes audio",
+    "--speak": "drop --speak; a Qwen2.5-Omni checkpoint exported with its talker and token2wav speaks",
+    "--language / --task": "they go with --audio on a speech-to-text bundle",
+}
+
+
+def check_speech_output(request: Request) -> None:
+    """The text to speak is not empty and the WAV file may be written."""
+    if request.text is not None and not request.text.strip():
+        raise InputError("the text to speak is empty", 'pass some words, e.g. --text "Hello there."')
+    if request.speak is not None and request.speak.exists() and not request.overwrite:
+        raise InputError(f"{request.speak} already exists", "pass --force to replace it, or choose another -o")

@@ -30,7 +30,8 @@ import numpy as np
 
 from onnxport.bundle import Manifest, read_manifest
 from onnxport.errors import BundleError, InputError, RuntimeInputError
-from onnxport.runtime.pipelines import register_pipeline
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.request import OnText, Reply, Request, check_speech_output, refuse
 from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
 
@@ -62,7 +63,7 @@ class Speech:
         return self.samples.size / self.sample_rate
 
 
-@register_pipeline(KIND)
+@register_task(KIND)
 class TextToSpeech:
     """Speak text with a bundle holding a text-to-speech pipeline section.
 
@@ -232,6 +233,22 @@ class TextToSpeech:
             raise RuntimeInputError(f"audio code {int(codes.max() if codes.max() >= self.eos else codes.min())} is "
                                     f"outside the codebook [0, {self.eos})", "the EOS code is not an audio code")
         return codes
+
+    def run(self, request: Request, on_text: OnText | None = None) -> Reply:
+        """`onnxport speak`: `request.text` spoken into `request.speak` (greedy codes; sampled with
+        the checkpoint's settings when `sampling.seed` is given)."""
+        refuse(request, self.kind, images=True, audio=True, prompts=True, speech_options=True)
+        if request.text is None or request.speak is None:
+            raise InputError("a text-to-speech bundle speaks a text into a WAV file",
+                             'use onnxport speak BUNDLE --text "Hello." -o hello.wav')
+        check_speech_output(request)
+        seed = request.sampling.seed
+        speech = self.generate(request.text, max_frames=request.max_frames, do_sample=seed is not None, seed=seed)
+        write_wav(request.speak, speech.samples, speech.sample_rate, overwrite=request.overwrite)
+        end = "" if speech.stopped_at_eos else " (stopped at --max-frames, before the model's end)"
+        return Reply([f"wrote {request.speak}: {speech.duration:.2f} s at {speech.sample_rate} Hz, {len(speech.codes)} "
+                      f"code frames{end}; talker {1000 * speech.talker_seconds:.0f} ms, decoder + vocoder "
+                      f"{1000 * speech.decode_seconds:.0f} ms"], files=[request.speak])
 
     def generate(self, text: str | Sequence[int], spk_emb: np.ndarray | None = None, max_frames: int | None = None,
                  do_sample: bool = False, seed: int | None = None, on_frame: FrameCallback | None = None,

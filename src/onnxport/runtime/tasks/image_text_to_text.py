@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from onnxport.errors import BundleError, RuntimeInputError
-from onnxport.runtime.pipelines import register_pipeline
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.media import PromptsWithMedia
 from onnxport.spec import left_pad
 
 KIND = "image-text-to-text"
@@ -121,8 +122,8 @@ def expand_placeholders(ids: list[int], inputs: list[tuple[str, int | None, list
     return out
 
 
-@register_pipeline(KIND)
-class ImageTextToText:
+@register_task(KIND)
+class ImageTextToText(PromptsWithMedia):
     """Generate text from images and text with an onnxport image-text bundle.
 
     >>> pipe = ImageTextToText("vl/")                                      # doctest: +SKIP

@@ -34,9 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxport.bundle import read_manifest
-from onnxport.errors import BundleError, RuntimeInputError
+from onnxport.errors import BundleError, InputError, RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
-from onnxport.runtime.pipelines import register_pipeline
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.request import OnText, Reply, Request, refuse
 from onnxport.runtime.session import GraphSession
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Transcription:
         return self.texts[0] if self.texts else None
 
 
-@register_pipeline("speech-to-text")
+@register_task("speech-to-text")
 class SpeechToText:
     """Whisper-style speech recognition from a bundle with a speech-to-text pipeline section.
 
@@ -154,6 +155,22 @@ class SpeechToText:
     @property
     def sampling_rate(self) -> int:
         return self.features.config.sampling_rate
+
+    # --- the task contract ----------------------------------------------------------------------
+
+    def run(self, request: Request, on_text: OnText | None = None) -> Reply:
+        """Transcribe (or translate) `request.audio`, one line per clip."""
+        if request.prompts or request.messages is not None or request.images:
+            raise InputError("give either --audio or a prompt (-p / --messages / --image), not both",
+                             "a speech-to-text bundle transcribes audio alone")
+        refuse(request, self.kind, speak=True, text=True)
+        if not request.audio:
+            raise InputError("a speech-to-text bundle transcribes audio; none was given", "pass --audio clip.wav")
+        res = self.generate(list(request.audio), max_new_tokens=request.sampling.max_new_tokens,
+                            language=request.language, task=request.task)
+        lines = [res.texts[i] if res.texts is not None else " ".join(map(str, t)) for i, t in enumerate(res.tokens)]
+        return Reply(lines, f"{len(request.audio)} audio, {res.generated_tokens} tokens generated in "
+                            f"{1000 * res.seconds:.0f} ms")
 
     # --- the public call ----------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 the thinker's text reply and its speech, as transformers' `Qwen2_5OmniForConditionalGeneration
 .generate` makes it, without torch.
 
-    the thinker (runtime/pipelines/omni.py: AnyToText), its decoder graph also giving
+    the thinker (runtime/tasks/omni.py: AnyToText), its decoder graph also giving
       `last_hidden_state` at every call
     -> the talker's prompt: the prompt's embeddings (image / audio rows zeroed) + the thinker's
        hidden states, the speaker's text-start token's embedding, the first reply token's
@@ -36,9 +36,11 @@ from typing import Callable, Union
 import numpy as np
 
 from onnxport.bundle import resolve_inside
-from onnxport.errors import BundleError, RuntimeInputError
-from onnxport.runtime.pipelines import register_pipeline
-from onnxport.runtime.pipelines.omni import AnyToText, rope_index
+from onnxport.errors import BundleError, InputError, RuntimeInputError
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.request import OnText, Reply, Request, check_speech_output, refuse
+from onnxport.runtime.tasks.text_to_speech import write_wav
+from onnxport.runtime.tasks.omni import AnyToText, rope_index
 from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
 
@@ -106,7 +108,7 @@ def time_points(num_steps: int, sway: float | None) -> np.ndarray:
     return t.astype(np.float32)
 
 
-@register_pipeline(KIND)
+@register_task(KIND)
 class AnyToAny(AnyToText):
     """Text, or text and speech, from images, audio and text with an onnxport any-to-any bundle
     (Qwen2.5-Omni with its talker and token2wav).
@@ -141,6 +143,42 @@ class AnyToAny(AnyToText):
         self.speakers = read_speakers(resolve_inside(self.folder, str(speech["speakers"]["file"])))
         self.default_speaker = speech["speakers"].get("default") or next(iter(self.speakers))
         self.sample_rate = int(self.token2wav_config["sample_rate"])
+
+    # --- the task contract ------------------------------------------------------------------------
+
+    def run(self, request: Request, on_text: OnText | None = None) -> Reply:
+        """Text like AnyToText; with `request.speak` the reply to one prompt is also spoken into
+        that WAV file; with `request.text` (onnxport speak) the reply to that user turn is
+        spoken (thinker greedy; `sampling.seed` samples the talker)."""
+        if request.speak is None:
+            return super().run(request, on_text)
+        check_speech_output(request)
+        refuse(request, self.kind, speech_options=True)
+        from onnxport.runtime.image_processor import load_image
+
+        if request.text is not None:
+            refuse(request, self.kind, images=True, audio=True, prompts=True)
+            seed = request.sampling.seed
+            reply = self.generate(request.text, chat=True, max_new_tokens=request.sampling.text()["max_new_tokens"],
+                                  speak=True, speaker=request.speaker, talker_max_new_tokens=request.max_frames,
+                                  talker_do_sample=seed is not None, talker_seed=seed, noise=seed)
+        else:
+            request.needs_prompt()
+            if request.messages is None and len(request.prompts) != 1:
+                raise InputError(f"--speak speaks one reply, got {len(request.prompts)} prompts", "pass one -p")
+            prompt = request.messages if request.messages is not None else request.prompts[0]
+            reply = self.generate(prompt, images=[load_image(p) for p in request.images], audio=list(request.audio),
+                                  chat=request.wants_chat, system=request.system, speak=True, speaker=request.speaker,
+                                  **request.sampling.text())
+        write_wav(request.speak, reply.samples, reply.sample_rate, overwrite=request.overwrite)
+        end = "" if reply.stopped_at_eos or request.text is None else \
+            " (stopped at --max-frames, before the talker's end)"
+        wrote = (f"wrote {request.speak}: {reply.duration:.2f} s at {reply.sample_rate} Hz, {len(reply.codes)} codec "
+                 f"codes{end}; thinker {1000 * reply.thinker_seconds:.0f} ms, talker {1000 * reply.talker_seconds:.0f} ms, "
+                 f"token2wav {1000 * reply.token2wav_seconds:.0f} ms")
+        if request.text is not None:  # onnxport speak: both lines are the command's output
+            return Reply([reply.text, wrote], files=[request.speak])
+        return Reply([reply.text], wrote, files=[request.speak])
 
     # --- generation -----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ becomes one per merged patch, each clip's one per pooled audio frame, as transfo
 expands them. Everything the runner needs comes from the manifest's `pipeline` section.
 
 Not covered: videos (and audio taken from a video, `use_audio_in_video`). Speech output (an
-any-to-any bundle) is runtime/pipelines/omni_speech.py. onnxruntime + numpy + Pillow +
+any-to-any bundle) is runtime/tasks/omni_speech.py. onnxruntime + numpy + Pillow +
 tokenizers (+ jinja2 for chats); no torch.
 """
 
@@ -30,12 +30,13 @@ import numpy as np
 
 from onnxport.errors import RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
-from onnxport.runtime.pipelines import register_pipeline
-from onnxport.runtime.pipelines.image_text_to_text import expand_placeholders, open_embeds_decoder
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.media import PromptsWithMedia
+from onnxport.runtime.tasks.image_text_to_text import expand_placeholders, open_embeds_decoder
 
 KIND = "any-to-text"
 #: the kinds whose thinker section this runner reads (any-to-any adds speech output to it:
-#: runtime/pipelines/omni_speech.py)
+#: runtime/tasks/omni_speech.py)
 THINKER_KINDS = (KIND, "any-to-any")
 
 
@@ -169,14 +170,16 @@ class OmniInputs:
     mel_lengths: list = field(default_factory=list)
 
 
-@register_pipeline(KIND)
-class AnyToText:
+@register_task(KIND)
+class AnyToText(PromptsWithMedia):
     """Generate text from images, audio and text with an onnxport any-to-text bundle
     (Qwen2.5-Omni's thinker).
 
     >>> pipe = AnyToText("omni/")                                           # doctest: +SKIP
     >>> pipe.generate("<|audio_bos|><|AUDIO|><|audio_eos|>What was said?", audio=["a.wav"]).texts
     """
+
+    takes_audio = True
 
     def __init__(self, bundle: str | Path, threads: int | None = None):
         from onnxport.runtime.encoder import EncoderRunner

@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from onnxport.errors import BundleError, RuntimeInputError
-from onnxport.runtime.pipelines import register_pipeline
-from onnxport.runtime.pipelines.image_text_to_text import as_batch, open_embeds_decoder
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.media import PromptsWithMedia
+from onnxport.runtime.tasks.image_text_to_text import as_batch, open_embeds_decoder
 
 KIND = "image-text-to-text/minicpmv"
 
 
-@register_pipeline(KIND)
-class MiniCPMVImageTextToText:
+@register_task(KIND)
+class MiniCPMVImageTextToText(PromptsWithMedia):
     """Generate text from images and text with an onnxport MiniCPM-V bundle.
 
     >>> pipe = MiniCPMVImageTextToText("minicpmv/")                # doctest: +SKIP
