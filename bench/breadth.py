@@ -36,7 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 PROMPTS = [[5, 17, 300, 42, 7, 99], [11, 600, 23]]
 MAX_NEW_TOKENS = 16
 
-from onnxport.hf.tiny import hf_greedy, tiny_causal_lm  # noqa: E402 - shared with the tests
+from onnxport.testing.tiny import hf_greedy, tiny_causal_lm  # noqa: E402 - shared with the tests
 
 
 def make_checkpoint(model_type: str, out: Path):

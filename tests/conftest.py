@@ -33,7 +33,7 @@ def make_tiny_checkpoint(model_type: str, out: Path, untrained_norms: bool = Fal
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from onnxport.hf.tiny import randomize_norms
+    from onnxport.testing.tiny import randomize_norms
 
     kw = dict(
         vocab_size=1024,
@@ -107,7 +107,7 @@ def hf_greedy(checkpoint: Path, prompts: list[list[int]], max_new_tokens: int, p
               per_row: bool = False, model=None):
     """transformers' own generate on the same checkpoint, left-padded batch (or each prompt
     alone: `per_row`), greedy."""
-    from onnxport.hf.tiny import hf_greedy as reference
+    from onnxport.testing.tiny import hf_greedy as reference
 
     return reference(checkpoint, prompts, max_new_tokens, pad_id, eos_id, model=model, per_row=per_row)
 

@@ -155,7 +155,7 @@ def test_gqa_refuses_a_cache_it_cannot_hold(tiny_checkpoints, tmp_path):
 
     from conftest import DEMO_DIR, TOKENIZER_FILES
 
-    from onnxport.hf.tiny import tiny_causal_lm
+    from onnxport.testing.tiny import tiny_causal_lm
 
     ckpt = tmp_path / "ck"
     tiny_causal_lm("deepseek_v3").save_pretrained(ckpt, safe_serialization=True)

@@ -244,9 +244,9 @@ def test_chattts_like_gfsq_istft_decoder_waveform(exporter, tmp_path):
         assert r["snr_db"] is None or r["snr_db"] > 60, r  # DFT as matmul vs FFT in fp32
 
 
-def test_max_part_size_cuts_an_encoder_into_a_verified_chain(encoder_checkpoints, exported_encoder, tmp_path):
-    """--max-part-size on an encoder (the SigLIP tower, cut far below its ~0.5 MB of weights):
-    consecutive part graphs each under the size (unless one node alone reads more), each with
+def test_max_graph_size_cuts_an_encoder_into_a_verified_chain(encoder_checkpoints, exported_encoder, tmp_path):
+    """--max-graph-size on an encoder (the SigLIP tower, cut far below its ~0.5 MB of weights):
+    consecutive graphs each under the size (unless one node alone reads more), each with
     its own data file, recorded as the graph's chain, verified against PyTorch end to end; the
     runtime chains them to the one-file graph's outputs."""
     import onnx
@@ -257,7 +257,7 @@ def test_max_part_size_cuts_an_encoder_into_a_verified_chain(encoder_checkpoints
     budget = 60_000
     out = tmp_path / "cut"
     res = CliRunner().invoke(app, ["export", str(encoder_checkpoints("siglip")), "-o", str(out),
-                                   "--max-part-size", str(budget)])
+                                   "--max-graph-size", str(budget)])
     assert res.exit_code == 0, res.output
     mf = json.loads((out / "manifest.json").read_text())
     g = mf["graphs"][0]
@@ -280,7 +280,7 @@ def test_verify_rechecks_a_cut_encoder_chain(encoder_checkpoints, tmp_path):
     """`onnxport verify` on a bundle whose encoder was cut: the chain is what it checks."""
     out = tmp_path / "cut"
     res = CliRunner().invoke(app, ["export", str(encoder_checkpoints("siglip")), "-o", str(out),
-                                   "--max-part-size", "60000", "--no-verify"])
+                                   "--max-graph-size", "60000", "--no-verify"])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["verify", str(out)])
     assert res.exit_code == 0, res.output

@@ -171,14 +171,17 @@ def test_tiny_epsilon_survives_the_exporters_optimizer(tmp_path):
     np.testing.assert_allclose(y, Norm()(torch.from_numpy(x)).numpy(), atol=1e-6)
 
 
-def test_onnxport_export_stays_callable_after_the_export_package_is_imported(tmp_path):
-    """`onnxport.export(...)` (README) keeps working once `onnxport.export.*` modules are
-    loaded (importing a subpackage rebinds the package attribute of the same name)."""
+def test_no_package_is_also_a_function(tmp_path):
+    """`onnxport.export` is the export stage's package and nothing else: the functions are
+    `onnxport.api`'s (no module pretends to be callable)."""
+    import types
+
     import onnxport
+    import onnxport.api
     import onnxport.export.decoder  # noqa: F401
-    from onnxport import export
     from onnxport.errors import CheckpointError
 
-    for fn in (onnxport.export, export):
-        with pytest.raises(CheckpointError, match="does not exist"):
-            fn(tmp_path / "missing", tmp_path / "out")
+    assert isinstance(onnxport.export, types.ModuleType) and not callable(onnxport.export)
+    assert type(onnxport.export) is types.ModuleType
+    with pytest.raises(CheckpointError, match="does not exist"):
+        onnxport.api.export(tmp_path / "missing", tmp_path / "out")

@@ -26,7 +26,7 @@ PROMPTS = [[5, 17, 300, 42, 7, 99], [11, 600, 23]]
 
 
 def tiny_checkpoint(model_type: str, out):
-    from onnxport.hf.tiny import tiny_causal_lm
+    from onnxport.testing.tiny import tiny_causal_lm
 
     tiny_causal_lm(model_type).save_pretrained(out, safe_serialization=True)
     for f in TOKENIZER_FILES:

@@ -104,7 +104,7 @@ def test_recurrent_states_round_trip_through_a_step_cache():
     step cache built from flat tensors gives the model's own next step."""
     if compat.TRANSFORMERS_VERSION.major < 5:
         pytest.skip("4.x keeps recurrent state in model-specific cache classes (refused)")
-    from onnxport.hf.tiny import tiny_causal_lm
+    from onnxport.testing.tiny import tiny_causal_lm
 
     model = tiny_causal_lm("lfm3")
     kv = compat.probe_cache(model)

@@ -40,7 +40,7 @@ def bf16_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def low_memory_bundle(bf16_checkpoint, tmp_path_factory):
-    from onnxport import export
+    from onnxport.api import export
     from onnxport.config import ExportConfig, VerifyConfig
     from onnxport.export import stream
 
@@ -180,7 +180,7 @@ def test_streamed_reference_holds_one_module_at_a_time(bf16_checkpoint):
 def test_low_memory_fp16_is_guarded_and_verified_in_segments(bf16_checkpoint, tmp_path):
     """--low-memory --dtype fp16: the guard's range pass and every candidate check run in
     segments against the streamed reference; the PyTorch reference runs once per shape."""
-    from onnxport import export
+    from onnxport.api import export
     from onnxport.config import ExportConfig, VerifyConfig
     from onnxport.export import stream
 

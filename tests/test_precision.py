@@ -217,7 +217,7 @@ def test_encoder_parts_convert_verified_with_float32_io(dtype, encoder_checkpoin
     within those tolerances of the fp32 graph's."""
     import onnx
 
-    from onnxport import export
+    from onnxport.api import export
     from onnxport.config import ExportConfig, VerifyConfig
     from onnxport.runtime import EncoderRunner
 

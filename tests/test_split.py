@@ -132,8 +132,8 @@ def test_split_bad_options(tmp_path, tiny_checkpoints):
         assert not out.exists()
 
 
-def test_max_part_size_picks_the_pack(tmp_path, tiny_checkpoints):
-    """--max-part-size chooses the most layers per block graph under the size; a size below one
+def test_max_graph_size_picks_the_pack(tmp_path, tiny_checkpoints):
+    """--max-graph-size chooses the most layers per block graph under the size; a size below one
     layer, or one that cannot be read, is a one-line error with nothing written."""
     from transformers import AutoModelForCausalLM
 
@@ -148,9 +148,9 @@ def test_max_part_size_picks_the_pack(tmp_path, tiny_checkpoints):
     assert pack_for_size(recipe, model, 2, int(2.5 * layer)) == 2
     assert pack_for_size(recipe, model, 2, int(1.5 * layer)) == 1
     assert parse_size("1.5GiB") == 1610612736 and parse_size("500MB") == 500_000_000
-    for size, needle in [("1KB", "more than --max-part-size"), ("lots", "cannot read the size")]:
+    for size, needle in [("1KB", "more than --max-graph-size"), ("lots", "cannot read the size")]:
         out = tmp_path / size
-        res = CliRunner().invoke(app, ["export", str(tiny_checkpoints("llama")), "-o", str(out), "--max-part-size", size])
+        res = CliRunner().invoke(app, ["export", str(tiny_checkpoints("llama")), "-o", str(out), "--max-graph-size", size])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
         assert not out.exists()
 

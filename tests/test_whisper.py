@@ -53,7 +53,7 @@ def make_whisper_checkpoint(out: Path) -> Path:
     import torch
     import transformers as T
 
-    from onnxport.hf.tiny import randomize_norms
+    from onnxport.testing.tiny import randomize_norms
 
     cfg = T.WhisperConfig(
         d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,

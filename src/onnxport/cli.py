@@ -140,7 +140,7 @@ def export_cmd(
     head: str = typer.Option("logits", help="split: lm_head output: logits, argmax or topk:K."),
     rope: str = typer.Option("inside", help="split: compute rotary cos/sin inside each block, or take them as inputs (outside)."),
     embedding_bin: bool = typer.Option(False, "--embedding-bin", help="split: also write the embedding table as raw embedding.bin (host-side gather)."),
-    max_part_size: Optional[str] = typer.Option(None, "--max-part-size", help="Parts under SIZE of weights (e.g. 2GB, 500MiB): a decoder as the split layout with as many layers per block graph as fit; encoder graphs as consecutive part graphs the runtime chains."),
+    max_graph_size: Optional[str] = typer.Option(None, "--max-graph-size", "--max-part-size", help="Graphs under SIZE of weights each (e.g. 2GB, 500MiB): a decoder as the split layout with as many layers per block graph as fit; an encoder graph cut into consecutive graphs the runtime chains. (--max-part-size: the old name.)"),
     copy_weights: bool = typer.Option(False, "--copy-weights", help="split: every graph holds its own weights (default: one shared weights.data, each weight stored once)."),
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
@@ -157,15 +157,15 @@ def export_cmd(
 
     if layout not in ("monolithic", "split"):
         raise InputError(f"unknown layout {layout!r}", "use --layout monolithic or --layout split")
-    # --max-part-size alone: decoders are cut by the split layout, encoders into chained parts
+    # --max-graph-size alone: decoders are cut by the split layout, encoder graphs into chains
     is_split = layout == "split" or static
-    cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split or max_part_size else "bhsd"),
+    cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split or max_graph_size else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
                        low_memory=low_memory, dtype=dtype, optimize=optimize, attention=attention,
-                       bf16_compute=bf16_compute, max_part_bytes=parse_size(max_part_size) if max_part_size else None)
+                       bf16_compute=bf16_compute, max_graph_bytes=parse_size(max_graph_size) if max_graph_size else None)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin, share_weights=not copy_weights,
-                        max_part_bytes=parse_size(max_part_size) if max_part_size else None) if is_split else None
+                        max_graph_bytes=parse_size(max_graph_size) if max_graph_size else None) if is_split else None
     with _working(f"exporting {model_dir} with torch.onnx ({cfg.exporter})"):
         manifest = export(model_dir, output, cfg, split=split, parts=tuple(part) if part else None)
     _print_bundle(manifest, output)

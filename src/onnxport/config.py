@@ -29,7 +29,7 @@ class ExportConfig:
     optimize: bool = False
     #: encoder / module graphs with more weight bytes than this are cut into consecutive part
     #: graphs under it, chained by the runtime (optimize/partition.py); None: one file each
-    max_part_bytes: int | None = None
+    max_graph_bytes: int | None = None
     #: with dtype bfloat16: compute in bf16 too (for GPU / TensorRT; ONNX Runtime's CPU
     #: provider has no bf16 kernels, so it is verified on a CPU emulation twin), instead of
     #: bf16-stored weights with fp32 compute
@@ -74,8 +74,8 @@ class ExportConfig:
         if self.attention == "gqa" and self.exporter != "dynamo":
             raise InputError("--attention gqa needs the dynamo exporter (opset >= 18)",
                              "drop --attention gqa, or use --exporter dynamo")
-        if self.max_part_bytes is not None and self.max_part_bytes <= 0:
-            raise InputError(f"--max-part-size must be positive, got {self.max_part_bytes}")
+        if self.max_graph_bytes is not None and self.max_graph_bytes <= 0:
+            raise InputError(f"--max-graph-size must be positive, got {self.max_graph_bytes}")
         if self.bf16_compute and self.dtype != "bfloat16":
             raise InputError("--bf16-compute goes with --dtype bf16", "add --dtype bf16, or drop --bf16-compute")
         if not self.fp16_headroom >= 1:
@@ -177,12 +177,12 @@ class SplitConfig:
     #: that compile one file at a time
     share_weights: bool = True
     #: pick `pack` (layers per block graph) as the most layers whose weights stay under this
-    #: many bytes (--max-part-size); None: use `pack`
-    max_part_bytes: int | None = None
+    #: many bytes (--max-graph-size); None: use `pack`
+    max_graph_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_part_bytes is not None and self.max_part_bytes <= 0:
-            raise InputError(f"--max-part-size must be positive, got {self.max_part_bytes}")
+        if self.max_graph_bytes is not None and self.max_graph_bytes <= 0:
+            raise InputError(f"--max-graph-size must be positive, got {self.max_graph_bytes}")
         if self.pack < 1:
             raise InputError(f"--pack must be >= 1, got {self.pack}")
         if self.rope not in ("inside", "outside"):

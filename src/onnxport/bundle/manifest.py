@@ -81,7 +81,7 @@ class Graph:
     #: graph passes run after export, in order: {"name", "applied", "fused": {op: count},
     #: "result"} (a pass that broke verification is rolled back and says so)
     optimization: list | None = None
-    #: a graph cut into consecutive part graphs under --max-part-size, run one after another:
+    #: a graph cut into consecutive graphs under --max-graph-size, run one after another:
     #: [{"file", "inputs": [value names], "outputs": [value names]}, ...] (`file` is the first)
     chain: list | None = None
     #: decoders exported with fused attention: "com.microsoft.GroupQueryAttention" (a prompt
@@ -173,8 +173,8 @@ class Layout:
     embedding_bin: bool | None = None
     #: the split graphs read their weights from one shared `weights.data`
     share_weights: bool | None = None
-    #: --max-part-size in bytes (`pack` is what it chose)
-    max_part_bytes: int | None = None
+    #: --max-graph-size in bytes (`pack` is what it chose)
+    max_graph_bytes: int | None = None
     # --rope outside: what the runtime needs to compute cos/sin
     inv_freq: list[float] | None = None
     attention_scaling: float | None = None
@@ -184,6 +184,8 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict) -> Layout:
+        if "max_part_bytes" in d:  # its name before onnxport 0.1 named graphs and parts apart
+            d = {**d, "max_graph_bytes": d["max_part_bytes"]}
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def split_options(self) -> dict:

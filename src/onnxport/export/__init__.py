@@ -1,19 +1,4 @@
-"""The torch.onnx driver: cache flattening, dynamic dims, graph finalisation, weight accounting."""
-
-
-import sys as _sys
-import types as _types
-
-
-class _CallablePackage(_types.ModuleType):
-    """`onnxport.export(...)` is the API function (onnxport.api.export), but importing this
-    package of the same name rebinds the attribute `onnxport.export` to the package; calls on
-    the package forward to the function, so the documented call works either way."""
-
-    def __call__(self, *args, **kwargs):
-        import onnxport
-
-        return onnxport.call_api("export", *args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallablePackage
+"""The export stage: the torch.onnx driver (export/graph.py), loading a part's model
+(export/load.py), the decoder with a flat cache (decoder.py), split layouts (split.py), module
+graphs (module.py), bounded-memory export (stream.py), fused attention (attention.py), weight
+accounting (weights.py), and the stage of one part (part.py)."""

@@ -74,10 +74,10 @@ def export_decoder_part(loaded: LoadedModel, ckpt: Checkpoint, cfg: ExportConfig
     if split is None:
         graphs, used = _monolithic(recipe, model, kv, cfg, folder, bind, io)
     else:
-        if split.max_part_bytes is not None:
+        if split.max_graph_bytes is not None:
             from onnxport.export.split import pack_for_size
 
-            split = replace(split, pack=pack_for_size(recipe, model, kv.num_layers, split.max_part_bytes))
+            split = replace(split, pack=pack_for_size(recipe, model, kv.num_layers, split.max_graph_bytes))
             log.info("--max-graph-size: %d layers per block graph", split.pack)
         graphs, used = export_split(recipe, model, kv, cfg, split, folder)
         manifest.layout = Layout(SPLIT, **asdict(split))

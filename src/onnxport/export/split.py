@@ -226,8 +226,8 @@ def pack_for_size(recipe, model, num_layers: int, limit: int) -> int:
     layers = recipe.base_model(model).layers
     sizes = [sum(p.numel() * p.element_size() for p in layers[i].parameters()) for i in range(num_layers)]
     if max(sizes) > limit:
-        raise InputError(f"one decoder layer holds {max(sizes) / 1e6:.1f} MB of weights, more than --max-part-size "
-                         f"({limit / 1e6:.1f} MB)", "raise --max-part-size; a layer is the smallest part")
+        raise InputError(f"one decoder layer holds {max(sizes) / 1e6:.1f} MB of weights, more than --max-graph-size "
+                         f"({limit / 1e6:.1f} MB)", "raise --max-graph-size; a layer is the smallest part")
     return max(1, min(num_layers, limit // max(sizes)))
 
 

@@ -1,6 +1,5 @@
-"""Graph passes after export, one per file, each re-verified by verify/:
-
-- precision.py: fp16 with a precision guard (nodes past fp16's range kept in fp32, each
-  candidate verified, escalation, failure with a hint), bf16 weight-only storage.
-
-ORT fusions and int4/int8 weight-only quantization come here as further files."""
+"""The optimize stage: graph passes after export, one per file, in onnx-ir's pass shape
+(passes.py), each candidate verified before it is kept (passes.Verified): fusions.py,
+gqa_rotary.py, logits_to_keep.py, precision.py (fp16 with a guard, bf16), quantize.py and
+gate.py (int4 / int8 behind a quality gate), partition.py (cutting graphs under a size). Which
+passes run on which graph: stage.py."""

@@ -8,8 +8,9 @@
   gate/up) become one MatMul over their concatenated weights and a Split, as onnxruntime-genai's
   builder writes them: one weight read and one kernel per group at decode;
 - `reshape_chains`: Reshape(Reshape(x)) -> Reshape(x) (the views to heads and back);
-- `gqa_rotary` (optimize/gqa_rotary.py): rotary and packed q/k/v inside GroupQueryAttention,
-  seqlens from the mask once: the graph then takes right-padded batches (`padding: right`).
+- `gqa_rotary` (optimize/gqa_rotary.py, its own file): rotary and packed q/k/v inside
+  GroupQueryAttention, seqlens from the mask once: the graph then takes right-padded batches
+  (`padding: right`).
 
 Each is an `IrRewrite` pass (optimize/passes.py): the rewritten graph is a candidate staged
 beside the graph, kept only when `Verified`'s check (verify/ against PyTorch) passes; otherwise
@@ -20,10 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 
-from onnxport.bundle import GQA_ATTENTION, RIGHT_PADDING
-from onnxport.optimize.passes import Candidate, GraphFile, GraphPass, require
+from onnxport.optimize.passes import Candidate, GraphFile, GraphPass, fusion_pass
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,7 @@ class IrRewrite(GraphPass):
         return {"name": self.name, "applied": kept is not None, "fused": fused, "result": message}
 
 
+@fusion_pass(10)
 class OrtFusions(IrRewrite):
     name = "ort_fusions"
 
@@ -81,6 +81,7 @@ class OrtFusions(IrRewrite):
         return model, {k: v for k, v in counts.items() if v}
 
 
+@fusion_pass(20)
 class MatmulPacking(IrRewrite):
     name = "matmul_packing"
 
@@ -91,6 +92,7 @@ class MatmulPacking(IrRewrite):
         return model, ({"packed_matmul_groups": n} if n else {})
 
 
+@fusion_pass(30)
 class ReshapeChains(IrRewrite):
     """Reshape(Reshape(x, a), b) -> Reshape(x, b) when the inner one has no other reader: a
     view to heads and back (q / k / v around RotaryEmbedding and GroupQueryAttention) costs two
@@ -122,43 +124,3 @@ class ReshapeChains(IrRewrite):
             graph.remove(inner, safe=True)
             n += 1
         return model, ({"folded_reshapes": n} if n else {})
-
-
-class GqaRotary(IrRewrite):
-    """optimize/gqa_rotary.py: rotary and packed q/k/v inside GroupQueryAttention. The graph
-    then takes right-padded batches: the candidate is checked with right-padded cases and,
-    when kept, the manifest records `padding: right`."""
-
-    name = "gqa_rotary"
-
-    def requires(self, graph: GraphFile) -> None:
-        attention = graph.entry.attention or "the model's own attention"
-        require(graph.entry.attention == GQA_ATTENTION,
-                f"gqa_rotary runs on GroupQueryAttention graphs; {graph.entry.file} has {attention}",
-                "export with --attention gqa")
-        require(graph.entry.padding is None, f"{graph.entry.file} already takes right-padded batches",
-                "optimize the bundle written by onnxport export")
-
-    def ensures(self, graph: GraphFile) -> None:
-        assert graph.entry.padding == RIGHT_PADDING
-
-    def rewrite(self, model):
-        from onnxport.optimize.gqa_rotary import fuse_rotary_into_gqa
-
-        return model, fuse_rotary_into_gqa(model)
-
-    def candidate(self, graph: GraphFile, staged, fused: dict) -> Candidate:
-        def right_padded(g: GraphFile) -> None:
-            g.entry.padding = RIGHT_PADDING
-
-        return Candidate(staged, {"fused": fused}, on_commit=right_padded,
-                         check_as=replace(graph.entry, padding=RIGHT_PADDING))
-
-
-def fusion_passes(entry, external_threshold: int = 1 << 30) -> list[GraphPass]:
-    """The passes `--optimize` runs on a decoder graph, in order (gqa_rotary on
-    GroupQueryAttention graphs not yet right-padded)."""
-    passes = [OrtFusions(external_threshold), MatmulPacking(external_threshold), ReshapeChains(external_threshold)]
-    if entry.attention == GQA_ATTENTION and entry.padding is None:
-        passes.append(GqaRotary(external_threshold))
-    return passes

@@ -21,7 +21,13 @@ with right-padded cases (verify/decoder.py) like every pass.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+
+from onnxport.bundle import GQA_ATTENTION, RIGHT_PADDING
+from onnxport.optimize.fusions import IrRewrite
+from onnxport.optimize.passes import Candidate, GraphFile, fusion_pass, require
 
 MSFT = "com.microsoft"
 #: ops an attention bias made of the causal and padding masks alone is built from; a sliding
@@ -259,3 +265,37 @@ def fuse_rotary_into_gqa(model) -> dict:
                          "graph would mix left and right padding")
     return {"gqa_rotary_layers": len(plans), "packed_qkv_layers": packed_layers,
             **({"views_dropped": views} if views else {})}
+
+
+@fusion_pass(40)
+class GqaRotary(IrRewrite):
+    """optimize/gqa_rotary.py: rotary and packed q/k/v inside GroupQueryAttention. The graph
+    then takes right-padded batches: the candidate is checked with right-padded cases and,
+    when kept, the manifest records `padding: right`."""
+
+    name = "gqa_rotary"
+
+    @classmethod
+    def applies_to(cls, entry) -> bool:
+        return entry.attention == GQA_ATTENTION and entry.padding is None
+
+    def requires(self, graph: GraphFile) -> None:
+        attention = graph.entry.attention or "the model's own attention"
+        require(graph.entry.attention == GQA_ATTENTION,
+                f"gqa_rotary runs on GroupQueryAttention graphs; {graph.entry.file} has {attention}",
+                "export with --attention gqa")
+        require(graph.entry.padding is None, f"{graph.entry.file} already takes right-padded batches",
+                "optimize the bundle written by onnxport export")
+
+    def ensures(self, graph: GraphFile) -> None:
+        assert graph.entry.padding == RIGHT_PADDING
+
+    def rewrite(self, model):
+        return model, fuse_rotary_into_gqa(model)
+
+    def candidate(self, graph: GraphFile, staged, fused: dict) -> Candidate:
+        def right_padded(g: GraphFile) -> None:
+            g.entry.padding = RIGHT_PADDING
+
+        return Candidate(staged, {"fused": fused}, on_commit=right_padded,
+                         check_as=replace(graph.entry, padding=RIGHT_PADDING))

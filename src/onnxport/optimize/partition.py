@@ -1,4 +1,4 @@
-"""Cut a graph into consecutive part graphs under a weight budget (`--max-part-size` for encoder
+"""Cut a graph into consecutive graphs under a weight budget (`--max-graph-size` for encoder
 and module graphs: a vision tower too large for one file or one device's memory).
 
 The cut is runtime/segments.py's `plan_segments` (node order is topological, so consecutive
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def cut_graph(src: Path, budget: int) -> list[dict]:
-    """Replace the graph at `src` (and its `<file>.data`) by part graphs of at most `budget`
+    """Replace the graph at `src` (and its `<file>.data`) by cut graphs of at most `budget`
     weight bytes each; returns the chain [{"file", "inputs", "outputs"}] (one entry: not cut)."""
     import onnx
     from onnx import external_data_helper

@@ -94,6 +94,12 @@ class GraphPass(abc.ABC):
             self.ensures(result.graph)
         return result
 
+    @classmethod
+    def applies_to(cls, entry: Graph) -> bool:
+        """Whether the pass is for this kind of graph (a registered fusion pass is offered
+        only to graphs it applies to)."""
+        return True
+
     def requires(self, graph: GraphFile) -> None:  # noqa: B027 - optional hook
         """Preconditions (raise InputError naming what the graph lacks)."""
 
@@ -190,3 +196,33 @@ def require(condition: bool, what: str, hint: str) -> None:
     """A pass's precondition: one line naming what the graph lacks."""
     if not condition:
         raise InputError(what, hint)
+
+
+#: the decoder passes `--optimize` runs, by order: (order, class); filled by `@fusion_pass`
+_FUSIONS: list[tuple[int, type]] = []
+
+
+def fusion_pass(order: int):
+    """Register a GraphPass class among the passes `--optimize` (and `onnxport optimize`) run on
+    a decoder graph, at `order` (lower first). Its `applies_to(entry)` classmethod says which
+    graphs it is for (default: all). Adding a pass is this decorator in one new file."""
+
+    def deco(cls: type) -> type:
+        if all(c is not cls for _, c in _FUSIONS):
+            _FUSIONS.append((order, cls))
+        return cls
+
+    return deco
+
+
+def fusion_passes(entry, external_threshold: int = 1 << 30) -> list[GraphPass]:
+    """Instances of the registered fusion passes that apply to the graph `entry`, in order
+    (every module of optimize/ is imported first, so each registers itself)."""
+    import importlib
+    import pkgutil
+
+    import onnxport.optimize as package
+
+    for mod in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{mod.name}")
+    return [cls(external_threshold) for _, cls in sorted(_FUSIONS, key=lambda x: x[0]) if cls.applies_to(entry)]

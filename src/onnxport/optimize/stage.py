@@ -33,8 +33,8 @@ def run_fusions(folder: Path, manifest: Manifest, checker, external_threshold: i
     chains; for GroupQueryAttention graphs the rotary and packed q/k/v inside it), each kept
     only when it verifies again at the fp32 tolerances. Passes fold or drop an overridable
     initializer, so an exported graph's `logits_to_keep` is taken out first and put back."""
-    from onnxport.optimize.fusions import fusion_passes
     from onnxport.optimize.logits_to_keep import LogitsToKeep, WithoutLogitsToKeep
+    from onnxport.optimize.passes import fusion_passes
 
     graph = decoder_graph(folder, manifest)
     readd = WithoutLogitsToKeep()(graph).modified
@@ -173,16 +173,16 @@ def cut_module(part, graph, folder: Path, cfg: ExportConfig, vcfg: VerifyConfig)
     from onnxport.runtime.segments import ChainSession
     from onnxport.verify.module import verify_part
 
-    chain = cut_graph(folder / graph.file, cfg.max_part_bytes)
+    chain = cut_graph(folder / graph.file, cfg.max_graph_bytes)
     if len(chain) < 2:
         return None
     graph.file, graph.chain = chain[0]["file"], chain
     graph.external_data = sorted({loc for c in chain for loc in external_locations(folder / c["file"])})
-    log.info("%s cut into %d graphs under %d bytes", graph.name, len(chain), cfg.max_part_bytes)
+    log.info("%s cut into %d graphs under %d bytes", graph.name, len(chain), cfg.max_graph_bytes)
     if cfg.verify:
         session = ChainSession(folder, chain, [t.name for t in graph.inputs])
         record = verify_part(part, folder / graph.file, vcfg.for_dtype(cfg.dtype), session=session)
-        graph.verification = {**record, "chain": f"{len(chain)} part graphs run in turn"}
+        graph.verification = {**record, "chain": f"{len(chain)} graphs run in turn"}
     return chain
 
 
@@ -191,6 +191,6 @@ def optimize_module_part(exported, folder: Path, cfg: ExportConfig, vcfg: Verify
     if cfg.dtype != "float32":
         for part, graph in zip(exported.parts, exported.graphs):
             convert_module(part, graph, folder, cfg, vcfg)
-    if cfg.max_part_bytes is not None:
+    if cfg.max_graph_bytes is not None:
         for part, graph in zip(exported.parts, exported.graphs):
             cut_module(part, graph, folder, cfg, vcfg)

@@ -48,8 +48,8 @@ def plan_export(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitCon
 
     recipes = get_recipes(ckpt.model_type, parts, ckpt.config)
     decoder = text_decoder(recipes)
-    if split is None and cfg.max_part_bytes is not None and decoder is not None and not decoder.embeds_input:
-        split = SplitConfig(max_part_bytes=cfg.max_part_bytes)
+    if split is None and cfg.max_graph_bytes is not None and decoder is not None and not decoder.embeds_input:
+        split = SplitConfig(max_graph_bytes=cfg.max_graph_bytes)
     has_decoder = decoder is not None
     if split is not None and not has_decoder:
         raise InputError(f"--layout split applies to decoder LMs; {ckpt.model_type!r} has no text decoder part "

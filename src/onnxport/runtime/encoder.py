@@ -29,7 +29,7 @@ class EncoderRunner:
         if name is not None and name not in by_name:
             raise RuntimeInputError(f"the bundle has no graph {name!r}", f"it has {list(by_name)}")
         self.entry = by_name[name] if name else graphs[0]
-        if self.entry.chain:  # cut under --max-part-size: its part graphs run one after another
+        if self.entry.chain:  # cut under --max-graph-size: its cut graphs run one after another
             from onnxport.runtime.segments import ChainSession
 
             self.session = _ChainGraph(self.entry, ChainSession(self.folder, self.entry.chain,
@@ -57,7 +57,7 @@ class EncoderRunner:
 
 
 class _ChainGraph:
-    """GraphSession's interface over a chain of part graphs."""
+    """GraphSession's interface over a chain of cut graphs."""
 
     def __init__(self, entry, chain):
         self.entry, self.chain = entry, chain

@@ -282,7 +282,7 @@ def run_feeds(path: Path, names: list[str], feeds_list: list[dict[str, np.ndarra
 
 
 class ChainSession:
-    """A graph cut into consecutive part graphs (manifest `graphs[].chain`, optimize/partition.py)
+    """A graph cut into consecutive graphs (manifest `graphs[].chain`, optimize/partition.py)
     run as one: a session-like runner of the chain (`run(names, feeds)`, `get_inputs()` names): each part's
     ONNX Runtime session in turn, values handed over by name."""
 

@@ -69,7 +69,7 @@ def verify_part(part: ModulePart, onnx_file: Path, tol, session=None) -> dict:
     """ONNX Runtime vs the unpatched PyTorch module (or the part's own expected outputs) at every
     size in `part.sizes` with the tolerances of `tol` (a VerifyConfig); raises
     VerificationError naming the output and the sizes. `session`:
-    run this session-like object instead of opening `onnx_file` (a chain of part graphs)."""
+    run this session-like object instead of opening `onnx_file` (a chain of cut graphs)."""
     import numpy as np
 
     from onnxport.verify.compare import compare, describe
