@@ -126,10 +126,10 @@ def test_gqa_custom_op_eager_body_matches_the_models_attention(tiny_checkpoints)
     wrapper in GQA mode gives the logits and cache of the eager model."""
     import torch
 
-    from onnxport.export.load import load_model
     from onnxport.checkpoint import open_checkpoint
     from onnxport.config import ExportConfig
     from onnxport.export.decoder import flat_cache_wrapper, io_spec, wrapper_args
+    from onnxport.export.load import load_model
     from onnxport.recipes import get_recipes
     from onnxport.spec import ShapeCase, feeds
 

@@ -103,9 +103,9 @@ def test_unused_checkpoint_weight_fails_export(tiny_checkpoints, tmp_path):
 
 
 def test_weight_missing_from_graph_is_detected(tiny_checkpoints):
-    from onnxport.export.load import load_model
     from onnxport.checkpoint import open_checkpoint
     from onnxport.errors import ExportError
+    from onnxport.export.load import load_model
     from onnxport.export.weights import account_weights
     from onnxport.recipes import get_recipe
 

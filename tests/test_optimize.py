@@ -12,8 +12,7 @@ PROMPTS = [[5, 17, 300, 42, 7], [11, 600, 23]]
 
 
 def test_fusions_are_verified_recorded_and_keep_tokens(exported, tiny_checkpoints, tmp_path):
-    from onnxport.bundle import read_manifest
-    from onnxport.bundle import Graph
+    from onnxport.bundle import Graph, read_manifest
     from onnxport.optimize.fusions import OrtFusions
     from onnxport.optimize.passes import GraphFile, Verified
     from onnxport.runtime import Generator

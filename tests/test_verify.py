@@ -94,10 +94,10 @@ def test_verification_reads_caches_the_model_made(exported, tiny_checkpoints):
     precision), not standard-normal tensors: what a graph reads in use."""
     import torch
 
-    from onnxport.export.load import load_model
     from onnxport.bundle import read_manifest
     from onnxport.checkpoint import open_checkpoint
     from onnxport.export.decoder import graph_wrapper
+    from onnxport.export.load import load_model
     from onnxport.recipes import get_recipe
     from onnxport.spec import ShapeCase
     from onnxport.verify.decoder import model_made_past

@@ -184,8 +184,8 @@ def test_manifest_pipeline_section(whisper):
 
 
 def test_pipeline_needs_every_graph_it_chains():
-    from onnxport.bundle.assemble import complete_pipeline
     from onnxport.bundle import Graph, Pipeline
+    from onnxport.bundle.assemble import complete_pipeline
 
     class Manifest:
         graphs = [Graph("decoder", "decoder.onnx", name="decoder"), Graph("encoder", "cross_kv.onnx", name="cross_kv")]

@@ -62,7 +62,12 @@ def _decoder_stages(loaded, ckpt, cfg: ExportConfig, vcfg: VerifyConfig, split: 
     logits_to_keep."""
     from onnxport.export.part import SHARED_WEIGHTS, export_decoder_part
     from onnxport.optimize.precision import ValueRanges
-    from onnxport.optimize.stage import add_logits_to_keep, convert_decoder, convert_split, run_fusions
+    from onnxport.optimize.stage import (
+        add_logits_to_keep,
+        convert_decoder,
+        convert_split,
+        run_fusions,
+    )
     from onnxport.verify.decoder import DecoderCheck, verify_decoder_part
 
     exported = export_decoder_part(loaded, ckpt, cfg, split, folder, manifest)

@@ -12,7 +12,17 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from onnxport.bundle import DECODER, ENCODER, SPLIT, Graph, KVCache, Layout, Manifest, Part, external_locations
+from onnxport.bundle import (
+    DECODER,
+    ENCODER,
+    SPLIT,
+    Graph,
+    KVCache,
+    Layout,
+    Manifest,
+    Part,
+    external_locations,
+)
 from onnxport.checkpoint import Checkpoint
 from onnxport.config import ExportConfig, SplitConfig
 from onnxport.errors import ExportError, InputError

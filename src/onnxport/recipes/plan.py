@@ -71,7 +71,16 @@ def plan_export(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitCon
 def new_manifest(ckpt: Checkpoint, plan: ExportPlan, cfg: ExportConfig, versions: dict):
     """The manifest of a bundle about to be exported by `plan`: source, model, exporter and
     layout; the stages fill in the parts."""
-    from onnxport.bundle import MODULES, MONOLITHIC, SPLIT, ExportInfo, Layout, Manifest, ModelInfo, Source
+    from onnxport.bundle import (
+        MODULES,
+        MONOLITHIC,
+        SPLIT,
+        ExportInfo,
+        Layout,
+        Manifest,
+        ModelInfo,
+        Source,
+    )
 
     decoder = plan.decoder
     kind = (SPLIT if plan.split is not None else MONOLITHIC) if decoder is not None else MODULES

@@ -95,8 +95,8 @@ def verify_bundle(bundle: str | Path, model_dir: str | Path | None = None, vcfg:
 def _verify_bf16_compute(loaded, folder: Path, manifest: Manifest, vcfg: VerifyConfig) -> dict:
     """A bf16-compute decoder, checked on its CPU emulation twin (written beside the graph,
     removed after)."""
-    from onnxport.verify.emulate import emulate_bf16
     from onnxport.verify.decoder import DecoderCheck
+    from onnxport.verify.emulate import emulate_bf16
 
     graph = manifest.graph(DECODER)
     twin = folder / f".{Path(graph.file).stem}.emulated.onnx"

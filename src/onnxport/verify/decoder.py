@@ -13,13 +13,13 @@ from onnxport.export.decoder import wrapper_args
 from onnxport.progress import update as report
 from onnxport.spec import (
     DECODER_CASES,
-    PAST,
-    SEQ,
-    TOTAL,
     FULL_CASES,
     GQA_CASES,
     GQA_RIGHT_CASES,
+    PAST,
+    SEQ,
     STEP_CASES,
+    TOTAL,
     ShapeCase,
     feeds,
 )

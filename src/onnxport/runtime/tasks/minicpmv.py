@@ -26,8 +26,8 @@ import numpy as np
 
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.tasks import register_task
-from onnxport.runtime.tasks.media import PromptsWithMedia
 from onnxport.runtime.tasks.image_text_to_text import as_batch, open_embeds_decoder
+from onnxport.runtime.tasks.media import PromptsWithMedia
 
 KIND = "image-text-to-text/minicpmv"
 

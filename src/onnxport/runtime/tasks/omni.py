@@ -31,8 +31,8 @@ import numpy as np
 from onnxport.errors import RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
 from onnxport.runtime.tasks import register_task
-from onnxport.runtime.tasks.media import PromptsWithMedia
 from onnxport.runtime.tasks.image_text_to_text import expand_placeholders, open_embeds_decoder
+from onnxport.runtime.tasks.media import PromptsWithMedia
 
 KIND = "any-to-text"
 #: the kinds whose thinker section this runner reads (any-to-any adds speech output to it:

@@ -37,12 +37,12 @@ import numpy as np
 
 from onnxport.bundle import resolve_inside
 from onnxport.errors import BundleError, InputError, RuntimeInputError
-from onnxport.runtime.tasks import register_task
-from onnxport.runtime.tasks.request import OnText, Reply, Request, check_speech_output, refuse
-from onnxport.runtime.tasks.text_to_speech import write_wav
-from onnxport.runtime.tasks.omni import AnyToText, rope_index
 from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.omni import AnyToText, rope_index
+from onnxport.runtime.tasks.request import OnText, Reply, Request, check_speech_output, refuse
+from onnxport.runtime.tasks.text_to_speech import write_wav
 
 KIND = "any-to-any"
 #: pipeline roles of the speech graphs

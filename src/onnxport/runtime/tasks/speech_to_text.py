@@ -36,9 +36,9 @@ import numpy as np
 from onnxport.bundle import read_manifest
 from onnxport.errors import BundleError, InputError, RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
+from onnxport.runtime.session import GraphSession
 from onnxport.runtime.tasks import register_task
 from onnxport.runtime.tasks.request import OnText, Reply, Request, refuse
-from onnxport.runtime.session import GraphSession
 
 log = logging.getLogger(__name__)
 

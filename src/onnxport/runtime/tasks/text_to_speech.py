@@ -30,10 +30,10 @@ import numpy as np
 
 from onnxport.bundle import Manifest, read_manifest
 from onnxport.errors import BundleError, InputError, RuntimeInputError
-from onnxport.runtime.tasks import register_task
-from onnxport.runtime.tasks.request import OnText, Reply, Request, check_speech_output, refuse
 from onnxport.runtime.sampling import Sampler
 from onnxport.runtime.session import GraphSession
+from onnxport.runtime.tasks import register_task
+from onnxport.runtime.tasks.request import OnText, Reply, Request, check_speech_output, refuse
 
 KIND = "text-to-speech"
 ROLES = ("condition", "embed_text", "embed_codes", "talker", "code_heads", "dvae_decoder", "vocoder")
