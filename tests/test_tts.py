@@ -38,7 +38,7 @@ def make_chattts_checkpoint(out: Path) -> Path:
     gain x 0.3) so the greedy utterance runs ~50 frames before EOS instead of stopping at once."""
     from tokenizers import Tokenizer
 
-    from onnxport.recipes.chattts import ChatTTSConfig, ChatTTSModel
+    from onnxport.recipes.chattts_model import ChatTTSConfig, ChatTTSModel
 
     out.mkdir(parents=True)
     tok = Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json"))
@@ -76,7 +76,7 @@ def tts(tmp_path_factory):
     """(checkpoint, bundle, the PyTorch model loaded from the checkpoint), exported once through
     the CLI."""
     from onnxport.checkpoint import open_checkpoint
-    from onnxport.recipes.chattts import load_chattts
+    from onnxport.recipes.chattts_model import load_chattts
 
     root = tmp_path_factory.mktemp("tts")
     ckpt = make_chattts_checkpoint(root / "ckpt")
@@ -248,7 +248,7 @@ def test_checkpoint_must_match_the_model(tts, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from onnxport.checkpoint import open_checkpoint
-    from onnxport.recipes.chattts import load_chattts
+    from onnxport.recipes.chattts_model import load_chattts
 
     shutil.copytree(tts[0], tmp_path / "c")
     state = load_file(str(tmp_path / "c" / "model.safetensors"))
