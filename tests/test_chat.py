@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from onnxport.bundle.seal import reseal
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime import Generator
 from onnxport.runtime.chat import ChatTemplate, as_conversations
@@ -268,6 +269,7 @@ def chat_bundle(exported, tmp_path_factory) -> Path:
     # add_bos_token: plain prompts get bos; a rendered chat must not (transformers encodes it
     # without special tokens)
     (bundle / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML, "add_bos_token": True}))
+    reseal(bundle)  # an edit made on purpose (`onnxport seal`)
     return bundle
 
 
@@ -335,6 +337,7 @@ def test_cli_chat_errors_are_one_line(chat_bundle, exported, tmp_path):
     shutil.copytree(chat_bundle, llama3)
     cfg = json.loads((llama3 / "tokenizer_config.json").read_text())
     (llama3 / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": LLAMA3}))
+    reseal(llama3)
     f = tmp_path / "wrong.json"
     f.write_text(json.dumps([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]))
     _one_line_failure(_invoke(llama3, "--messages", f), 2, "Conversation roles must alternate")

@@ -38,7 +38,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     started = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
     plan = plan_export(ckpt, parts, split, cfg)
-    with atomic_bundle(out, cfg.force) as folder:
+    with atomic_bundle(out, cfg.force, inputs=(ckpt.path,)) as folder:
         manifest = new_manifest(ckpt, plan, cfg, versions())
         models = ModelCache()
         pipelines = []  # what recipes say about chaining the parts at run time
@@ -168,7 +168,7 @@ def export_module(model_dir: str | Path, out: str | Path, module_path: str, inpu
 
     started = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
-    with atomic_bundle(out, cfg.force) as folder:
+    with atomic_bundle(out, cfg.force, inputs=(ckpt.path,)) as folder:
         model = load_any(ckpt, cfg.trace_dtype, model_class, trust_remote_code)
         part = module_part(model, module_path, inputs, outputs, method, verify_dims)
         check = part_check(verify_cfg, cfg.skip_patches) if cfg.verify else None

@@ -160,6 +160,27 @@ def _check_index(index: Path, where: dict[str, str]) -> None:
                                   "the shards and their index disagree; fetch the checkpoint again")
 
 
+#: sizes a model cannot have fewer than one of
+POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "head_dim", "max_position_embeddings", "d_model", "n_embd", "n_layer", "n_head")
+#: name endings of sizes and counts, none of which can be negative
+_SIZE_SUFFIXES = ("_size", "_dim", "_heads", "_layers", "_embeddings", "_experts", "_positions")
+
+
+def check_config_sizes(config: dict, where: str = "config.json") -> None:
+    """One line for a size no model can have (`hidden_size: -64`, `vocab_size: 0`), before
+    transformers or torch fail on it deep inside (config.json and its nested sub-configs)."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_config_sizes(value, f"{where}:{key}")
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if (key in POSITIVE and value < 1) or (key.endswith(_SIZE_SUFFIXES) and value < 0):
+            raise CheckpointError(f"{where} sets {key} to {value}; a model needs {'at least 1' if key in POSITIVE else 'a size >= 0'}",
+                                  "fix config.json (it does not describe a model that can be built)")
+
+
 def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     """Validate a checkpoint folder and read its config and tensor headers (no weights)."""
     p = Path(path)
@@ -187,6 +208,7 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         raise CheckpointError(
             "config.json has no model_type", "re-save the config with transformers' save_pretrained"
         )
+    check_config_sizes(config)
     st_files = sorted(p.glob("*.safetensors"))
     pk_files = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
     index = p / "model.safetensors.index.json"

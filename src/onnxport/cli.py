@@ -275,6 +275,14 @@ def verify_cmd(
     _print_bundle(manifest, bundle, verbose_modules=False)
 
 
+def _trust(trust: bool) -> None:
+    """--trust-bundle: no sha256 of the bundle's files at load for this process."""
+    if trust:
+        from onnxport.bundle.seal import trust_bundles
+
+        trust_bundles()
+
+
 def _write_text(text: str) -> None:
     """Streamed text, verbatim, as it arrives."""
     sys.stdout.write(text)
@@ -311,6 +319,7 @@ def generate_cmd(
     speak: Optional[Path] = typer.Option(None, "--speak", help="Any-to-any bundles (Qwen2.5-Omni with speech output): also speak the reply into this WAV file (one prompt; greedy talker, 24 kHz)."),
     language: Optional[str] = typer.Option(None, "--language", help="Speech-to-text: the spoken language (en, english or <|en|>); default: the model's own, else detected as transformers does."),
     task: Optional[str] = typer.Option(None, "--task", help="Speech-to-text: transcribe or translate (default: the model's own)."),
+    trust_bundle: bool = typer.Option(False, "--trust-bundle", help="Skip the sha256 check of the bundle's files at load (sizes are still compared): for a large bundle you load often from a trusted place."),
 ):
     """Generate with ONNX Runtime (no torch). The bundle's manifest decides the task: text
     generation, image/audio + text -> text, speech -> text (--audio), text -> text and speech
@@ -318,6 +327,7 @@ def generate_cmd(
     from onnxport.runtime.tasks import open_task
     from onnxport.runtime.tasks.request import Request, Sampling, read_messages
 
+    _trust(trust_bundle)
     request = Request(prompts=tuple(prompt or ()), messages=read_messages(messages) if messages is not None else None,
                       chat=chat, system=system, images=tuple(image or ()), audio=tuple(audio or ()), speak=speak,
                       overwrite=True, language=language, task=task, stream=stream,
@@ -342,18 +352,32 @@ def speak_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Any-to-any bundles: most reply tokens (default 32)."),
     speaker: Optional[str] = typer.Option(None, "--speaker", help="Any-to-any bundles: the voice (default: the bundle's, e.g. Chelsie)."),
+    trust_bundle: bool = typer.Option(False, "--trust-bundle", help="Skip the sha256 check of the bundle's files at load."),
 ):
     """Speak text with ONNX Runtime (no torch): talker -> audio codes -> DVAE -> vocoder -> WAV;
     an any-to-any bundle replies to the text and speaks the reply (thinker -> talker -> token2wav)."""
     from onnxport.runtime.tasks import open_task
     from onnxport.runtime.tasks.request import Request, Sampling
 
+    _trust(trust_bundle)
     request = Request(text=text, speak=output, overwrite=force, max_frames=max_frames, speaker=speaker,
                       sampling=Sampling(max_new_tokens=max_new_tokens, seed=seed))
     runner = open_task(bundle)
     with _working(f"speaking with {bundle}"):
         reply = runner.run(request)
     _print_reply(reply)
+
+
+@app.command("seal")
+@_guard
+def seal_cmd(bundle: Path = typer.Argument(..., help="Bundle folder you edited on purpose.")):
+    """Record the size and sha256 of every file of a bundle as it is now (after an edit made on
+    purpose, e.g. a chat template added); every command checks them when it loads the bundle."""
+    from onnxport.bundle.seal import reseal
+
+    manifest = reseal(bundle)
+    count = len(manifest.files or {}) + len({f for g in manifest.graphs for f in g.files or {}})
+    out.print(f"sealed {bundle}/: {count} files recorded", soft_wrap=True, markup=False)
 
 
 @app.command("recipes")

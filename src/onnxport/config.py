@@ -233,17 +233,20 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
-            raise InputError(f"--bits must be 4 or 8, got {self.bits}")
+            raise InputError(f"--bits must be 4 or 8, got {self.bits}", "use --bits 4 (int4) or --bits 8 (int8)")
         if self.block_size not in (16, 32, 64, 128, 256):
-            raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+            raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}",
+                             "use --block-size 32 (the default) or another power of two from 16 to 256")
         if self.method not in ("rtn", "awq"):
             raise InputError(f"unknown --method {self.method!r}", "use --method rtn or awq")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise InputError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+            raise InputError(f"--accuracy-level must be 0-4, got {self.accuracy_level}",
+                             "0 = fp32 compute (default), 4 = int8 compute")
         if self.max_ppl_increase < 0 or (self.min_agreement is not None and not 0 <= self.min_agreement <= 1):
-            raise InputError("--max-ppl-increase must be >= 0 and --min-agreement between 0 and 1")
+            raise InputError("--max-ppl-increase must be >= 0 and --min-agreement between 0 and 1",
+                             "e.g. --max-ppl-increase 0.1 --min-agreement 0.5")
         if self.max_error is not None and self.max_error <= 0:
-            raise InputError(f"--max-error must be > 0, got {self.max_error}")
+            raise InputError(f"--max-error must be > 0, got {self.max_error}", "e.g. --max-error 0.05")
 
 
 def parse_size(text: str) -> int:

@@ -3,6 +3,7 @@
 
 from onnxport.bundle.folder import (
     atomic_bundle,
+    bundle_file,
     check_external_data,
     check_target,
     external_locations,
@@ -32,5 +33,5 @@ from onnxport.bundle.manifest import (
 )
 
 __all__ = ["DECODER", "ENCODER", "GQA_ATTENTION", "MODULES", "RIGHT_PADDING", "MONOLITHIC", "SCHEMA_VERSION", "SPLIT", "ExportInfo", "Graph", "KVCache",
-           "Layout", "Manifest", "ModelInfo", "Part", "Pipeline", "Source", "atomic_bundle", "check_target", "read_manifest",
+           "Layout", "Manifest", "ModelInfo", "Part", "Pipeline", "Source", "atomic_bundle", "bundle_file", "check_target", "read_manifest",
            "check_external_data", "external_locations", "record_files", "resolve_inside", "write_manifest"]

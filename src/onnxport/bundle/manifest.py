@@ -13,7 +13,7 @@ derived from the graphs; v2 adds `parts` and `Graph.part`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class Graph:
     meta: dict | None = None
     external_data: list[str] = field(default_factory=list)
     #: {file: {"bytes": size, "sha256": hex}} for the graph file and its external data
-    files: dict | None = None
+    files: dict[str, dict] | None = None
     fallback_from: dict | None = None
     weights: dict | None = None
     verification: dict | None = None
@@ -83,7 +83,7 @@ class Graph:
     optimization: list | None = None
     #: a graph cut into consecutive graphs under --max-graph-size, run one after another:
     #: [{"file", "inputs": [value names], "outputs": [value names]}, ...] (`file` is the first)
-    chain: list | None = None
+    chain: list[dict] | None = None
     #: decoders exported with fused attention: "com.microsoft.GroupQueryAttention" (a prompt
     #: that continues a cache then runs one row at a time; see export/attention.py)
     attention: str | None = None
@@ -293,6 +293,9 @@ class Manifest:
     #: how the parts chain at run time (multimodal bundles); None: parts are used one by one
     pipeline: Pipeline | None = None
     schema_version: int = SCHEMA_VERSION
+    #: {file: {"bytes", "sha256"}} of every other file of the bundle (tokenizer, configs,
+    #: speakers): checked when the runtime reads them, as graph files are
+    files: dict[str, dict] | None = None
 
     # --- what kind of bundle ------------------------------------------------------------------
 
@@ -332,6 +335,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
+            "format": "onnxport-bundle",
             "schema_version": SCHEMA_VERSION,
             "onnxport_task": self.task,
             "versions": self.versions,
@@ -350,6 +354,8 @@ class Manifest:
             d["verification"] = self.verification
         if self.pipeline is not None:
             d["pipeline"] = self.pipeline.to_dict()
+        if self.files is not None:
+            d["files"] = self.files
         return d
 
     @classmethod
@@ -358,6 +364,7 @@ class Manifest:
         if version not in READABLE_VERSIONS:
             raise BundleError(f"manifest has schema_version {version!r}; this onnxport reads {READABLE_VERSIONS}",
                               "re-export the bundle with this onnxport version")
+        validate(d)
         try:
             graphs = [Graph.from_dict(g) for g in d.get("graphs", [])]
             layout = Layout.from_dict(d.get("layout") or {"kind": MONOLITHIC})
@@ -367,12 +374,127 @@ class Manifest:
                     export=_plain(ExportInfo, d.get("export", {})), layout=layout, graphs=graphs,
                     parts=[Part.from_dict(p) for p in d.get("parts", [])], kv_cache=kv, weights=d.get("weights"),
                     verification=d.get("verification"), schema_version=version,
-                    pipeline=Pipeline.from_dict(d["pipeline"]) if d.get("pipeline") else None)
+                    pipeline=Pipeline.from_dict(d["pipeline"]) if d.get("pipeline") else None, files=d.get("files"))
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest is malformed ({type(e).__name__}: {e})", "re-run onnxport export") from None
         if version == 1:
             m.parts = _v1_parts(m)
         return m
+
+
+@dataclass
+class FileRecord:
+    """Schema of a `files` entry (validation only: the manifest keeps it as a dict)."""
+
+    bytes: int
+    sha256: str | None = None
+
+
+@dataclass
+class OptionalInputRecord:
+    """Schema of a `graphs[].optional_inputs` entry."""
+
+    dtype: str
+    dims: list[int | str]
+    default: Any = None
+    doc: str | None = None
+
+
+@dataclass
+class ChainLink:
+    """Schema of a `graphs[].chain` entry (a graph cut into consecutive graphs)."""
+
+    file: str
+    inputs: list[str]
+    outputs: list[str]
+
+
+#: fields whose manifest form is a dict or list of dicts, checked against these schemas
+SCHEMAS = {(Graph, "files"): dict[str, FileRecord] | None,
+           (Graph, "optional_inputs"): dict[str, OptionalInputRecord] | None,
+           (Graph, "chain"): list[ChainLink] | None}
+
+#: the manifest's sections and the class each is read into
+SECTIONS = {"source": Source, "model": ModelInfo, "export": ExportInfo, "layout": Layout, "kv_cache": KVCache,
+            "graphs": list[Graph], "parts": list[Part], "pipeline": Pipeline, "weights": dict, "verification": dict,
+            "versions": dict, "onnxport_task": str, "files": dict[str, FileRecord]}
+
+
+def validate(d: dict) -> None:
+    """Every field of the manifest against the type its dataclass declares (a graph's `files`
+    given as a string, `max_positions: "512"`, kv names as a string...), then what a reader of
+    a decoder bundle relies on: one BundleError naming the field, before anything reads it."""
+    for key, tp in SECTIONS.items():
+        if d.get(key) is not None:
+            _check(tp, d[key], key)
+    kv = d.get("kv_cache")
+    if kv:
+        model = d.get("model") or {}
+        for name in ("vocab_size", "num_layers"):
+            if not isinstance(model.get(name), int) or isinstance(model.get(name), bool) or model[name] < 1:
+                raise BundleError(f"manifest field model.{name} is {json.dumps(model.get(name))}; a decoder bundle "
+                                  "needs a positive integer", "the bundle was edited or damaged; re-run onnxport export")
+        for i, pair in enumerate(kv.get("names") or []):
+            if len(pair) != 2:
+                raise BundleError(f"manifest field kv_cache.names[{i}] has {len(pair)} names, expected [past, present]",
+                                  "the bundle was edited or damaged; re-run onnxport export")
+    for i, g in enumerate(d.get("graphs") or []):
+        for key in ("role", "file"):
+            if not isinstance(g.get(key), str) or not g[key]:
+                raise BundleError(f"manifest field graphs[{i}].{key} is {json.dumps(g.get(key))}, expected a name",
+                                  "the bundle was edited or damaged; re-run onnxport export")
+
+
+def _check(tp, value, where: str) -> None:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _check(a, value, where)
+            except BundleError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is TensorSpec:
+        _check(dict, value, where)
+        _check(str, value.get("name"), f"{where}.name")
+        _check(str | None, value.get("dtype"), f"{where}.dtype")
+        _check(list[int | str], value.get("dims"), f"{where}.dims")
+        return
+    if hasattr(tp, "__dataclass_fields__"):
+        _check(dict, value, where)
+        hints = typing.get_type_hints(tp)
+        for f in fields(tp):
+            required = f.default is MISSING and f.default_factory is MISSING
+            if f.name not in value:
+                if required and tp not in (Manifest,):
+                    raise BundleError(f"manifest field {where}.{f.name} is missing",
+                                      "the bundle was edited or damaged; re-run onnxport export")
+                continue
+            if value[f.name] is None and f.default is None:
+                continue
+            _check(SCHEMAS.get((tp, f.name), hints[f.name]), value[f.name], f"{where}.{f.name}")
+        return
+    base = origin or tp
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if base is float else \
+        isinstance(value, int) and not isinstance(value, bool) if base is int else isinstance(value, base)
+    if not ok:
+        raise BundleError(f"manifest field {where} is {type(value).__name__} {json.dumps(value)[:40]}, "
+                          f"expected {getattr(base, '__name__', base)}",
+                          "the bundle was edited or damaged; re-run onnxport export")
+    if base is list and args:
+        for i, item in enumerate(value):
+            _check(args[0], item, f"{where}[{i}]")
+    elif base is dict and len(args) == 2:
+        for k, item in value.items():
+            _check(args[1], item, f"{where}.{k}")
 
 
 def _v1_parts(m: Manifest) -> list[Part]:
@@ -382,9 +504,9 @@ def _v1_parts(m: Manifest) -> list[Part]:
     return [Part(g.name or g.file, ENCODER, m.model.recipe, [g.file], g.verification, g.weights) for g in m.graphs]
 
 
-def read_manifest(bundle: str | Path) -> Manifest:
+def read_manifest(bundle: str | Path, check_sizes: bool = True) -> Manifest:
     """Read and validate `bundle/manifest.json` (v1 or v2) and check the files it names exist
-    inside the bundle."""
+    inside the bundle (and, `check_sizes`, have the sizes it recorded)."""
     from onnxport.bundle.folder import resolve_inside
 
     p = Path(bundle)
@@ -406,7 +528,7 @@ def read_manifest(bundle: str | Path) -> Manifest:
         for f in [g.file, *g.external_data, *(c["file"] for c in g.chain or [])]:
             if not resolve_inside(p, f).is_file():
                 raise BundleError(f"bundle is missing {f}", "re-run onnxport export")
-        for f, rec in (g.files or {}).items():  # sizes cost a stat; sha256 is recorded for tools
+        for f, rec in (g.files or {}).items() if check_sizes else ():  # a stat each; sha256 at load
             size = resolve_inside(p, f).stat().st_size if resolve_inside(p, f).is_file() else None
             if size != rec.get("bytes"):
                 raise BundleError(f"{f} is {size} bytes, the manifest recorded {rec.get('bytes')}",
@@ -415,11 +537,11 @@ def read_manifest(bundle: str | Path) -> Manifest:
 
 
 def record_files(folder: Path, manifest: Manifest) -> None:
-    """Size and sha256 of every graph file and its external data (`<file>.data` included when
-    the exporter wrote one), into each graph's `files`."""
-    import hashlib
-
+    """Size and sha256 of every file of the bundle: each graph's file and external data
+    (`<file>.data` included when the exporter wrote one) into its `files`, every other file
+    (tokenizer, configs, speakers) into the manifest's `files`."""
     from onnxport.bundle.folder import resolve_inside
+    from onnxport.bundle.seal import sha256
 
     seen: dict[str, dict] = {}
     for g in manifest.graphs:
@@ -432,12 +554,11 @@ def record_files(folder: Path, manifest: Manifest) -> None:
             if not path.is_file():
                 continue
             if name not in seen:  # a shared weights file is hashed once
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                seen[name] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+                seen[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
             g.files[name] = dict(seen[name])
+    manifest.files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
+                      for f in sorted(folder.iterdir())
+                      if f.is_file() and f.name not in seen and f.name != MANIFEST and not f.name.startswith(".")}
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -111,7 +111,7 @@ def load_or_explain(load):
     except (CheckpointError, InputError):
         raise
     except Exception as e:  # noqa: BLE001 - transformers raises many types
-        raise CheckpointError(f"loading the model failed: {str(e).strip().splitlines()[0][:300]}",
+        raise CheckpointError(f"loading the model failed: {_first_line(e)}",
                               "the checkpoint does not match its config.json, or needs --model-class") from e
 
 
@@ -145,3 +145,9 @@ def load_any(ckpt: Checkpoint, dtype: str, model_class: str | None, trust_remote
             return from_pretrained(cls, ckpt, getattr(torch, dtype), None, trust_remote_code)
 
     return load_or_explain(load)
+
+
+def _first_line(e: Exception, limit: int = 600) -> str:
+    """The first line of an error, whole (cut at a word only past `limit` characters)."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."

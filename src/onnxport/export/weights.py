@@ -16,8 +16,13 @@ from onnxport.errors import CheckpointError, ExportError
 
 def check_checkpoint_shapes(ckpt, model_class_factory) -> None:
     """Compare safetensors header shapes with a meta-device model built from the config."""
-    with torch.device("meta"):
-        meta = model_class_factory()
+    try:
+        with torch.device("meta"):
+            meta = model_class_factory()
+    except Exception as e:  # noqa: BLE001 - a config transformers accepts but cannot build from
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"config.json describes a model that cannot be built: {line}",
+                              "fix config.json against the model's documentation") from e
     expected = {n: tuple(p.shape) for n, p in meta.state_dict().items()}
     for name, info in ckpt.tensors.items():
         if name not in expected:

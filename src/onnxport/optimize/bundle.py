@@ -55,7 +55,7 @@ def optimize_bundle(bundle: str | Path, out: str | Path, model_dir: str | Path |
         recipe = text_decoder(get_recipes(ckpt.model_type, (DECODER,), ckpt.config))
         if recipe is None:
             raise InputError(f"{ckpt.model_type!r} has no text decoder part to optimize", "check the bundle's source")
-    with atomic_bundle(out, force) as tmp:
+    with atomic_bundle(out, force, inputs=(src,) + ((ckpt.path,) if ckpt is not None else ())) as tmp:
         copy_bundle_files(src, tmp)
         if check:
             loaded = LoadedModel(recipe, load_model(recipe, ckpt))

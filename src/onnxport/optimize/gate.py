@@ -46,7 +46,7 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
         raise InputError(f"the bundle is already {manifest.export.dtype if manifest.export.dtype != 'float32' else 'quantized'}",
                          "quantize the float32 bundle")
     graph = manifest.graph(DECODER)
-    text = Path(cfg.calib).read_text(encoding="utf-8") if cfg.calib else default_calibration_text()
+    text = read_calibration_text(Path(cfg.calib)) if cfg.calib else default_calibration_text()
     reference = Generator(src)
     calib, held, prompts = calibration_split(text, reference.tokenizer)
     if len(calib) < 16 or len(held) < 64:
@@ -62,7 +62,7 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
                          "export the bundle with onnxport export (dynamo exporter)")
     ppl_fp = perplexity(reference, held)
     attempts = []
-    with atomic_bundle(out, cfg.force) as tmp:
+    with atomic_bundle(out, cfg.force, inputs=(src,)) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in {graph.file, *graph.external_data, "manifest.json"}:
                 shutil.copy2(f, tmp / f.name)
@@ -146,3 +146,17 @@ def default_calibration_text() -> str:
     from importlib import resources
 
     return resources.files("onnxport").joinpath("data/calib.txt").read_text(encoding="utf-8")
+
+
+def read_calibration_text(path: Path) -> str:
+    """--calib: a UTF-8 text file."""
+    if not path.is_file():
+        raise InputError(f"--calib {path} is not a file", "pass a text file (e.g. documentation in your model's domain)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--calib {path} is not UTF-8 text (byte {e.start} cannot be decoded)",
+                         "pass a plain text file") from None
+    if "\x00" in text:
+        raise InputError(f"--calib {path} holds NUL bytes: it is not text", "pass a plain text file")
+    return text

@@ -25,9 +25,10 @@ def graph_structure(src: Path):
 
 def run_exposing(src: Path, structure, names: list[str], samples: list[dict]) -> Iterator[dict[str, np.ndarray]]:
     """{name: array} for each sample feed, `names` being values of the graph at `src`
-    (`structure`: its graph_structure, not modified). ONNX Runtime runs a probe copy written
-    beside `src`, so relative external-data locations resolve; graph optimizations are off,
-    so the values are those of the graph as written."""
+    (`structure`: its graph_structure, not modified). ONNX Runtime runs the probe graph from
+    memory, its external data read from `src`'s folder: nothing is written beside `src` (an
+    input bundle stays as it was, read-only or not); graph optimizations are off, so the values
+    are those of the graph as written."""
     import onnx
     import onnxruntime as ort
 
@@ -35,14 +36,11 @@ def run_exposing(src: Path, structure, names: list[str], samples: list[dict]) ->
     model.CopyFrom(structure)
     known = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    probe = src.with_name(src.stem + ".probe.onnx")
-    try:
-        onnx.save(model, str(probe))
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3  # errors only (an optional input's initializer is not one)
-        sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
-        for feeds in samples:
-            yield dict(zip(names, sess.run(names, feeds)))
-    finally:
-        probe.unlink(missing_ok=True)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3  # errors only (an optional input's initializer is not one)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model
+    for feeds in samples:
+        yield dict(zip(names, sess.run(names, feeds)))

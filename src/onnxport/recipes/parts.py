@@ -62,6 +62,8 @@ def parse_input_spec(text: str) -> TensorSpec:
             dims.append(dm["name"])
             if dm["size"]:
                 sizes.append((dm["name"], int(dm["size"])))
+        if (dm["num"] and int(dm["num"]) < 1) or (dm["size"] and int(dm["size"]) < 1):
+            raise InputError(f"--input {m['name']}: dim {d!r} is empty", "give every dim a size of 1 or more")
     lo, hi = (int(m["lo"]), int(m["hi"])) if m["lo"] is not None else (0, 2)
     if hi <= lo:
         raise InputError(f"--input {m['name']}: empty value range {lo}..{hi}", "write =LO..HI with HI > LO")

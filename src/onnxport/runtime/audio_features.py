@@ -239,6 +239,8 @@ def check_audio(
             "pass one mono waveform per item",
         )
     array = array.astype(np.float32)
+    if array.size == 0:
+        raise RuntimeInputError(f"{what} has no samples", "pass a recording of at least one sample")
     if not np.isfinite(array).all():
         raise RuntimeInputError(
             f"{what} contains NaN or infinite samples", "check the decoder that produced it"

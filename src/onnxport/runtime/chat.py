@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from onnxport.bundle import bundle_file
 from onnxport.errors import BundleError, OnnxportError, RuntimeInputError
 
 #: one transformers-style message: {"role": ..., "content": str | [{"type": "text", "text": ...}, ...]}
@@ -94,11 +95,11 @@ class ChatTemplate:
 
 def find_chat_template(folder: Path) -> tuple[str, str] | None:
     """(template source, file it came from), or None when the folder has none."""
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
+    jinja_file = bundle_file(folder, "chat_template.jinja")
+    if jinja_file is not None and jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
     for name in ("tokenizer_config.json", "chat_template.json"):
-        f = folder / name
+        f = bundle_file(folder, name)
         value = _read_json(f).get("chat_template")
         if value is not None:
             return _default_template(value, f), str(f)
@@ -109,10 +110,10 @@ def special_tokens(folder: Path) -> dict[str, str]:
     """The named special tokens as transformers' `special_tokens_map` has them: from
     tokenizer_config.json, overridden by a legacy special_tokens_map.json when the config has no
     added_tokens_decoder (transformers reads that file only then)."""
-    cfg = _read_json(folder / "tokenizer_config.json")
+    cfg = _read_json(bundle_file(folder, "tokenizer_config.json"))
     values = {k: cfg.get(k) for k in SPECIAL_TOKEN_NAMES}
     if "added_tokens_decoder" not in cfg:
-        legacy = _read_json(folder / "special_tokens_map.json")
+        legacy = _read_json(bundle_file(folder, "special_tokens_map.json"))
         values.update({k: legacy[k] for k in SPECIAL_TOKEN_NAMES if k in legacy})
     out = {}
     for k, v in values.items():
@@ -284,8 +285,8 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _read_json(p: Path) -> dict:
-    if not p.is_file():
+def _read_json(p: Path | None) -> dict:
+    if p is None or not p.is_file():
         return {}
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

@@ -223,7 +223,7 @@ class Generator:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token", "pass a non-empty prompt")
         if max_new_tokens < 1:
-            raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "ask for one token or more (-n 1)")
         flat = [t for p in prompts for t in p]
         if min(flat) < 0 or max(flat) >= self.vocab_size:
             raise RuntimeInputError(
@@ -233,11 +233,16 @@ class Generator:
             )
         limit = self.manifest.model.max_positions
         longest = max(len(p) for p in prompts)
+        if limit and longest >= limit:
+            raise RuntimeInputError(
+                f"the prompt has {longest} tokens; the model has {limit} positions (max_position_embeddings) "
+                "and needs one more for a new token",
+                f"shorten the prompt to at most {limit - 1} tokens")
         if limit and longest + max_new_tokens > limit:
             raise RuntimeInputError(
                 f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"{limit} positions (max_position_embeddings)",
-                f"ask for at most {max(limit - longest, 0)} new tokens, or shorten the prompt")
+                f"ask for at most {limit - longest} new tokens, or shorten the prompt")
         eos = self.eos_ids if eos_token_id == -1 else ([] if eos_token_id is None else
                                                         ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)))
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)

@@ -15,9 +15,9 @@ class Sampler:
         if do_sample and temperature <= 0:
             raise RuntimeInputError(f"temperature must be > 0, got {temperature}", "use greedy decoding for temperature 0")
         if top_k < 0:
-            raise RuntimeInputError(f"top_k must be >= 0, got {top_k}")
+            raise RuntimeInputError(f"top_k must be >= 0, got {top_k}", "use --top-k 0 (off) or a positive count")
         if not 0 < top_p <= 1:
-            raise RuntimeInputError(f"top_p must be in (0, 1], got {top_p}")
+            raise RuntimeInputError(f"top_p must be in (0, 1], got {top_p}", "use e.g. --top-p 0.9, or 1.0 (off)")
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
 

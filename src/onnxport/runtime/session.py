@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxport.bundle import Graph, check_external_data, resolve_inside
+from onnxport.bundle.seal import Seal
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.spec import PAST, SEQ, TOTAL, TensorSpec
 
@@ -42,11 +43,15 @@ class GraphSession:
         for name in entry.external_data:
             resolve_inside(bundle, name)
         check_external_data(bundle, entry.file)  # what the graph itself names, not only the manifest
+        # the graph's files against the manifest's sha256, hashed while ONNX Runtime loads them
+        seal = Seal(bundle, entry.files).start()
         try:
             self.session = make_session(path, threads, spinning)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException
+            seal.wait()  # a file that changed explains the failure better
             raise BundleError(f"ONNX Runtime cannot load {entry.file}: {str(e).strip().splitlines()[0][:200]}",
                               "the file is damaged or was replaced; re-run onnxport export") from None
+        seal.wait()
 
     def check(self, feeds: dict[str, np.ndarray]) -> None:
         missing = [n for n in self.inputs if n not in feeds]

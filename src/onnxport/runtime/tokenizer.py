@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from onnxport.bundle import bundle_file
 from onnxport.errors import BundleError
 
 
@@ -12,8 +13,8 @@ class BundleTokenizer:
     def __init__(self, folder: Path):
         from tokenizers import Tokenizer
 
-        f = folder / "tokenizer.json"
-        if not f.is_file():
+        f = bundle_file(folder, "tokenizer.json")
+        if f is None or not f.is_file():
             raise BundleError(
                 f"{folder} has no tokenizer.json",
                 "copy the checkpoint's fast tokenizer (tokenizer.json) into the bundle, or pass token ids",
@@ -23,7 +24,7 @@ class BundleTokenizer:
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
             raise BundleError(f"{f.name} cannot be read: {str(e).splitlines()[0][:160]}",
                               "copy the checkpoint's tokenizer.json into the bundle again") from None
-        cfg = _read_json(folder / "tokenizer_config.json")
+        cfg = _read_json(bundle_file(folder, "tokenizer_config.json"))
         self.add_special_tokens = True
         bos = cfg.get("bos_token")
         self.bos_token = bos.get("content") if isinstance(bos, dict) else bos
@@ -71,9 +72,9 @@ class StreamDecoder:
         return new
 
 
-def _read_json(p: Path) -> dict:
+def _read_json(p: Path | None) -> dict:
     try:
-        data = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        data = json.loads(p.read_text(encoding="utf-8")) if p is not None and p.is_file() else {}
         return data if isinstance(data, dict) else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
@@ -84,7 +85,7 @@ def special_ids(folder: Path, forced: dict | None = None) -> tuple[list[int], in
     the forced first / last token ids (`forced_bos_token_id`, `forced_eos_token_id`: BART-like
     models, which transformers' generate enforces) under "bos" / "eos"."""
     forced = {} if forced is None else forced
-    gen, cfg = _read_json(folder / "generation_config.json"), _read_json(folder / "config.json")
+    gen, cfg = _read_json(bundle_file(folder, "generation_config.json")), _read_json(bundle_file(folder, "config.json"))
     text = cfg.get("text_config", cfg)
 
     def pick(key):

@@ -88,7 +88,16 @@ def verify_bundle(bundle: str | Path, model_dir: str | Path | None = None, vcfg:
     if pending:
         raise VerificationError(f"no recipe of {ckpt.model_type!r} makes the graph(s) {', '.join(pending)}",
                                 "verify the bundle with the onnxport version that wrote it")
-    write_manifest(folder, manifest)
+    try:
+        write_manifest(folder, manifest)
+    except OSError as e:  # a read-only bundle: the checks ran, the record stays as it was
+        import errno
+        import logging
+
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        logging.getLogger(__name__).warning("%s is read-only: every check passed, the manifest's verification "
+                                            "record was not updated", folder)
     return manifest
 
 

@@ -112,16 +112,20 @@ def read_messages(path: Path) -> list:
     return data
 
 
-def stream_decoder(tokenizer, on_text: OnText | None):
-    """on_token(row, token) for a generator that sends row 0's new text to `on_text`."""
+def stream_decoder(tokenizer, on_text: OnText | None, echo: str | None = None):
+    """on_token(row, token) for a generator that sends row 0's new text to `on_text`; `echo`
+    (the prompt) goes first, with the first token: only once every check has passed."""
     if on_text is None:
         return None
     from onnxport.runtime.tokenizer import StreamDecoder
 
     stream = StreamDecoder(tokenizer)
+    pending = [echo] if echo else []
 
     def on_token(row: int, tok: int) -> None:
         if row == 0:
+            while pending:
+                on_text(pending.pop())
             on_text(stream.push(tok))
 
     return on_token
@@ -155,3 +159,8 @@ def check_speech_output(request: Request) -> None:
         raise InputError("the text to speak is empty", 'pass some words, e.g. --text "Hello there."')
     if request.speak is not None and request.speak.exists() and not request.overwrite:
         raise InputError(f"{request.speak} already exists", "pass --force to replace it, or choose another -o")
+    if request.speak is not None and not request.speak.parent.is_dir():
+        raise InputError(f"cannot write {request.speak}: the folder {request.speak.parent} does not exist",
+                         "create it, or choose another -o")
+    if request.speak is not None and request.speak.is_dir():
+        raise InputError(f"{request.speak} is a folder", "give a file name, e.g. -o speech.wav")

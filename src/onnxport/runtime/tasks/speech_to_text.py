@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from onnxport.bundle import read_manifest
+from onnxport.bundle import bundle_file, read_manifest
 from onnxport.errors import BundleError, InputError, RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
 from onnxport.runtime.session import GraphSession
@@ -110,7 +110,7 @@ class SpeechToText:
         self.heads, self.head_dim = int(dims[1]), int(dims[3])
         self.features = WhisperFeatureExtractor(self._feature_settings())
         self.tokenizer = None
-        if (self.folder / "tokenizer.json").is_file():
+        if bundle_file(self.folder, "tokenizer.json") is not None:
             from onnxport.runtime.tokenizer import BundleTokenizer
 
             self.tokenizer = BundleTokenizer(self.folder)
@@ -132,8 +132,8 @@ class SpeechToText:
         """preprocessor_config.json of the bundle, else Whisper's defaults at the graph's mel
         bins and window; either must give the frames the audio graph takes."""
         c = self.config
-        path = self.folder / "preprocessor_config.json"
-        if path.is_file():
+        path = bundle_file(self.folder, "preprocessor_config.json")
+        if path is not None and path.is_file():
             try:
                 settings = json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:

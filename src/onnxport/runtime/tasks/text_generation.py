@@ -40,9 +40,8 @@ def generate_text(gen: Generator, request: Request, on_text: OnText | None) -> R
     else:
         prompts = list(request.prompts)
         streaming = on_text is not None and request.stream and len(prompts) == 1
-        if streaming:
-            on_text(prompts[0])
-        res = gen.generate(prompts, on_token=stream_decoder(gen.tokenizer, on_text) if streaming else None, **sampling)
+        res = gen.generate(prompts, on_token=stream_decoder(gen.tokenizer, on_text, echo=prompts[0]) if streaming else None,
+                           **sampling)
         lines = [] if streaming else [p + t for p, t in zip(prompts, res.texts)]
     return Reply(lines, f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s",
                  streamed=streaming)

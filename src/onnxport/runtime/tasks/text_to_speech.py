@@ -264,26 +264,41 @@ class TextToSpeech:
 
 
 def write_wav(path: str | Path, samples: np.ndarray, rate: int, overwrite: bool = True) -> Path:
-    """Mono 16-bit PCM WAV (samples clipped to [-1, 1]); written beside `path` and renamed into
-    place, so a failure leaves no partial file; an existing file is kept unless `overwrite`."""
+    """Mono 16-bit PCM WAV (samples clipped to [-1, 1]); written to a new temp file beside
+    `path` (a unique name: no file of the user's is touched) and renamed into place, so a
+    failure leaves no partial file; an existing file is kept unless `overwrite`."""
+    import tempfile
+
     path = Path(path)
     x = np.asarray(samples, dtype=np.float32)
     if x.ndim != 1:
         raise RuntimeInputError(f"samples have shape {list(x.shape)}; a mono waveform is 1-D", "pass speech.samples")
     if not overwrite and path.exists():
         raise InputError(f"{path} already exists", "pass --force to replace it, or choose another -o")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder", "give a file name, e.g. -o speech.wav")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist", "create it, or choose another -o")
     pcm = np.round(np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = Path(name)
     try:
-        with wave.open(str(tmp), "wb") as w:
+        with os.fdopen(fd, "wb") as f, wave.open(f, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(int(rate))
             w.writeframes(pcm.tobytes())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 __all__ = ["Speech", "TextToSpeech", "write_wav"]
