@@ -430,10 +430,10 @@ def validate(d: dict) -> None:
     kv = d.get("kv_cache")
     if kv:
         model = d.get("model") or {}
-        for name in ("vocab_size", "num_layers"):
-            if not isinstance(model.get(name), int) or isinstance(model.get(name), bool) or model[name] < 1:
+        for name, least in (("vocab_size", 1), ("num_layers", 0)):  # 0 cache layers: openai-gpt, xlnet
+            if not isinstance(model.get(name), int) or isinstance(model.get(name), bool) or model[name] < least:
                 raise BundleError(f"manifest field model.{name} is {json.dumps(model.get(name))}; a decoder bundle "
-                                  "needs a positive integer", "the bundle was edited or damaged; re-run onnxport export")
+                                  f"needs an integer >= {least}", "the bundle was edited or damaged; re-run onnxport export")
         for i, pair in enumerate(kv.get("names") or []):
             if len(pair) != 2:
                 raise BundleError(f"manifest field kv_cache.names[{i}] has {len(pair)} names, expected [past, present]",
