@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+from onnxport.bundle.genai import KEY, write_genai_config
 from onnxport.bundle.manifest import Manifest, record_files, write_manifest
 from onnxport.checkpoint import Checkpoint
 
@@ -56,10 +57,12 @@ def copy_support_files(ckpt: Checkpoint, folder: Path) -> list[str]:
 
 def finish_bundle(ckpt: Checkpoint | None, folder: Path, manifest: Manifest, started: float | None) -> Manifest:
     """The last step of every command that writes a bundle: support files copied (from `ckpt`,
-    when there is one), every file's size and sha256 recorded, the time taken (since `started`;
+    when there is one), other runtimes' configs written (genai_config.json, bundle/genai.py),
+    every file's size and sha256 recorded, the time taken (since `started`;
     None keeps the source bundle's), the manifest written."""
     if ckpt is not None:
         manifest.source.files = copy_support_files(ckpt, folder)
+    manifest.interop = {KEY: write_genai_config(folder, manifest)}
     record_files(folder, manifest)
     if started is not None:
         manifest.export.seconds = round(time.perf_counter() - started, 2)

@@ -296,6 +296,9 @@ class Manifest:
     #: {file: {"bytes", "sha256"}} of every other file of the bundle (tokenizer, configs,
     #: speakers): checked when the runtime reads them, as graph files are
     files: dict[str, dict] | None = None
+    #: other runtimes' own configs written beside the graphs: {"onnxruntime-genai": {"file":
+    #: "genai_config.json" or None, "reason": why not, ...}} (bundle/genai.py)
+    interop: dict | None = None
 
     # --- what kind of bundle ------------------------------------------------------------------
 
@@ -354,6 +357,8 @@ class Manifest:
             d["verification"] = self.verification
         if self.pipeline is not None:
             d["pipeline"] = self.pipeline.to_dict()
+        if self.interop is not None:
+            d["interop"] = self.interop
         if self.files is not None:
             d["files"] = self.files
         return d
@@ -374,7 +379,8 @@ class Manifest:
                     export=_plain(ExportInfo, d.get("export", {})), layout=layout, graphs=graphs,
                     parts=[Part.from_dict(p) for p in d.get("parts", [])], kv_cache=kv, weights=d.get("weights"),
                     verification=d.get("verification"), schema_version=version,
-                    pipeline=Pipeline.from_dict(d["pipeline"]) if d.get("pipeline") else None, files=d.get("files"))
+                    pipeline=Pipeline.from_dict(d["pipeline"]) if d.get("pipeline") else None, files=d.get("files"),
+                    interop=d.get("interop"))
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest is malformed ({type(e).__name__}: {e})", "re-run onnxport export") from None
         if version == 1:
@@ -417,7 +423,7 @@ SCHEMAS = {(Graph, "files"): dict[str, FileRecord] | None,
 #: the manifest's sections and the class each is read into
 SECTIONS = {"source": Source, "model": ModelInfo, "export": ExportInfo, "layout": Layout, "kv_cache": KVCache,
             "graphs": list[Graph], "parts": list[Part], "pipeline": Pipeline, "weights": dict, "verification": dict,
-            "versions": dict, "onnxport_task": str, "files": dict[str, FileRecord]}
+            "versions": dict, "onnxport_task": str, "files": dict[str, FileRecord], "interop": dict}
 
 
 def validate(d: dict) -> None:
