@@ -21,6 +21,10 @@ Runners (`--runners`, comma separated; default: all that apply):
                      message when onnxruntime-genai is absent)
   genai-int4-b128    the builder's int4 with block_size=128 (the same block as onnxport-int4-awq)
   split-static       the static split layout (max-len 512)
+  openvino           the onnxport default bundle run by the same generator on OpenVINO's CPU
+                     plugin at f32 (`generate --runtime openvino`; skipped without openvino)
+  onnxport-genai     the onnxport default bundle, unchanged, in onnxruntime-genai's own loop
+                     (its genai_config.json)
 
     python bench/make_checkpoint.py qwen2-0.5b /tmp/qwen2-0.5b-random --dtype fp32
     python bench/decode.py /tmp/qwen2-0.5b-random [--runs 3] [--runners pytorch,onnxport-fast,genai]
@@ -66,11 +70,11 @@ def make_qwen2_05b(out: Path) -> None:
         shutil.copy(Path(onnxport.__file__).parent / "demo_model" / f, out / f)
 
 
-def ort_runner(bundle: Path, prompt: list[int], threads: int):
+def ort_runner(bundle: Path, prompt: list[int], threads: int, runtime: str = "onnxruntime"):
     """once(n) -> (prefill ms, decode tok/s, tokens) with onnxport's Generator."""
     from onnxport.runtime import Generator
 
-    gen = Generator(bundle, threads=threads)
+    gen = Generator(bundle, threads=threads, runtime=runtime)
 
     def once(n):
         r = gen.generate_ids([prompt], max_new_tokens=n, eos_token_id=None)
@@ -106,8 +110,8 @@ def torch_runner(ckpt: Path, prompt: list[int], threads: int):
 
 
 RUNNERS = ("pytorch", "onnxport", "onnxport-fast", "onnxport-int4", "onnxport-int4-awq", "genai", "genai-int4",
-           "genai-int4-b128", "split-static")
-DEFAULT = tuple(r for r in RUNNERS if r != "split-static")
+           "genai-int4-b128", "split-static", "openvino", "onnxport-genai")
+DEFAULT = tuple(r for r in RUNNERS if r not in ("split-static", "openvino", "onnxport-genai"))
 
 
 def genai_runner(ckpt: Path, out: Path, precision: str, prompt: list[int], threads: int,
@@ -117,7 +121,6 @@ def genai_runner(ckpt: Path, out: Path, precision: str, prompt: list[int], threa
     import contextlib
     import runpy
 
-    import onnxruntime_genai as og
 
     t0 = time.perf_counter()
     argv = sys.argv
@@ -130,11 +133,31 @@ def genai_runner(ckpt: Path, out: Path, precision: str, prompt: list[int], threa
     finally:
         sys.argv = argv
     build_s = time.perf_counter() - t0
-    cfg_file = out / "genai_config.json"
+    once = genai_loop(out, prompt, threads)
+    return once, {"build_seconds": round(build_s, 1), **({"block_size": block_size or 32} if precision == "int4" else {}),
+                  "graph_bytes": sum(f.stat().st_size for f in out.glob("model.onnx*"))}
+
+
+def genai_loop(folder: Path, prompt: list[int], threads: int, copy: bool = False):
+    """once(n) with onnxruntime-genai's own loop on a folder holding a genai_config.json, its
+    session pinned to `threads` (`copy`: on hard links of the folder's files, so a sealed
+    onnxport bundle is not edited)."""
+    import os
+
+    import onnxruntime_genai as og
+
+    if copy:
+        linked = folder.with_name(folder.name + "-genai")
+        linked.mkdir()
+        for f in folder.iterdir():
+            os.link(f, linked / f.name) if f.name != "genai_config.json" else None
+        (linked / "genai_config.json").write_text((folder / "genai_config.json").read_text())
+        folder = linked
+    cfg_file = folder / "genai_config.json"
     gcfg = json.loads(cfg_file.read_text())
     gcfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     cfg_file.write_text(json.dumps(gcfg))
-    model = og.Model(str(out))
+    model = og.Model(str(folder))
 
     def once(n):
         params = og.GeneratorParams(model)
@@ -151,8 +174,7 @@ def genai_runner(ckpt: Path, out: Path, precision: str, prompt: list[int], threa
         t2 = time.perf_counter()
         return (t1 - t0) * 1000, (k - 1) / (t2 - t1), list(gen.get_sequence(0))[len(prompt):]
 
-    return once, {"build_seconds": round(build_s, 1), **({"block_size": block_size or 32} if precision == "int4" else {}),
-                  "graph_bytes": sum(f.stat().st_size for f in out.glob("model.onnx*"))}
+    return once
 
 
 def main() -> None:
@@ -229,6 +251,16 @@ def main() -> None:
                     continue
                 runs[name], results[name] = genai_runner(ckpt, tmp / name, "int4" if "int4" in name else "fp32",
                                                          prompt, args.threads, 128 if name.endswith("b128") else None)
+            elif name in ("openvino", "onnxport-genai"):
+                needs = "openvino" if name == "openvino" else "onnxruntime_genai"
+                if importlib.util.find_spec(needs) is None:
+                    results[name] = {"skipped": f"{needs} is not installed"}
+                    continue
+                if not (tmp / "onnxport").exists():
+                    timed_export(name, tmp / "onnxport", ExportConfig(verify=False))
+                runs[name] = (ort_runner(tmp / "onnxport", prompt, args.threads, "openvino") if name == "openvino"
+                              else genai_loop(tmp / "onnxport", prompt, args.threads, copy=True))
+                results[name] = {}
             elif name == "split-static":
                 _, s = timed_export(name, tmp / name, ExportConfig(verify=False, kv_layout="bshd"),
                                     SplitConfig(static=True, max_len=512, prefill_len=args.prompt_len))
@@ -261,7 +293,7 @@ def main() -> None:
     for name, r in results.items():
         if "decode_tokens_per_s" not in r:
             continue
-        for base in ("pytorch", "genai", "genai-int4", "genai-int4-b128"):
+        for base in ("pytorch", "onnxport", "genai", "genai-int4", "genai-int4-b128"):
             b = results.get(base, {})
             if base != name and "decode_tokens_per_s" in b:
                 ratios[f"{name}/{base}"] = {

@@ -81,8 +81,8 @@ def main() -> None:
 
     import onnxport
     from onnxport.api import export, quantize
-    from onnxport.optimize.gate import default_calibration_text as _default_calibration_text
     from onnxport.config import ExportConfig, QuantConfig
+    from onnxport.optimize.gate import default_calibration_text as _default_calibration_text
     from onnxport.runtime import Generator
     from onnxport.verify.quality import calibration_split, greedy_agreement, perplexity
 

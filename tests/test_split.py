@@ -125,6 +125,8 @@ def test_split_bad_options(tmp_path, tiny_checkpoints):
         (["--static", "--max-len", "8", "--prefill-len", "16"], "--prefill-len 16"),
         (["--layout", "split", "--kv-naming", "seed"], "monolithic layout only"),
         (["--layout", "tiled"], "unknown layout"),
+        (["--pack", "2"], "--pack applies to the split layout only"),  # was ignored: one model.onnx
+        (["--head", "argmax"], "--head applies to the split layout only"),
     ]:
         out = tmp_path / "o"
         res = CliRunner().invoke(app, ["export", str(ck), "-o", str(out), *args])

@@ -159,6 +159,11 @@ def export_cmd(
         raise InputError(f"unknown layout {layout!r}", "use --layout monolithic or --layout split")
     # --max-graph-size alone: decoders are cut by the split layout, encoder graphs into chains
     is_split = layout == "split" or static
+    split_only = {"--pack": pack != 1, "--head": head != "logits", "--rope": rope != "inside",
+                  "--embedding-bin": embedding_bin, "--copy-weights": copy_weights}
+    given = [flag for flag, set_ in split_only.items() if set_]
+    if given and not is_split:
+        raise InputError(f"{given[0]} applies to the split layout only", f"add --layout split (or --static), or drop {given[0]}")
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split or max_graph_size else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
                        low_memory=low_memory, dtype=dtype, optimize=optimize, attention=attention,
@@ -320,10 +325,12 @@ def generate_cmd(
     language: Optional[str] = typer.Option(None, "--language", help="Speech-to-text: the spoken language (en, english or <|en|>); default: the model's own, else detected as transformers does."),
     task: Optional[str] = typer.Option(None, "--task", help="Speech-to-text: transcribe or translate (default: the model's own)."),
     trust_bundle: bool = typer.Option(False, "--trust-bundle", help="Skip the sha256 check of the bundle's files at load (sizes are still compared): for a large bundle you load often from a trusted place."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, or openvino (its CPU plugin at f32 precision; pip install openvino): the same generation loop on another engine."),
 ):
     """Generate with ONNX Runtime (no torch). The bundle's manifest decides the task: text
     generation, image/audio + text -> text, speech -> text (--audio), text -> text and speech
     (--speak); the flags are that task's inputs."""
+    from onnxport.runtime.session import using_runtime
     from onnxport.runtime.tasks import open_task
     from onnxport.runtime.tasks.request import Request, Sampling, read_messages
 
@@ -332,12 +339,13 @@ def generate_cmd(
                       chat=chat, system=system, images=tuple(image or ()), audio=tuple(audio or ()), speak=speak,
                       overwrite=True, language=language, task=task, stream=stream,
                       sampling=Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed))
-    runner = open_task(bundle)
-    if speak is not None:
-        with _working(f"speaking with {bundle}"):
-            reply = runner.run(request)
-    else:
-        reply = runner.run(request, on_text=_write_text)
+    with using_runtime(runtime):
+        runner = open_task(bundle)
+        if speak is not None:
+            with _working(f"speaking with {bundle}"):
+                reply = runner.run(request)
+        else:
+            reply = runner.run(request, on_text=_write_text)
     _print_reply(reply)
 
 

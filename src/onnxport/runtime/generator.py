@@ -17,7 +17,7 @@ import numpy as np
 from onnxport.bundle import GQA_ATTENTION, RIGHT_PADDING, read_manifest
 from onnxport.errors import BundleError, RuntimeInputError
 from onnxport.runtime.sampling import Sampler
-from onnxport.runtime.session import GraphSession
+from onnxport.runtime.session import GraphSession, current_runtime
 from onnxport.runtime.split import SplitDecoder
 from onnxport.runtime.tokenizer import BundleTokenizer, special_ids
 from onnxport.spec import left_pad, padded_positions, right_pad
@@ -52,8 +52,11 @@ class Generator:
     >>> gen.generate(["def f(x):"], max_new_tokens=16).texts     # doctest: +SKIP
     """
 
-    def __init__(self, bundle: str | Path, threads: int | None = None):
+    def __init__(self, bundle: str | Path, threads: int | None = None, runtime: str | None = None):
+        """`runtime`: "onnxruntime" (default) or "openvino" (its CPU plugin at f32; None: the
+        process's choice, ONNXPORT_RUNTIME)."""
         self.folder = Path(bundle)
+        self.runtime = runtime or current_runtime()
         self.manifest = read_manifest(self.folder)
         self.split: SplitDecoder | None = None
         kv = self.manifest.kv_cache
@@ -62,14 +65,14 @@ class Generator:
                               f"{', '.join(p.name for p in self.manifest.parts) or 'none'})",
                               "run its graphs with onnxport.runtime.EncoderRunner")
         if self.manifest.is_split:
-            self.split = SplitDecoder(self.folder, self.manifest, threads)
+            self.split = SplitDecoder(self.folder, self.manifest, threads, self.runtime)
         else:
             precision = self.manifest.graph("decoder").precision or {}
             if precision.get("compute") == "bfloat16":
                 raise BundleError("this decoder computes in bf16, and ONNX Runtime's CPU provider has no bf16 kernels",
                                   "run it with the CUDA or TensorRT provider, or export --dtype bf16 without "
                                   "--bf16-compute (bf16 weights, fp32 compute) for CPUs")
-            self.session = GraphSession(self.folder, self.manifest.graph("decoder"), threads)
+            self.session = GraphSession(self.folder, self.manifest.graph("decoder"), threads, runtime=self.runtime)
         self.past_names = kv.past_names
         self.present_names = kv.present_names
         self.kv_layout = kv.layout
@@ -89,10 +92,15 @@ class Generator:
                 if emb is None:
                     raise BundleError("the decoder takes inputs_embeds but the bundle has no embedding graph",
                                       "re-export the model with onnxport export")
-                self.embed_session = GraphSession(self.folder, emb, threads)
+                self.embed_session = GraphSession(self.folder, emb, threads, runtime=self.runtime)
         #: GroupQueryAttention graphs run with one fixed-size cache buffer per tensor, bound as
         #: both past and present (written in place: no per-step copy of the cache)
+        #: OpenVINO 2026.4's GroupQueryAttention fails at batch > 1 (a Reshape of its own
+        #: conversion): such a batch runs one prompt after another
+        self.rows_alone = (self.runtime == "openvino" and self.split is None
+                           and self.manifest.graph("decoder").attention == GQA_ATTENTION)
         self.shared_buffer = (self.split is None and not self.step_only and bool(self.past_names)
+                              and self.runtime == "onnxruntime"  # an ORT io_binding
                               and self.manifest.graph("decoder").attention == GQA_ATTENTION)
         #: the graph takes positions and cache slots from the mask's row sums (rotary inside
         #: GroupQueryAttention): batches are padded on the right, each row's first token read
@@ -249,6 +257,14 @@ class Generator:
         if on_outputs is not None and (self.split is not None or self.step_only):
             raise RuntimeInputError("on_outputs needs a monolithic decoder that reads a whole prompt per call",
                                     "export with the monolithic layout")
+        if self.rows_alone and len(prompts) > 1:
+            if prefill is not None or on_outputs is not None:
+                raise RuntimeInputError("OpenVINO runs this GroupQueryAttention graph one prompt at a time; a "
+                                        "pipeline's batched prefill needs ONNX Runtime", "use --runtime onnxruntime")
+            rows = [self.generate_ids([p], max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                                      (lambda _row, tok, r=r: on_token(r, tok)) if on_token else None)
+                    for r, p in enumerate(prompts)]
+            return _stack(rows, self.pad_id)
         if self.split is not None:
             return self._generate_split(prompts, max_new_tokens, sampler, eos, on_token, do_sample)
         if self.step_only:
@@ -445,6 +461,15 @@ class Generator:
         padded = padded[:, :longest]
         tokens = [_cut_at_eos(row, eos) for row in padded.tolist()]
         return GenerationResult(tokens, padded, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_tokens=steps)
+
+
+def _stack(rows: list[GenerationResult], pad_id: int) -> GenerationResult:
+    """One-prompt results laid out as one batch (rows padded with the pad token)."""
+    padded = np.full((len(rows), max(r.padded.shape[1] for r in rows)), pad_id, dtype=np.int64)
+    for i, r in enumerate(rows):
+        padded[i, : r.padded.shape[1]] = r.padded[0]
+    return GenerationResult([r.tokens[0] for r in rows], padded, prefill_ms=sum(r.prefill_ms for r in rows),
+                            decode_ms=sum(r.decode_ms for r in rows), decode_tokens=sum(r.decode_tokens for r in rows))
 
 
 def _shift_rows(a: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:

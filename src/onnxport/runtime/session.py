@@ -3,17 +3,50 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from onnxport.bundle import Graph, check_external_data, resolve_inside
 from onnxport.bundle.seal import Seal
-from onnxport.errors import BundleError, RuntimeInputError
+from onnxport.errors import BundleError, OnnxportError, RuntimeInputError
 from onnxport.spec import PAST, SEQ, TOTAL, TensorSpec
 
+#: the engines a bundle's graphs run on; OpenVINO through runtime/openvino.py
+RUNTIMES = ("onnxruntime", "openvino")
 
-def make_session(path: Path, threads: int | None = None, spinning: bool = True):
+
+def current_runtime() -> str:
+    """The engine sessions are made with: ONNXPORT_RUNTIME, or onnxruntime."""
+    name = os.environ.get("ONNXPORT_RUNTIME", "") or "onnxruntime"
+    if name not in RUNTIMES:
+        raise RuntimeInputError(f"runtime {name!r} is not one of {', '.join(RUNTIMES)}",
+                                f"use one of {', '.join(RUNTIMES)} (--runtime / ONNXPORT_RUNTIME)")
+    return name
+
+
+@contextmanager
+def using_runtime(name: str) -> Iterator[None]:
+    """Sessions made inside the block run on `name` (`generate --runtime`)."""
+    before = os.environ.get("ONNXPORT_RUNTIME")
+    os.environ["ONNXPORT_RUNTIME"] = name
+    try:
+        current_runtime()
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ONNXPORT_RUNTIME", None)
+        else:
+            os.environ["ONNXPORT_RUNTIME"] = before
+
+
+def make_session(path: Path, threads: int | None = None, spinning: bool = True, runtime: str = "onnxruntime"):
+    if runtime == "openvino":
+        from onnxport.runtime.openvino import OpenVINOSession
+
+        return OpenVINOSession(path, threads)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -32,8 +65,11 @@ class GraphSession:
     """Runs one manifest graph; checks names, dtypes, ranks and named-dim consistency first,
     so a wrong feed gives one line instead of an onnxruntime stack."""
 
-    def __init__(self, bundle: Path, entry: Graph, threads: int | None = None, spinning: bool = True):
+    def __init__(self, bundle: Path, entry: Graph, threads: int | None = None, spinning: bool = True,
+                 runtime: str | None = None):
         self.entry = entry
+        #: "onnxruntime" (an InferenceSession in `session`) or "openvino"
+        self.runtime = runtime or current_runtime()
         self.inputs = {i.name: i for i in entry.inputs}
         #: inputs the graph defaults when not fed (manifest `optional_inputs`)
         self.optional = {n: TensorSpec(n, o["dtype"], tuple(o["dims"])) for n, o in (entry.optional_inputs or {}).items()}
@@ -46,10 +82,17 @@ class GraphSession:
         # the graph's files against the manifest's sha256, hashed while ONNX Runtime loads them
         seal = Seal(bundle, entry.files).start()
         try:
-            self.session = make_session(path, threads, spinning)
+            self.session = make_session(path, threads, spinning, self.runtime)
+        except OnnxportError:
+            seal.wait()
+            raise
         except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException
             seal.wait()  # a file that changed explains the failure better
-            raise BundleError(f"ONNX Runtime cannot load {entry.file}: {str(e).strip().splitlines()[0][:200]}",
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if self.runtime == "openvino":
+                raise BundleError(f"OpenVINO cannot load {entry.file}: {first}",
+                                  "run it on ONNX Runtime (--runtime onnxruntime); OpenVINO lacks an op of this graph") from None
+            raise BundleError(f"ONNX Runtime cannot load {entry.file}: {first}",
                               "the file is damaged or was replaced; re-run onnxport export") from None
         seal.wait()
 

@@ -19,7 +19,7 @@ from onnxport.spec import additive_mask
 
 
 class SplitDecoder:
-    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, runtime: str | None = None):
         layout = manifest.layout
         self.static = bool(layout.static)
         self.max_len = int(layout.max_len or 0)
@@ -39,11 +39,11 @@ class SplitDecoder:
                 self.table = np.fromfile(resolve_inside(folder, g.file), dtype=g.dtype).reshape(g.shape)
                 self.table_scale = np.float32(g.scale)
             elif role == "block":
-                self.blocks.append((g, GraphSession(folder, g, threads, spinning=False)))
+                self.blocks.append((g, GraphSession(folder, g, threads, spinning=False, runtime=runtime)))
             elif role == "block_cache":
-                self.block_caches.append((g, GraphSession(folder, g, threads, spinning=False)))
+                self.block_caches.append((g, GraphSession(folder, g, threads, spinning=False, runtime=runtime)))
             elif self.table is None or role not in ("embedding", "embedding_cache"):
-                self.sessions[role] = GraphSession(folder, g, threads, spinning=False)
+                self.sessions[role] = GraphSession(folder, g, threads, spinning=False, runtime=runtime)
 
     # --- pieces -----------------------------------------------------------------------------
 
