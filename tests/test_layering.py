@@ -9,7 +9,7 @@ import collections
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "onnxport"
-LAYERS = [("errors", "spec", "config", "progress", "testing"), ("checkpoint", "bundle"), ("runtime",), ("hf",),
+LAYERS = [("errors", "spec", "config", "progress", "testing"), ("checkpoint", "bundle"), ("runtime",), ("serve",), ("hf",),
           ("recipes", "patches"), ("export",), ("verify",), ("optimize",), ("report",), ("api",), ("cli",),
           ("__init__",)]
 

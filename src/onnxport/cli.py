@@ -388,6 +388,77 @@ def seal_cmd(bundle: Path = typer.Argument(..., help="Bundle folder you edited o
     out.print(f"sealed {bundle}/: {count} files recorded", soft_wrap=True, markup=False)
 
 
+@app.command("triton")
+@_guard
+def triton_cmd(
+    bundle: Path = typer.Argument(..., help="A text-generation bundle."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model repository folder to write."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the model type); the streaming model is NAME_stream."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Requests Triton may batch into one generation loop (0: no batching)."),
+    instances: int = typer.Option(1, "--instances", help="Model instances (processes) per model."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per instance (0: its default)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="New tokens when a request sends no MAX_TOKENS."),
+    force: bool = typer.Option(False, "--force", help="Replace a repository onnxport wrote before."),
+):
+    """Write a Triton Inference Server model repository for a bundle: NAME (text in, text and
+    token ids out, dynamic batching) and NAME_stream (decoupled: one response per new piece of
+    text), both running onnxport's torch-free runtime in Triton's Python backend."""
+    from onnxport.serve.triton import write_repository
+
+    record = write_repository(bundle, output, name=name, max_batch_size=max_batch_size, instances=instances,
+                              threads=threads, max_tokens=max_tokens, force=force)
+    typer.echo(f"wrote {output}/: models {', '.join(record['models'])} (bundle in {record['bundle_path']})")
+
+
+@app.command("serve")
+@_guard
+def serve_cmd(
+    bundle: Path = typer.Argument(..., help="A text-generation bundle."),
+    http_port: int = typer.Option(8000, "--http-port"),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Requests batched into one generation loop (0: none)."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per instance (0: its default)."),
+):
+    """Serve a bundle with Triton Inference Server on localhost (the server nvidia-pytriton
+    ships) until Ctrl-C: HTTP and gRPC, text in / text out, and token streaming."""
+    import tempfile
+
+    from onnxport.serve.triton import start_server, write_repository
+
+    with tempfile.TemporaryDirectory(prefix="onnxport-serve-") as work:
+        record = write_repository(bundle, Path(work) / "repository", max_batch_size=max_batch_size, threads=threads)
+        with _working("starting Triton"):
+            server = start_server(Path(work) / "repository", work, http_port, grpc_port)
+        try:
+            _serve_until_stopped(server, bundle, next(iter(record["models"])))
+        finally:
+            code = server.stop()  # also on Ctrl-C or an error: no server left running
+        typer.echo(f"stopped (server exit code {code})")
+
+
+def _serve_until_stopped(server, bundle: Path, model: str) -> None:
+    """Print the endpoints, then wait for Ctrl-C / SIGTERM, or raise if the server dies."""
+    import signal
+    import time
+
+    from onnxport.errors import BundleError
+
+    typer.echo(f"serving {bundle} at http://{server.http_url} and grpc {server.grpc_url} (Ctrl-C stops)\n"
+               f"  curl -s http://{server.http_url}/v2/models/{model}/generate "
+               f"-d '{{\"TEXT_INPUT\": \"Hello\", \"MAX_TOKENS\": 16}}'\n"
+               f"  curl -sN http://{server.http_url}/v2/models/{model}_stream/generate_stream "
+               f"-d '{{\"TEXT_INPUT\": \"Hello\"}}'")
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"] and server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return
+    if server.process.poll() is not None:
+        raise BundleError(f"Triton exited on its own (exit code {server.process.returncode})", f"see {server.log}")
+
+
 @app.command("recipes")
 @_guard
 def recipes_cmd(all_types: bool = typer.Option(False, "--all", help="Also list every causal-LM type the generic decoder covers.")):

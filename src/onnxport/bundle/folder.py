@@ -135,13 +135,28 @@ def is_bundle(folder: Path) -> bool:
 
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        return False
+        return _is_marked(Path(folder) / REPOSITORY_MARKER, REPOSITORY_FORMAT)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and (data.get("format") == FORMAT
                                        or ("schema_version" in data and "onnxport_task" in data))
+
+
+#: a Triton model repository written by `onnxport triton` (serve/triton.py) says so in this file,
+#: so --force may replace it as it replaces a bundle
+REPOSITORY_MARKER, REPOSITORY_FORMAT = "onnxport-triton.json", "onnxport-triton-repository"
+
+
+def _is_marked(path: Path, fmt: str) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == fmt
 
 
 def check_target(out: Path, force: bool, inputs: tuple = ()) -> None:

@@ -1,0 +1,178 @@
+"""A real Triton Inference Server (the one nvidia-pytriton ships) serving an onnxport bundle from
+the repository `onnxport triton` writes (serve/triton.py): HTTP, gRPC, the HTTP generate
+extension and gRPC token streaming give `onnxport generate`'s tokens; 16 concurrent clients get
+theirs with no error while dynamic batching merges their requests; bad input is one error for
+that request and the server stays up; the server stops cleanly. Skipped with the reason when
+nvidia-pytriton or tritonclient is not installed (.ci/run installs both)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import DEMO_DIR
+from typer.testing import CliRunner
+
+pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install 'tritonclient[http,grpc]')")
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+if importlib.util.find_spec("pytriton") is None:
+    pytest.skip("nvidia-pytriton (Triton's server binary) is not installed: pip install --no-deps nvidia-pytriton==0.7.0",
+                allow_module_level=True)
+
+PROMPTS = ["def fib(n):", "The os module"]
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(server, expected token rows per prompt) for the trained demo model."""
+    from onnxport.api import export
+    from onnxport.config import ExportConfig
+    from onnxport.runtime import Generator
+    from onnxport.serve.triton import start_server, write_repository
+
+    root = tmp_path_factory.mktemp("triton")
+    export(DEMO_DIR, root / "demo", ExportConfig())
+    write_repository(root / "demo", root / "repo", max_batch_size=8)
+    gen = Generator(root / "demo")
+    expected = {p: gen.generate([p], max_new_tokens=NEW).tokens[0] for p in PROMPTS}
+    server = start_server(root / "repo", root)
+    yield server, expected, gen.tokenizer, root
+    assert server.stop() == 0  # drained and exited on SIGTERM
+
+
+def _http_infer(url, texts, new=NEW, model="llama"):
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(url)
+    try:
+        a = th.InferInput("TEXT_INPUT", [len(texts), 1], "BYTES")
+        a.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+        b = th.InferInput("MAX_TOKENS", [len(texts), 1], "INT32")
+        b.set_data_from_numpy(np.full((len(texts), 1), new, dtype=np.int32))
+        r = client.infer(model, [a, b])
+        return [t[0].decode() for t in r.as_numpy("TEXT_OUTPUT")], [[int(x) for x in row if x >= 0]
+                                                                    for row in r.as_numpy("TOKEN_IDS")]
+    finally:
+        client.close()
+
+
+def test_http_and_grpc_give_onnxport_generate_tokens(served):
+    import tritonclient.grpc as tg
+
+    server, expected, tok, _ = served
+    for p in PROMPTS:
+        texts, ids = _http_infer(server.http_url, [p])
+        assert ids == [expected[p]] and texts == [tok.decode(expected[p])]
+    texts, ids = _http_infer(server.http_url, PROMPTS)  # one request, two rows
+    assert ids == [expected[p] for p in PROMPTS]
+    client = tg.InferenceServerClient(server.grpc_url)
+    try:
+        a = tg.InferInput("TEXT_INPUT", [1, 1], "BYTES")
+        a.set_data_from_numpy(np.array([[PROMPTS[0].encode()]], dtype=np.object_))
+        r = client.infer("llama", [a])  # no MAX_TOKENS: the repository's default (32)
+        got = [int(x) for x in r.as_numpy("TOKEN_IDS")[0]]
+        assert got[:NEW] == expected[PROMPTS[0]] and len(got) == 32
+    finally:
+        client.close()
+
+
+def test_http_generate_extension_and_grpc_streaming(served):
+    import tritonclient.grpc as tg
+
+    server, expected, tok, _ = served
+    body = json.dumps({"TEXT_INPUT": PROMPTS[1], "MAX_TOKENS": NEW}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/models/llama/generate",
+                                                       data=body), timeout=60) as r:
+        reply = json.loads(r.read())
+    assert reply["TOKEN_IDS"] == expected[PROMPTS[1]]
+
+    results: queue.Queue = queue.Queue()
+    client = tg.InferenceServerClient(server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        a = tg.InferInput("TEXT_INPUT", [1], "BYTES")
+        a.set_data_from_numpy(np.array([PROMPTS[0].encode()], dtype=np.object_))
+        b = tg.InferInput("MAX_TOKENS", [1], "INT32")
+        b.set_data_from_numpy(np.array([NEW], dtype=np.int32))
+        client.async_stream_infer("llama_stream", [a, b], enable_empty_final_response=True)
+        pieces, ids = [], []
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            if result.as_numpy("TOKEN_IDS") is not None:
+                ids.append(int(result.as_numpy("TOKEN_IDS")[0]))
+                pieces.append(result.as_numpy("TEXT_OUTPUT")[0].decode())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    finally:
+        client.close()
+    assert ids == expected[PROMPTS[0]] and len(ids) == NEW  # one response per token
+    assert "".join(pieces) == tok.decode(expected[PROMPTS[0]])
+
+
+def test_sixteen_concurrent_clients_no_error_and_batched(served):
+    """Each client's reply equals its prompt's tokens alone: a batch Triton forms is run as one
+    left-padded batch, which changes nothing (greedy). The model's statistics show the merging."""
+    server, expected, _, _ = served
+    errors, wrong = [], []
+
+    def client(i):
+        try:
+            p = PROMPTS[i % 2]
+            for _ in range(2):
+                if _http_infer(server.http_url, [p])[1] != [expected[p]]:
+                    wrong.append(i)
+        except Exception as e:  # noqa: BLE001 - counted
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and not wrong, (errors[:2], wrong)
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/llama/stats", timeout=30) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    assert stats["inference_count"] >= 32 and stats["execution_count"] < stats["inference_count"], stats
+
+
+def test_bad_request_is_one_error_and_the_server_stays_up(served):
+    from tritonclient.utils import InferenceServerException
+
+    server, expected, _, _ = served
+    with pytest.raises(InferenceServerException, match="TEXT_INPUT is empty"):
+        _http_infer(server.http_url, [""])
+    with pytest.raises(InferenceServerException, match="MAX_TOKENS must be >= 1"):
+        _http_infer(server.http_url, [PROMPTS[0]], new=0)
+    assert server.ready()
+    assert _http_infer(server.http_url, [PROMPTS[0]])[1] == [expected[PROMPTS[0]]]
+
+
+def test_triton_command_refuses_what_it_cannot_serve(served, exported_encoder, tmp_path):
+    from onnxport.cli import app
+
+    _, _, _, root = served
+    encoder, _ = exported_encoder("siglip")
+    for args, needle in [
+        ([str(encoder), "-o", str(tmp_path / "r1")], "onnxport triton serves text-generation bundles"),
+        ([str(root / "demo"), "-o", str(root / "repo")], "already exists"),
+        ([str(root / "demo"), "-o", str(tmp_path / "r2"), "--max-batch-size", "-1"], "--max-batch-size must be >= 0"),
+    ]:
+        res = CliRunner().invoke(app, ["triton", *args])
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, (args, res.output)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    res = CliRunner().invoke(app, ["triton", str(root / "demo"), "-o", str(other), "--force"])
+    assert res.exit_code == 2 and (other / "notes.txt").read_text() == "keep"
+    for extra in ([], ["--force", "--name", "demo"]):  # a repository onnxport wrote may be replaced
+        res = CliRunner().invoke(app, ["triton", str(root / "demo"), "-o", str(tmp_path / "r3"), *extra])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "r3" / "demo_stream" / "config.pbtxt").is_file() and not (tmp_path / "r3" / "llama").exists()
