@@ -161,7 +161,7 @@ def test_triton_command_refuses_what_it_cannot_serve(served, exported_encoder, t
     _, _, _, root = served
     encoder, _ = exported_encoder("siglip")
     for args, needle in [
-        ([str(encoder), "-o", str(tmp_path / "r1")], "onnxport triton serves text-generation bundles"),
+        ([str(encoder), "-o", str(tmp_path / "r1"), "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
         ([str(root / "demo"), "-o", str(root / "repo")], "already exists"),
         ([str(root / "demo"), "-o", str(tmp_path / "r2"), "--max-batch-size", "-1"], "--max-batch-size must be >= 0"),
     ]:
@@ -176,3 +176,64 @@ def test_triton_command_refuses_what_it_cannot_serve(served, exported_encoder, t
         res = CliRunner().invoke(app, ["triton", str(root / "demo"), "-o", str(tmp_path / "r3"), *extra])
         assert res.exit_code == 0, res.output
     assert (tmp_path / "r3" / "demo_stream" / "config.pbtxt").is_file() and not (tmp_path / "r3" / "llama").exists()
+
+
+def test_an_encoder_bundle_is_served_one_model_per_graph(exported_encoder, tmp_path):
+    """A vision tower (siglip): its graph as a Python-backend model with dynamic batching; the
+    server's outputs equal onnxport's own session's, for a request of 2 rows and one of 1."""
+    import tritonclient.http as th
+
+    from onnxport.bundle import read_manifest
+    from onnxport.runtime.session import GraphSession
+    from onnxport.serve.triton import start_server, write_repository
+
+    bundle, _ = exported_encoder("siglip")
+    record = write_repository(bundle, tmp_path / "repo", max_batch_size=4)
+    (model, spec), = record["models"].items()
+    entry = next(g for g in read_manifest(bundle).graphs if (g.name or g.file) == spec["graph"])
+    local = GraphSession(bundle, entry)
+    name = entry.inputs[0].name
+    server = start_server(tmp_path / "repo", tmp_path)
+    try:
+        client = th.InferenceServerClient(server.http_url)
+        for rows in (2, 1):
+            x = np.random.default_rng(rows).standard_normal((rows, 3, 32, 32)).astype(np.float32)
+            a = th.InferInput(name, list(x.shape), "FP32")
+            a.set_data_from_numpy(x)
+            r = client.infer(model, [a])
+            want = local.run({name: x})
+            for out in entry.output_names:
+                np.testing.assert_allclose(r.as_numpy(out), want[out], rtol=1e-5, atol=1e-5)
+        client.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_onnxruntime_backend_variant_is_a_valid_model_config(served, exported_encoder, tmp_path):
+    """For NVIDIA's containers (no onnxruntime backend installs here to run it): each graph a
+    model on platform onnxruntime_onnx, its file and external data beside it, inputs / outputs
+    and dims from the manifest; every config.pbtxt parses as Triton's ModelConfig."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from onnxport.bundle import read_manifest
+    from onnxport.serve.triton import write_repository
+
+    _, _, _, root = served
+    encoder, _ = exported_encoder("siglip")
+    for bundle in (root / "demo", encoder):
+        out = tmp_path / bundle.name
+        record = write_repository(bundle, out, backend="onnxruntime")
+        manifest = read_manifest(bundle)
+        assert len(record["models"]) == len([g for g in manifest.graphs if g.file.endswith(".onnx")])
+        for model, spec in record["models"].items():
+            cfg = text_format.Parse((out / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+            g = next(x for x in manifest.graphs if (x.name or x.file) == spec["graph"])
+            assert cfg.platform == "onnxruntime_onnx" and cfg.default_model_filename == g.file
+            assert [i.name for i in cfg.input] == [t.name for t in g.inputs]
+            assert [o.name for o in cfg.output] == g.output_names
+            assert (out / model / "1" / g.file).is_file()
+            assert all((out / model / "1" / f).is_file() for f in g.external_data)
+            dims = list(cfg.input[0].dims)
+            spec_dims = g.inputs[0].dims[1:] if cfg.max_batch_size else g.inputs[0].dims
+            assert dims == [d if isinstance(d, int) else -1 for d in spec_dims]

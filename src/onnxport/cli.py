@@ -398,16 +398,19 @@ def triton_cmd(
     instances: int = typer.Option(1, "--instances", help="Model instances (processes) per model."),
     threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per instance (0: its default)."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="New tokens when a request sends no MAX_TOKENS."),
+    backend: str = typer.Option("python", "--backend", help="python (onnxport's runtime in Triton's Python backend; runs with the server nvidia-pytriton ships) or onnxruntime (each graph file on Triton's onnxruntime backend, for NVIDIA's containers)."),
     force: bool = typer.Option(False, "--force", help="Replace a repository onnxport wrote before."),
 ):
-    """Write a Triton Inference Server model repository for a bundle: NAME (text in, text and
-    token ids out, dynamic batching) and NAME_stream (decoupled: one response per new piece of
-    text), both running onnxport's torch-free runtime in Triton's Python backend."""
+    """Write a Triton Inference Server model repository for a bundle. A text-generation bundle:
+    NAME (text in, text and token ids out, dynamic batching) and NAME_stream (decoupled: one
+    response per new piece of text); other bundles: one model per graph. --backend python runs
+    onnxport's torch-free runtime inside Triton."""
     from onnxport.serve.triton import write_repository
 
     record = write_repository(bundle, output, name=name, max_batch_size=max_batch_size, instances=instances,
-                              threads=threads, max_tokens=max_tokens, force=force)
-    typer.echo(f"wrote {output}/: models {', '.join(record['models'])} (bundle in {record['bundle_path']})")
+                              threads=threads, max_tokens=max_tokens, backend=backend, force=force)
+    where = f" (bundle in {record['bundle_path']})" if record["bundle_path"] else ""
+    typer.echo(f"wrote {output}/: models {', '.join(record['models'])}{where}")
 
 
 @app.command("serve")
@@ -430,24 +433,27 @@ def serve_cmd(
         with _working("starting Triton"):
             server = start_server(Path(work) / "repository", work, http_port, grpc_port)
         try:
-            _serve_until_stopped(server, bundle, next(iter(record["models"])))
+            _serve_until_stopped(server, bundle, record)
         finally:
             code = server.stop()  # also on Ctrl-C or an error: no server left running
         typer.echo(f"stopped (server exit code {code})")
 
 
-def _serve_until_stopped(server, bundle: Path, model: str) -> None:
+def _serve_until_stopped(server, bundle: Path, record: dict) -> None:
     """Print the endpoints, then wait for Ctrl-C / SIGTERM, or raise if the server dies."""
     import signal
     import time
 
     from onnxport.errors import BundleError
 
-    typer.echo(f"serving {bundle} at http://{server.http_url} and grpc {server.grpc_url} (Ctrl-C stops)\n"
-               f"  curl -s http://{server.http_url}/v2/models/{model}/generate "
-               f"-d '{{\"TEXT_INPUT\": \"Hello\", \"MAX_TOKENS\": 16}}'\n"
-               f"  curl -sN http://{server.http_url}/v2/models/{model}_stream/generate_stream "
-               f"-d '{{\"TEXT_INPUT\": \"Hello\"}}'")
+    model = next(iter(record["models"]))
+    typer.echo(f"serving {bundle} at http://{server.http_url} and grpc {server.grpc_url} (Ctrl-C stops): "
+               f"models {', '.join(record['models'])}")
+    if record["models"][model]["kind"] == "text-generation":
+        typer.echo(f"  curl -s http://{server.http_url}/v2/models/{model}/generate "
+                   f"-d '{{\"TEXT_INPUT\": \"Hello\", \"MAX_TOKENS\": 16}}'\n"
+                   f"  curl -sN http://{server.http_url}/v2/models/{model}_stream/generate_stream "
+                   f"-d '{{\"TEXT_INPUT\": \"Hello\"}}'")
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:

@@ -1,10 +1,13 @@
-"""Triton Inference Server: a model repository for a decoder bundle (`onnxport triton`), and the
-server that `onnxport serve` starts on localhost.
+"""Triton Inference Server: a model repository for a bundle (`onnxport triton`), and the server
+that `onnxport serve` starts on localhost.
 
-The repository holds two Python-backend models running onnxport's torch-free runtime
-(serve/triton_model.py): `<name>` with dynamic batching (text in, text and token ids out) and
-`<name>_stream`, decoupled, one response per new piece of text. The bundle is copied into
-`<name>/1/bundle` (hard links where the filesystem allows), sealed as it was.
+For a text-generation bundle the repository holds two Python-backend models running onnxport's
+torch-free runtime (serve/triton_model.py): `<name>` with dynamic batching (text in, text and
+token ids out) and `<name>_stream`, decoupled, one response per new piece of text; for other
+bundles one model per graph (serve/triton_graph.py). The bundle is copied into the first model's
+`1/bundle` (hard links where the filesystem allows), sealed as it was. `backend="onnxruntime"`
+writes the variant for NVIDIA's containers: each graph file served by Triton's onnxruntime
+backend directly.
 
 The server is the one `nvidia-pytriton` ships (Triton 2.51 with the Python backend only; no
 onnxruntime backend is on any package registry). Its Python-backend stub links the system
@@ -30,16 +33,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxport.bundle import read_manifest
-from onnxport.bundle.folder import REPOSITORY_FORMAT, REPOSITORY_MARKER, atomic_bundle
+from onnxport.bundle.folder import (
+    REPOSITORY_FORMAT,
+    REPOSITORY_MARKER,
+    atomic_bundle,
+    resolve_inside,
+)
 from onnxport.errors import BundleError, InputError
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
+GRAPH_FILE = Path(__file__).with_name("triton_graph.py")
+BACKENDS = ("python", "onnxruntime")
+#: manifest dtypes -> Triton's
+TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
+         "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
+         "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 
 
-def _config(name: str, bundle: str, max_batch_size: int, decoupled: bool, instances: int, threads: int,
-            max_tokens: int, queue_delay_us: int) -> str:
-    """config.pbtxt of one Python-backend model."""
-    params = {"bundle": bundle, "threads": str(threads), "max_tokens": str(max_tokens)}
+def _params(params: dict) -> list[str]:
+    return [f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()]
+
+
+def _text_config(name: str, bundle: str, max_batch_size: int, decoupled: bool, instances: int, threads: int,
+                 max_tokens: int, queue_delay_us: int) -> str:
+    """config.pbtxt of a text-generation model (Python backend, serve/triton_model.py)."""
     # without batching the rows dim is explicit, so clients send [rows, 1] either way
     rows = "" if decoupled or max_batch_size > 0 else "-1, "
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {0 if decoupled else max_batch_size}",
@@ -52,14 +69,46 @@ def _config(name: str, bundle: str, max_batch_size: int, decoupled: bool, instan
         lines.append("model_transaction_policy { decoupled: true }")
     elif max_batch_size > 0:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
-    for k, v in params.items():
-        lines.append(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}')
+    lines += _params({"bundle": bundle, "threads": str(threads), "max_tokens": str(max_tokens)})
     return "\n".join(lines) + "\n"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
+def _batchable(g) -> bool:
+    """Every input and output of the graph starts with the same named (dynamic) dim."""
+    firsts = {t.dims[0] if t.dims else None for t in [*g.inputs, *g.outputs]}
+    return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
+
+
+def _graph_config(name: str, g, max_batch_size: int, instances: int, queue_delay_us: int, backend: str,
+                  params: dict) -> str:
+    """config.pbtxt of one graph: the Python backend running onnxport's session, or NVIDIA's
+    onnxruntime backend on the graph file itself. Named dims are -1; with batching the first
+    (batch) dim is Triton's own."""
+    batch = max_batch_size if max_batch_size > 0 and _batchable(g) else 0
+
+    def tensors(specs) -> list[str]:
+        out = []
+        for t in specs:
+            if t.dtype not in TYPES:
+                raise InputError(f"{g.file}: {t.name} has dtype {t.dtype}, which Triton's config cannot declare",
+                                 "serve the bundle with onnxport's own runtime")
+            dims = [d if isinstance(d, int) else -1 for d in (t.dims[1:] if batch else t.dims)]
+            out.append(f'  {{ name: "{t.name}" data_type: {TYPES[t.dtype]} dims: [ {", ".join(map(str, dims))} ] }}')
+        return [",\n".join(out)]
+
+    head = ['backend: "python"'] if backend == "python" else ['platform: "onnxruntime_onnx"',
+                                                               f'default_model_filename: "{g.file}"']
+    lines = [f'name: "{name}"', *head, f"max_batch_size: {batch}", "input [", *tensors(g.inputs), "]",
+             "output [", *tensors(g.outputs), "]", f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]"]
+    if batch:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
+    lines += _params(params)
+    return "\n".join(lines) + "\n"
+
+
+def _link_or_copy(src: Path, dst: Path, names: list[str] | None = None) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()) if names is None else [resolve_inside(src, n) for n in names]:
         if f.is_symlink() or not f.is_file():
             raise BundleError(f"{f.name} in the bundle is not a plain file", "re-export the bundle")
         try:
@@ -68,35 +117,74 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _model_name(text: str) -> str:
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in text.removesuffix(".onnx"))
+    return name if name[:1].isalpha() else f"m_{name}"
+
+
 def write_repository(bundle: str | Path, out: str | Path, name: str | None = None, max_batch_size: int = 8,
                      instances: int = 1, threads: int = 0, max_tokens: int = 32, queue_delay_us: int = 2000,
-                     force: bool = False) -> dict:
+                     backend: str = "python", force: bool = False) -> dict:
     """A Triton model repository at `out` serving `bundle`; returns its record (also written as
-    onnxport-triton.json at the repository's root)."""
+    onnxport-triton.json at the repository's root).
+
+    backend "python" (runs here, with the server nvidia-pytriton ships): a text-generation
+    bundle gives NAME (batched) and NAME_stream (decoupled), running onnxport's generation loop;
+    any other bundle one model per graph (encoders, vision towers, codecs), running onnxport's
+    session. backend "onnxruntime" (NVIDIA's containers): one model per graph file, the graph
+    served by Triton's onnxruntime backend as it is (a decoder's KV cache then travels as
+    ordinary inputs and outputs: the client keeps it)."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    if manifest.kv_cache is None or manifest.pipeline is not None:
-        what = f"a {manifest.pipeline.kind} pipeline" if manifest.pipeline is not None else "not a text decoder"
-        raise InputError(f"{bundle} is {what}; onnxport triton serves text-generation bundles so far",
-                         "export a causal LM (onnxport export CKPT -o OUT) and serve that")
-    name = name or "".join(c if c.isalnum() or c in "_-" else "_" for c in manifest.model.model_type) or "model"
-    if not name[0].isalpha():
-        raise InputError(f"model name {name!r} must start with a letter", "pass --name NAME")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     for value, flag, least in ((max_batch_size, "--max-batch-size", 0), (instances, "--instances", 1),
                                (threads, "--threads", 0), (max_tokens, "--max-tokens", 1)):
         if value < least:
             raise InputError(f"{flag} must be >= {least}, got {value}", f"pass {flag} {least} or more")
-    models = {name: False, f"{name}_stream": True}
-    record = {"format": REPOSITORY_FORMAT, "bundle": str(bundle.resolve()), "task": "text-generation",
-              "models": {m: {"decoupled": d} for m, d in models.items()}, "bundle_path": f"{name}/1/bundle",
+    text = manifest.kv_cache is not None and manifest.pipeline is None and backend == "python"
+    graphs = [g for g in manifest.graphs if g.file.endswith(".onnx")] if backend == "onnxruntime" else \
+        ([] if text else manifest.named_graphs())
+    if not text and not graphs:
+        raise InputError(f"{bundle} has no graph onnxport triton can serve with the {backend} backend",
+                         "export a causal LM or an encoder with onnxport export")
+    if name is not None and not name[:1].isalpha():
+        raise InputError(f"model name {name!r} must start with a letter", "pass --name NAME")
+    models: dict[str, dict] = {}
+    if text:
+        name = name or _model_name(manifest.model.model_type)
+        models = {name: {"kind": "text-generation", "decoupled": False},
+                  f"{name}_stream": {"kind": "text-generation", "decoupled": True}}
+    for g in graphs:
+        graph_name = g.name or g.file
+        models[(f"{name}_" if name and not text else "") + _model_name(graph_name)] = {"kind": "graph", "graph": graph_name}
+    first = next(iter(models))
+    record = {"format": REPOSITORY_FORMAT, "bundle": str(bundle.resolve()), "backend": backend,
+              "task": manifest.task, "models": models,
+              "bundle_path": f"{first}/1/bundle" if backend == "python" else None,
               "max_batch_size": max_batch_size}
+    if manifest.pipeline is not None and backend == "python":
+        record["not_served"] = f"the {manifest.pipeline.kind} pipeline end to end (its graphs are served one by one)"
     with atomic_bundle(out, force=force, inputs=(bundle,)) as tmp:
-        _link_or_copy(bundle, tmp / name / "1" / "bundle")
-        for model, decoupled in models.items():
-            (tmp / model / "1").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(MODEL_FILE, tmp / model / "1" / "model.py")
-            (tmp / model / "config.pbtxt").write_text(_config(model, record["bundle_path"], max_batch_size, decoupled,
-                                                              instances, threads, max_tokens, queue_delay_us))
+        if backend == "python":
+            _link_or_copy(bundle, tmp / first / "1" / "bundle")
+        for model, spec in models.items():
+            version = tmp / model / "1"
+            version.mkdir(parents=True, exist_ok=True)
+            if spec["kind"] == "text-generation":
+                shutil.copy2(MODEL_FILE, version / "model.py")
+                config = _text_config(model, record["bundle_path"], max_batch_size, spec["decoupled"], instances,
+                                      threads, max_tokens, queue_delay_us)
+            else:
+                g = next(x for x in manifest.graphs if (x.name or x.file) == spec["graph"])
+                if backend == "python":
+                    shutil.copy2(GRAPH_FILE, version / "model.py")
+                    params = {"bundle": record["bundle_path"], "graph": spec["graph"], "threads": str(threads)}
+                else:  # the graph file and its external data, as the graph names them
+                    _link_or_copy(bundle, version, sorted({g.file, *g.external_data, *(g.files or {})}))
+                    params = {}
+                config = _graph_config(model, g, max_batch_size, instances, queue_delay_us, backend, params)
+            (tmp / model / "config.pbtxt").write_text(config)
         (tmp / REPOSITORY_MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
