@@ -237,3 +237,39 @@ def test_onnxruntime_backend_variant_is_a_valid_model_config(served, exported_en
             dims = list(cfg.input[0].dims)
             spec_dims = g.inputs[0].dims[1:] if cfg.max_batch_size else g.inputs[0].dims
             assert dims == [d if isinstance(d, int) else -1 for d in spec_dims]
+
+
+def test_serve_command_answers_and_stops_on_sigterm(served):
+    """`onnxport serve` as a user runs it: the endpoints it prints answer, SIGTERM stops the
+    server and its stubs, exit code 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from onnxport.serve.triton import free_port
+
+    _, expected, _, root = served
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "onnxport.cli", "serve", str(root / "demo"), "--http-port", str(port),
+                             "--grpc-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        reply = None
+        while time.monotonic() < deadline and proc.poll() is None and reply is None:
+            try:
+                body = json.dumps({"TEXT_INPUT": PROMPTS[0], "MAX_TOKENS": NEW}).encode()
+                with urllib.request.urlopen(urllib.request.Request(
+                        f"http://127.0.0.1:{port}/v2/models/llama/generate", data=body), timeout=30) as r:
+                    reply = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert reply is not None and reply["TOKEN_IDS"] == expected[PROMPTS[0]]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stopped (server exit code 0)" in out, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -433,36 +433,16 @@ def serve_cmd(
         with _working("starting Triton"):
             server = start_server(Path(work) / "repository", work, http_port, grpc_port)
         try:
-            _serve_until_stopped(server, bundle, record)
+            model = next(iter(record["models"]))
+            typer.echo(f"serving {bundle} at http://{server.http_url} and grpc {server.grpc_url} (Ctrl-C stops): "
+                       f"models {', '.join(record['models'])}")
+            if record["models"][model]["kind"] == "text-generation":
+                typer.echo(f"  curl -s http://{server.http_url}/v2/models/{model}/generate "
+                           f"-d '{{\"TEXT_INPUT\": \"Hello\", \"MAX_TOKENS\": 16}}'")
+            server.wait_for_signal()
         finally:
             code = server.stop()  # also on Ctrl-C or an error: no server left running
         typer.echo(f"stopped (server exit code {code})")
-
-
-def _serve_until_stopped(server, bundle: Path, record: dict) -> None:
-    """Print the endpoints, then wait for Ctrl-C / SIGTERM, or raise if the server dies."""
-    import signal
-    import time
-
-    from onnxport.errors import BundleError
-
-    model = next(iter(record["models"]))
-    typer.echo(f"serving {bundle} at http://{server.http_url} and grpc {server.grpc_url} (Ctrl-C stops): "
-               f"models {', '.join(record['models'])}")
-    if record["models"][model]["kind"] == "text-generation":
-        typer.echo(f"  curl -s http://{server.http_url}/v2/models/{model}/generate "
-                   f"-d '{{\"TEXT_INPUT\": \"Hello\", \"MAX_TOKENS\": 16}}'\n"
-                   f"  curl -sN http://{server.http_url}/v2/models/{model}_stream/generate_stream "
-                   f"-d '{{\"TEXT_INPUT\": \"Hello\"}}'")
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    try:
-        while not stop["now"] and server.process.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        return
-    if server.process.poll() is not None:
-        raise BundleError(f"Triton exited on its own (exit code {server.process.returncode})", f"see {server.log}")
 
 
 @app.command("recipes")

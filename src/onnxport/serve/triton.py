@@ -289,6 +289,18 @@ class Server:
         except OSError:
             return False
 
+    def wait_for_signal(self) -> None:
+        """Until Ctrl-C or SIGTERM; raises if the server exits on its own."""
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"] and self.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return
+        if self.process.poll() is not None:
+            raise BundleError(f"Triton exited on its own (exit code {self.process.returncode})", f"see {self.log}")
+
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM (Triton drains in-flight requests and stops its model stubs), then SIGKILL to
         the server's whole process group after `timeout` or if a stub outlived it."""
