@@ -56,7 +56,7 @@ class Generator:
         """`runtime`: "onnxruntime" (default) or "openvino" (its CPU plugin at f32; None: the
         process's choice, ONNXPORT_RUNTIME)."""
         self.folder = Path(bundle)
-        self.runtime = runtime or current_runtime()
+        self.runtime = current_runtime(runtime)
         self.manifest = read_manifest(self.folder)
         self.split: SplitDecoder | None = None
         kv = self.manifest.kv_cache
@@ -93,12 +93,12 @@ class Generator:
                     raise BundleError("the decoder takes inputs_embeds but the bundle has no embedding graph",
                                       "re-export the model with onnxport export")
                 self.embed_session = GraphSession(self.folder, emb, threads, runtime=self.runtime)
-        #: GroupQueryAttention graphs run with one fixed-size cache buffer per tensor, bound as
-        #: both past and present (written in place: no per-step copy of the cache)
         #: OpenVINO 2026.4's GroupQueryAttention fails at batch > 1 (a Reshape of its own
         #: conversion): such a batch runs one prompt after another
         self.rows_alone = (self.runtime == "openvino" and self.split is None
                            and self.manifest.graph("decoder").attention == GQA_ATTENTION)
+        #: GroupQueryAttention graphs run with one fixed-size cache buffer per tensor, bound as
+        #: both past and present (written in place: no per-step copy of the cache)
         self.shared_buffer = (self.split is None and not self.step_only and bool(self.past_names)
                               and self.runtime == "onnxruntime"  # an ORT io_binding
                               and self.manifest.graph("decoder").attention == GQA_ATTENTION)

@@ -18,9 +18,10 @@ from onnxport.spec import PAST, SEQ, TOTAL, TensorSpec
 RUNTIMES = ("onnxruntime", "openvino")
 
 
-def current_runtime() -> str:
-    """The engine sessions are made with: ONNXPORT_RUNTIME, or onnxruntime."""
-    name = os.environ.get("ONNXPORT_RUNTIME", "") or "onnxruntime"
+def current_runtime(name: str | None = None) -> str:
+    """The engine sessions are made with: `name` when given, else ONNXPORT_RUNTIME, else
+    onnxruntime (checked: one of RUNTIMES)."""
+    name = name or os.environ.get("ONNXPORT_RUNTIME", "") or "onnxruntime"
     if name not in RUNTIMES:
         raise RuntimeInputError(f"runtime {name!r} is not one of {', '.join(RUNTIMES)}",
                                 f"use one of {', '.join(RUNTIMES)} (--runtime / ONNXPORT_RUNTIME)")
@@ -69,7 +70,7 @@ class GraphSession:
                  runtime: str | None = None):
         self.entry = entry
         #: "onnxruntime" (an InferenceSession in `session`) or "openvino"
-        self.runtime = runtime or current_runtime()
+        self.runtime = current_runtime(runtime)
         self.inputs = {i.name: i for i in entry.inputs}
         #: inputs the graph defaults when not fed (manifest `optional_inputs`)
         self.optional = {n: TensorSpec(n, o["dtype"], tuple(o["dims"])) for n, o in (entry.optional_inputs or {}).items()}
