@@ -157,7 +157,10 @@ def write_repository(bundle: str | Path, out: str | Path, name: str | None = Non
                   f"{name}_stream": {"kind": "text-generation", "decoupled": True}}
     for g in graphs:
         graph_name = g.name or g.file
-        models[(f"{name}_" if name and not text else "") + _model_name(graph_name)] = {"kind": "graph", "graph": graph_name}
+        model = (f"{name}_" if name and not text else "") + _model_name(graph_name)
+        if model in models:
+            raise InputError(f"two graphs of {bundle} would both be Triton model {model!r}", "pass another --name")
+        models[model] = {"kind": "graph", "graph": graph_name}
     first = next(iter(models))
     record = {"format": REPOSITORY_FORMAT, "bundle": str(bundle.resolve()), "backend": backend,
               "task": manifest.task, "models": models,
