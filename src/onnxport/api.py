@@ -194,6 +194,15 @@ def verify(bundle: str | Path, model_dir: str | Path | None = None, verify_cfg: 
     return verify_bundle(bundle, model_dir, verify_cfg, allow_pickle)
 
 
+def bisect(bundle: str | Path, model_dir: str | Path | None = None, against: str | Path | None = None,
+           allow_pickle: bool = False) -> dict:
+    """Where a decoder bundle first parts from PyTorch (module by module), or from another bundle
+    of the same model (node by node): verify/bisect.py."""
+    from onnxport.verify.bisect import bisect_bundle
+
+    return bisect_bundle(bundle, model_dir, against, allow_pickle)
+
+
 def optimize(bundle: str | Path, out: str | Path, model_dir: str | Path | None = None, check: bool = True,
              verify_cfg: VerifyConfig = VerifyConfig(), force: bool = False, allow_pickle: bool = False) -> Manifest:
     """`onnxport optimize`: the optimize/ passes (what `export --optimize` runs) on the decoder

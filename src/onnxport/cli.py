@@ -280,6 +280,27 @@ def verify_cmd(
     _print_bundle(manifest, bundle, verbose_modules=False)
 
 
+@app.command("bisect")
+@_guard
+def bisect_cmd(
+    bundle: Path = typer.Argument(..., help="A monolithic decoder bundle."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to compare with (default: the export's source)."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Compare with this bundle of the same model instead (e.g. the fp32 export of an fp16 bundle), node by node."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights. Only for trusted sources."),
+):
+    """Find where a bundle first parts from PyTorch (module by module, through forward hooks and
+    the exporter's node metadata) or from another bundle (node by node); exit 4 when it does."""
+    from onnxport.api import bisect
+    from onnxport.report.console import bisect_report
+
+    with _working(f"bisecting {bundle}"):
+        record = bisect(bundle, model, against, allow_pickle)
+    for line in bisect_report(record):
+        out.print(line)
+    if record["culprit"] is not None:
+        raise typer.Exit(4)
+
+
 def _trust(trust: bool) -> None:
     """--trust-bundle: no sha256 of the bundle's files at load for this process."""
     if trust:

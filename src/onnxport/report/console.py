@@ -130,3 +130,26 @@ def quantize_lines(manifest: Manifest, output) -> list[str]:
         lines.append(f"int{q['bits']} was asked for: the quality gate moved {f['int8_layers']} of {f['of']} layers to "
                      f"int8 ({f['why']})")
     return lines
+
+
+def bisect_report(record: dict, before: int = 5, after: int = 3) -> list[str]:
+    """`onnxport bisect`: the rows around the first divergence (`before` rows within tolerance
+    ahead of it, `after` after it; every row when nothing diverges and there are few), then the
+    verdict line. Plain lines: module paths are long and worth grepping."""
+    from onnxport.verify.bisect import describe_culprit
+
+    rows, culprit, tol = record["rows"], record["culprit"], record["tolerance"]
+    at = rows.index(culprit) if culprit is not None else len(rows)
+    start = max(0, at - before) if culprit is not None else max(0, len(rows) - 2 * before)
+    lines = [f"{record['mode']}: {record['case']}, {len(rows)} compared, tolerance {tol:g} (max|a - b| / max|b|)",
+             f"{'error':>9} {'input':>9}  {'op':<12} {'node':<24} module"]
+    if start:
+        lines.append(f"{'':>9} {'':>9}  ... {start} earlier rows within tolerance")
+    for r in rows[start:at + after + 1]:
+        inp = f"{r['input_error']:.2e}" if "input_error" in r else ""
+        mark = "  <- first divergence" if r is culprit else ("" if r["error"] <= tol else "  (fed a wrong value)"
+                                                            if r.get("input_error", 0) > tol else "  over")
+        lines.append(f"{r['error']:9.2e} {inp:>9}  {r['op']:<12} {r['node']:<24} {r.get('module') or '-'}{mark}")
+    verdict = describe_culprit(record)
+    lines.append(f"first divergence: {verdict}" if culprit else f"no divergence: {verdict}")
+    return lines

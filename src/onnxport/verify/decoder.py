@@ -281,6 +281,21 @@ def verify_decoder_part(loaded, kv, folder: Path, manifest, export_cfg, vcfg: Ve
         record = verify_split(loaded.recipe, loaded.model, folder, manifest, split, export_cfg, vcfg)
     manifest.verification = manifest.part("decoder").verification = record
     if not record["ok"]:
-        raise VerificationError(f"verification failed: {first_failure(record)}",
-                                "ONNX Runtime disagrees with PyTorch for this model; nothing was written (see --debug)")
+        where = locate(loaded, kv, manifest, folder, vcfg) if split is None else ""
+        raise VerificationError(f"verification failed: {first_failure(record)}{where}",
+                                "ONNX Runtime disagrees with PyTorch for this model; nothing was written "
+                                "(onnxport bisect BUNDLE prints the per-module table)")
     return record
+
+
+def locate(loaded, kv, manifest, folder: Path, vcfg: VerifyConfig) -> str:
+    """'; first divergence: ...' from a module-by-module bisect of the failing graph ('' when
+    the graph has no module metadata or the bisect itself fails: the failure stands as it is)."""
+    from onnxport.verify.bisect import bisect_pytorch, describe_culprit
+
+    try:
+        record = bisect_pytorch(loaded, kv, manifest, folder, dtype=vcfg.dtype or "float32")
+    except Exception as e:  # noqa: BLE001 - a diagnosis must not hide the failure it explains
+        log.info("bisect after the failure did not run: %s", e)
+        return ""
+    return f"; first divergence: {describe_culprit(record)}" if record["culprit"] else ""
