@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 LAYERS = [("errors", "spec", "config", "progress", "testing"), ("checkpoint", "bundle"), ("runtime",), ("serve",), ("hf",),
-          ("recipes", "patches"), ("export",), ("verify",), ("optimize",), ("report",), ("api",), ("cli",)]
+          ("recipes", "patches"), ("export",), ("verify",), ("optimize",), ("targets",), ("report",), ("api",), ("cli",)]
 SRC = Path(__file__).resolve().parents[1] / "src" / "onnxport"
 
 

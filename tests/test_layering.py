@@ -10,7 +10,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "onnxport"
 LAYERS = [("errors", "spec", "config", "progress", "testing"), ("checkpoint", "bundle"), ("runtime",), ("serve",), ("hf",),
-          ("recipes", "patches"), ("export",), ("verify",), ("optimize",), ("report",), ("api",), ("cli",),
+          ("recipes", "patches"), ("export",), ("verify",), ("optimize",), ("targets",), ("report",), ("api",), ("cli",),
           ("__init__",)]
 
 

@@ -148,12 +148,19 @@ def export_cmd(
     bf16_compute: bool = typer.Option(False, "--bf16-compute", help="With --dtype bf16: compute in bf16 too (GPU / TensorRT; verified on a CPU emulation twin, ONNX Runtime's CPU provider has no bf16 kernels)."),
     attention: str = typer.Option("default", help="default (the model's own attention ops) or gqa (one com.microsoft.GroupQueryAttention per layer, cache appended in place: the runtime then uses one cache buffer, no per-step copy)."),
     dtype: str = typer.Option("fp32", help="fp32; fp16 (fp16 compute and KV cache; nodes past fp16's range stay fp32, each candidate verified); bf16 (weights stored in bf16, fp32 compute)."),
+    target: Optional[str] = typer.Option(None, "--target", help="cpu, cuda, tensorrt, openvino or npu: the options that target needs (printed and recorded; an option you pass yourself wins). onnxport check BUNDLE --target T lists what the target would reject."),
 ):
     """Export a model with a recipe and verify it: a decoder LM with a flat KV cache (or the split
     NPU layout), or an encoder's parts (vision tower, audio encoder, codec decoder)."""
     from onnxport.api import export
     from onnxport.config import ExportConfig, SplitConfig, parse_size
     from onnxport.errors import InputError
+
+    chosen = {"attention": attention, "optimize": optimize, "dtype": dtype, "static": static, "layout": layout,
+              "opset": opset, "head": head, "rope": rope}
+    applied = _preset(target, chosen, export_cmd) if target else {}
+    attention, optimize, dtype, static, layout = (chosen[k] for k in ("attention", "optimize", "dtype", "static", "layout"))
+    opset, head, rope = chosen["opset"], chosen["head"], chosen["rope"]
 
     if layout not in ("monolithic", "split"):
         raise InputError(f"unknown layout {layout!r}", "use --layout monolithic or --layout split")
@@ -167,13 +174,31 @@ def export_cmd(
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split or max_graph_size else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
                        low_memory=low_memory, dtype=dtype, optimize=optimize, attention=attention,
-                       bf16_compute=bf16_compute, max_graph_bytes=parse_size(max_graph_size) if max_graph_size else None)
+                       bf16_compute=bf16_compute, max_graph_bytes=parse_size(max_graph_size) if max_graph_size else None,
+                       target={"name": target, "flags": applied} if target else None)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,
                         embedding_bin=embedding_bin, share_weights=not copy_weights,
                         max_graph_bytes=parse_size(max_graph_size) if max_graph_size else None) if is_split else None
     with _working(f"exporting {model_dir} with torch.onnx ({cfg.exporter})"):
         manifest = export(model_dir, output, cfg, split=split, parts=tuple(part) if part else None)
     _print_bundle(manifest, output)
+
+
+def _preset(name: str, chosen: dict, command) -> dict:
+    """Fill `chosen` (option -> value) from the target's preset where the user left an option at
+    its default; print and return what the preset set."""
+    import inspect
+
+    from onnxport.targets import get_target
+
+    preset = get_target(name).preset
+    defaults = {k: p.default.default for k, p in inspect.signature(command).parameters.items()
+                if hasattr(p.default, "default")}
+    applied = {k: v for k, v in preset.items() if chosen.get(k) == defaults.get(k) and defaults.get(k) != v}
+    chosen.update(applied)
+    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in applied.items())
+    console.print(f"target {name}: {flags or 'the defaults'}", markup=False)
+    return applied
 
 
 @app.command("export-module")
@@ -278,6 +303,34 @@ def verify_cmd(
     with _working(f"verifying {bundle}"):
         manifest = verify(bundle, model, allow_pickle=allow_pickle)
     _print_bundle(manifest, bundle, verbose_modules=False)
+
+
+@app.command("check")
+@_guard
+def check_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    target: str = typer.Option(..., "--target", help="cpu, cuda, tensorrt, openvino or npu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+):
+    """What a target will reject before anyone compiles: ops outside its support, dynamic dims
+    for static compilers, control flow, data-dependent shapes, dtypes, opset; each with the node
+    and the PyTorch module it came from. Runs the real toolchain where it installs (ONNX Runtime,
+    OpenVINO: compiled, run and compared) and a versioned table where not. Exit 4 on an error."""
+    import json as _json
+
+    from onnxport.targets import Finding, check_bundle
+
+    with _working(f"checking {bundle} for {target}"):
+        record = check_bundle(bundle, target)
+    if as_json:
+        out.print(_json.dumps(record, indent=1), markup=False)
+    else:
+        for f in record["findings"]:
+            out.print(Finding(**f).line(), markup=False)
+        out.print(f"{target}: {record['errors']} error(s), {record['warnings']} warning(s); checked with "
+                  + "; ".join(record["checked_with"]), markup=False)
+    if not record["ok"]:
+        raise typer.Exit(4)
 
 
 @app.command("bisect")

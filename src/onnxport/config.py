@@ -50,6 +50,9 @@ class ExportConfig:
     #: set when exporter="auto" resolved to dynamo: encoders/modules retry with TorchScript when
     #: dynamo fails (decoders are exported with one exporter)
     fallback: bool = False
+    #: `--target T`: the preset these options came from, recorded in the manifest
+    #: ({"name", "flags"}; targets/)
+    target: dict | None = None
 
     @property
     def trace_dtype(self) -> str:

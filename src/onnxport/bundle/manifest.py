@@ -244,6 +244,8 @@ class ExportInfo:
     dtype: str
     attn_implementation: str | None = None
     seconds: float | None = None
+    #: `export --target T`: {"name": T, "flags": the options the preset chose}
+    target: dict | None = None
 
 
 @dataclass

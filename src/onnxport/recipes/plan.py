@@ -89,5 +89,5 @@ def new_manifest(ckpt: Checkpoint, plan: ExportPlan, cfg: ExportConfig, versions
         model=ModelInfo(ckpt.model_type, "+".join(type(r).__name__ for r in plan.recipes.values()),
                         ckpt.config.get("architectures")),
         export=ExportInfo("auto" if cfg.fallback and decoder is None else cfg.exporter, cfg.opset, cfg.dtype,
-                          getattr(decoder, "attn_implementation", None)),
+                          getattr(decoder, "attn_implementation", None), target=cfg.target),
         layout=Layout(kind), graphs=[])

@@ -31,22 +31,21 @@ CASE = ShapeCase(1, 5, 4)
 TOLERANCE = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
 
 
+def scope_of(node) -> str:
+    """The module path a node came from inside the export wrapper, from the dynamo exporter's
+    metadata (the last name scope is the aten op's own name, dropped); '' without metadata."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+    try:
+        path = ast.literal_eval(scopes) if scopes else []
+    except (ValueError, SyntaxError):
+        path = []
+    return path[-2] if len(path) >= 2 else ""
+
+
 def node_scopes(model) -> dict[str, tuple[str, str, str]]:
-    """value name -> (module path, node name, op type) for every node output with exporter
-    metadata; the module path drops the leaf (the aten op's own name)."""
-    out = {}
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        scopes = meta.get("pkg.torch.onnx.name_scopes")
-        try:
-            path = ast.literal_eval(scopes) if scopes else []
-        except (ValueError, SyntaxError):
-            path = []
-        module = path[-2] if len(path) >= 2 else ""
-        for v in node.output:
-            if v:
-                out[v] = (module, node.name, node.op_type)
-    return out
+    """value name -> (module path inside the export wrapper, node name, op type) for every node
+    output."""
+    return {v: (scope_of(node), node.name, node.op_type) for node in model.graph.node for v in node.output if v}
 
 
 def _inside(module: str, prefix: str) -> bool:
@@ -94,7 +93,7 @@ def _best(candidates: list[str], seen: dict, ref: np.ndarray) -> tuple[float, st
     return best
 
 
-def _checkpoint_path(scope: str) -> str:
+def checkpoint_path(scope: str) -> str:
     """A module path inside the export wrapper (FlatCacheDecoder.model) as the checkpoint names it."""
     return scope.removeprefix("model.") if scope.startswith("model.") else scope
 
@@ -191,7 +190,7 @@ def bisect_pytorch(loaded, kv, manifest, folder: Path, dtype: str = "float32", s
         if best is None:
             continue
         _, node, op = scopes[best[1]]
-        row = {"module": _checkpoint_path(scope), "value": best[1], "node": node, "op": op,
+        row = {"module": checkpoint_path(scope), "value": best[1], "node": node, "op": op,
                "shape": list(ref.shape), "error": best[0]}
         got_in = _best(inputs.get(scope, []), seen, received[scope]) if scope in received else None
         if got_in is not None:
@@ -236,7 +235,7 @@ def bisect_bundles(first: Path, second: Path, seed: int = 0) -> dict:
             if a is None or b is None or a.shape != b.shape or b.dtype.kind != "f":
                 continue
             rows.append({"value": v, "node": node.name, "op": node.op_type,
-                         "module": _checkpoint_path(scopes.get(v, ("",))[0]),
+                         "module": checkpoint_path(scopes.get(v, ("",))[0]),
                          "shape": list(b.shape), "error": rel_error(a, b)})
     record = _table(rows, TOLERANCE.get(str(dtype), 1e-3))
     record.update(mode="bundles", case=CASE.label, values_compared=len(rows), against=str(second))
