@@ -123,3 +123,44 @@ def test_an_option_given_with_the_target_wins(tiny_checkpoints, tmp_path):
     assert m["export"]["opset"] == 14 and "opset" not in m["export"]["target"]["flags"]
     bad = CliRunner().invoke(app, ["export", str(tiny_checkpoints("llama")), "-o", str(tmp_path / "x"), "--target", "tpu"])
     assert bad.exit_code == 2 and "unknown target 'tpu'" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_calibration_set_matches_each_graph_and_reproduces_its_outputs(made, tmp_path):
+    """`onnxport calib` on the --target npu bundle: every graph gets samples whose arrays have
+    exactly its input names, dtypes and (static) shapes, in the four layouts; feeding a sample
+    to ONNX Runtime gives the outputs recorded beside it."""
+    import numpy as np
+    import onnxruntime as ort
+
+    bundle, _ = made("qwen2", "npu")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The os module provides\ndef fib(n):\n")
+    out = tmp_path / "calib"
+    res = CliRunner().invoke(app, ["calib", str(bundle), "-o", str(out), "--prompts", str(prompts), "-n", "3"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    summary = json.loads((out / "calib.json").read_text())
+    graphs = [g for g in manifest["graphs"] if g["file"].endswith(".onnx")]
+    assert set(summary["graphs"]) == {g["file"] for g in graphs}
+    for g in graphs:
+        d = out / g["file"].removesuffix(".onnx")
+        samples = sorted((d / "samples").glob("*.npz"))
+        assert samples and len((d / "dataset.txt").read_text().splitlines()) == len(samples)
+        assert len((d / "input_list.txt").read_text().splitlines()) == len(samples)
+        sess = ort.InferenceSession(str(bundle / g["file"]), providers=["CPUExecutionProvider"])
+        for k, f in enumerate(samples[:3]):
+            x = dict(np.load(f))
+            assert list(x) == [t["name"] for t in g["inputs"]]
+            for t in g["inputs"]:
+                assert str(x[t["name"]].dtype) == t["dtype"] and list(x[t["name"]].shape) == t["dims"]
+                assert (d / t["name"] / f"{f.stem}.raw").stat().st_size == x[t["name"]].nbytes
+                np.testing.assert_array_equal(np.load(d / t["name"] / f"{f.stem}.npy"), x[t["name"]])
+            want = dict(np.load(d / "outputs" / f.name))
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, x)))
+            for name in want:
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
+    again = CliRunner().invoke(app, ["calib", str(bundle), "-o", str(out), "--force", "-n", "1"])
+    assert again.exit_code == 0, again.output  # a calibration set onnxport wrote may be replaced
+    mono, _ = made("demo", "openvino")
+    res = CliRunner().invoke(app, ["calib", str(mono), "-o", str(tmp_path / "c2")])
+    assert res.exit_code == 2 and "not a split bundle" in res.output and not (tmp_path / "c2").exists()

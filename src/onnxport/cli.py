@@ -333,6 +333,39 @@ def check_cmd(
         raise typer.Exit(4)
 
 
+@app.command("calib")
+@_guard
+def calib_cmd(
+    bundle: Path = typer.Argument(..., help="A split (NPU) bundle, e.g. exported with --target npu."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the calibration set to."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (default: a few paragraphs of Python's documentation shipped with onnxport)."),
+    chat: bool = typer.Option(False, "--chat", help="Render each prompt with the bundle's chat template."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", "-n", help="Tokens generated per prompt (the decode graphs' samples)."),
+    force: bool = typer.Option(False, "--force", help="Replace a calibration set onnxport wrote before."),
+):
+    """Real input tensors for every graph of a split bundle, recorded while it generates from the
+    prompts, in the layouts NPU quantizers read (npz for TPU-MLIR, npy per input for pulsar2,
+    dataset.txt for RKNN, raw + input_list.txt for QNN), with the outputs they gave."""
+    from onnxport.targets.calib import write_calibration
+
+    lines = None
+    if prompts is not None:
+        try:
+            lines = [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (UnicodeDecodeError, OSError) as e:
+            from onnxport.errors import InputError
+
+            raise InputError(f"cannot read --prompts {prompts}: {e}", "give a UTF-8 text file, one prompt per line") from None
+    if max_new_tokens < 1:
+        from onnxport.errors import InputError
+
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}", "pass -n 1 or more")
+    with _working(f"recording calibration inputs from {bundle}"):
+        summary = write_calibration(bundle, output, lines, chat, max_new_tokens, force=force)
+    counts = ", ".join(f"{Path(f).stem} {g['samples']}" for f, g in summary["graphs"].items())
+    out.print(f"wrote {output}/: samples per graph: {counts}", markup=False)
+
+
 @app.command("bisect")
 @_guard
 def bisect_cmd(

@@ -129,13 +129,13 @@ FORMAT = "onnxport-bundle"
 
 def is_bundle(folder: Path) -> bool:
     """Whether `folder` holds an onnxport bundle's manifest: the format marker, or (bundles
-    written before it) both schema_version and onnxport_task. Another program's manifest.json
-    (a browser extension's, a web app's) is not one."""
+    written before it) both schema_version and onnxport_task; or another folder onnxport wrote
+    (MARKERS). Another program's manifest.json (a browser extension's, a web app's) is not one."""
     import json
 
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        return _is_marked(Path(folder) / REPOSITORY_MARKER, REPOSITORY_FORMAT)
+        return any(_is_marked(Path(folder) / marker, fmt) for marker, fmt in MARKERS.items())
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -144,9 +144,12 @@ def is_bundle(folder: Path) -> bool:
                                        or ("schema_version" in data and "onnxport_task" in data))
 
 
-#: a Triton model repository written by `onnxport triton` (serve/triton.py) says so in this file,
-#: so --force may replace it as it replaces a bundle
+#: other folders onnxport writes say so in a file, so --force may replace them as it replaces a
+#: bundle: a Triton model repository (`onnxport triton`, serve/triton.py) and an NPU calibration
+#: set (`onnxport calib`, targets/calib.py)
 REPOSITORY_MARKER, REPOSITORY_FORMAT = "onnxport-triton.json", "onnxport-triton-repository"
+CALIBRATION_MARKER, CALIBRATION_FORMAT = "calib.json", "onnxport-calibration-set"
+MARKERS = {REPOSITORY_MARKER: REPOSITORY_FORMAT, CALIBRATION_MARKER: CALIBRATION_FORMAT}
 
 
 def _is_marked(path: Path, fmt: str) -> bool:
