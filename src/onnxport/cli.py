@@ -333,6 +333,24 @@ def check_cmd(
         raise typer.Exit(4)
 
 
+@app.command("inspect")
+@_guard
+def inspect_cmd(bundle: Path = typer.Argument(..., help="Bundle folder.")):
+    """What a bundle holds, in the console: the facts of its report.html (parts, graphs, I/O with
+    named dims, op histogram, sizes, verification per shape, precision / quantization records)."""
+    from onnxport.bundle import read_manifest
+    from onnxport.bundle.report import sections
+
+    for name, body in sections(bundle, read_manifest(bundle)):
+        out.print(f"\n== {name}", markup=False)
+        if isinstance(body, str):
+            out.print(body, markup=False)
+            continue
+        widths = [max(len(str(r[i])) if i < len(r) else 0 for r in body) for i in range(max(map(len, body)))]
+        for r in body:
+            out.print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)
+
+
 @app.command("calib")
 @_guard
 def calib_cmd(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from onnxport.bundle.genai import KEY, write_genai_config
 from onnxport.bundle.manifest import Manifest, record_files, write_manifest
+from onnxport.bundle.report import write_report
 from onnxport.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,15 @@ def copy_support_files(ckpt: Checkpoint, folder: Path) -> list[str]:
 
 def finish_bundle(ckpt: Checkpoint | None, folder: Path, manifest: Manifest, started: float | None) -> Manifest:
     """The last step of every command that writes a bundle: support files copied (from `ckpt`,
-    when there is one), other runtimes' configs written (genai_config.json, bundle/genai.py),
-    every file's size and sha256 recorded, the time taken (since `started`;
-    None keeps the source bundle's), the manifest written."""
+    when there is one), the time taken (since `started`; None keeps the source bundle's), other
+    runtimes' configs written (genai_config.json, bundle/genai.py), report.html / report.md
+    (bundle/report.py), every file's size and sha256 recorded, the manifest written."""
     if ckpt is not None:
         manifest.source.files = copy_support_files(ckpt, folder)
-    manifest.interop = {KEY: write_genai_config(folder, manifest)}
-    record_files(folder, manifest)
     if started is not None:
         manifest.export.seconds = round(time.perf_counter() - started, 2)
+    manifest.interop = {KEY: write_genai_config(folder, manifest)}
+    write_report(folder, manifest)
+    record_files(folder, manifest)
     write_manifest(folder, manifest)
     return manifest
