@@ -69,8 +69,10 @@ def test_a_wrong_weight_in_one_layer_is_named(base, tmp_path):
     record = bisect(bad)
     assert record["culprit"]["module"] == "model.layers.1.mlp.down_proj" and record["culprit"]["op"] == "MatMul"
     assert 0.04 < record["culprit"]["error"] < 0.06  # the 5 % it was given
-    res = CliRunner().invoke(app, ["bisect", str(bad)])
+    page = tmp_path / "bisect.html"
+    res = CliRunner().invoke(app, ["bisect", str(bad), "--html", str(page)])
     assert res.exit_code == 4 and "first divergence: module model.layers.1.mlp.down_proj" in res.output
+    assert page.read_text().count("<rect") == len(record["rows"])  # one bar per module in the plot
     with pytest.raises(VerificationError) as err:  # verify's failure says where
         verify(bad)
     assert "first divergence: module model.layers.1.mlp.down_proj" in err.value.message

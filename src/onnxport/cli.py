@@ -391,6 +391,7 @@ def bisect_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to compare with (default: the export's source)."),
     against: Optional[Path] = typer.Option(None, "--against", help="Compare with this bundle of the same model instead (e.g. the fp32 export of an fp16 bundle), node by node."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights. Only for trusted sources."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write the per-module (or per-node) error table and plot to this HTML file."),
 ):
     """Find where a bundle first parts from PyTorch (module by module, through forward hooks and
     the exporter's node metadata) or from another bundle (node by node); exit 4 when it does."""
@@ -399,8 +400,20 @@ def bisect_cmd(
 
     with _working(f"bisecting {bundle}"):
         record = bisect(bundle, model, against, allow_pickle)
-    for line in bisect_report(record):
-        out.print(line)
+    lines = bisect_report(record)
+    for line in lines:
+        out.print(line, markup=False)
+    if html_out is not None:
+        from onnxport.bundle.report import bars_svg
+
+        rows = record["rows"]
+        svg = bars_svg([f"{r.get('module') or '-'} {r['op']}" for r in rows], [r["error"] for r in rows],
+                       record["tolerance"], "relative error per " + ("module" if record["mode"] == "pytorch" else "node"))
+        import html as _html
+
+        html_out.write_text("<!doctype html><html><head><meta charset='utf-8'><title>onnxport bisect</title></head>"
+                            f"<body><h1>onnxport bisect {_html.escape(str(bundle))}</h1><pre>"
+                            + _html.escape("\n".join(lines)) + f"</pre>{svg}</body></html>", encoding="utf-8")
     if record["culprit"] is not None:
         raise typer.Exit(4)
 

@@ -69,6 +69,31 @@ def error_plot(rows) -> str:
     return "".join(parts) + "</svg>"
 
 
+def bars_svg(labels: list[str], values: list[float], threshold: float, caption: str) -> str:
+    """A horizontal bar per value on a log10 axis from 1e-8 to 1e+1 (inf drawn at the right
+    end), the threshold a red line; for bisect's per-module errors."""
+    lo, hi, label_w, width, bar = -8.0, 1.0, 420, 360, 12
+    height = bar * len(labels) + 34
+
+    def x(v: float) -> float:
+        v = hi if not math.isfinite(v) else (lo if v <= 0 else min(max(math.log10(v), lo), hi))
+        return label_w + (v - lo) / (hi - lo) * width
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 20}" height="{height}" '
+             'font-family="monospace" font-size="10">']
+    for i, (name, v) in enumerate(zip(labels, values)):
+        y = 4 + i * bar
+        over = not math.isfinite(v) or v > threshold
+        parts.append(f'<text x="{label_w - 4}" y="{y + 9}" text-anchor="end">{html.escape(name)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{x(v) - label_w:.1f}" height="{bar - 2}" '
+                     f'fill="{"#c33" if over else "#3a7"}"/>')
+    tx = x(threshold)
+    parts.append(f'<line x1="{tx:.1f}" y1="0" x2="{tx:.1f}" y2="{height - 24}" stroke="#c00" stroke-dasharray="3,2"/>')
+    parts.append(f'<text x="{label_w}" y="{height - 6}">{html.escape(caption)} (log scale 1e-8 .. 10; '
+                 'dashed: tolerance)</text>')
+    return "".join(parts) + "</svg>"
+
+
 def sections(folder: Path, manifest) -> list[tuple[str, list[list[str]] | str]]:
     """(title, table rows or text) in report order; rendered as HTML and Markdown alike."""
     m = manifest
