@@ -463,6 +463,7 @@ def generate_cmd(
     language: Optional[str] = typer.Option(None, "--language", help="Speech-to-text: the spoken language (en, english or <|en|>); default: the model's own, else detected as transformers does."),
     task: Optional[str] = typer.Option(None, "--task", help="Speech-to-text: transcribe or translate (default: the model's own)."),
     trust_bundle: bool = typer.Option(False, "--trust-bundle", help="Skip the sha256 check of the bundle's files at load (sizes are still compared): for a large bundle you load often from a trusted place."),
+    speculative: int = typer.Option(0, "--speculative", help="Prompt-lookup speculative decoding: draft up to K tokens from earlier text and verify them in one forward (greedy, same tokens as without; text generation on the default graph)."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, or openvino (its CPU plugin at f32 precision; pip install openvino): the same generation loop on another engine."),
 ):
     """Generate with ONNX Runtime (no torch). The bundle's manifest decides the task: text
@@ -476,7 +477,7 @@ def generate_cmd(
     request = Request(prompts=tuple(prompt or ()), messages=read_messages(messages) if messages is not None else None,
                       chat=chat, system=system, images=tuple(image or ()), audio=tuple(audio or ()), speak=speak,
                       overwrite=True, language=language, task=task, stream=stream,
-                      sampling=Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed))
+                      sampling=Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed, speculative))
     with using_runtime(runtime):
         runner = open_task(bundle)
         if speak is not None:

@@ -39,6 +39,8 @@ class GenerationResult:
     decode_ms: float = 0.0
     #: tokens produced by decode steps (all rows), i.e. excluding each row's first token
     decode_tokens: int = 0
+    #: speculative decoding: forwards, drafted and accepted tokens, tokens per forward
+    speculative: dict | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -217,6 +219,7 @@ class Generator:
         on_token: TokenCallback | None = None,
         prefill: dict | None = None,
         on_outputs: OutputsCallback | None = None,
+        speculative: int = 0,
     ) -> GenerationResult:
         """Generate from token-id prompts (left-padded into one batch).
 
@@ -257,6 +260,9 @@ class Generator:
         if on_outputs is not None and (self.split is not None or self.step_only):
             raise RuntimeInputError("on_outputs needs a monolithic decoder that reads a whole prompt per call",
                                     "export with the monolithic layout")
+        if speculative:
+            return self._generate_speculative(prompts, max_new_tokens, eos, on_token, speculative,
+                                              do_sample or prefill is not None or on_outputs is not None)
         if self.rows_alone and len(prompts) > 1:
             if prefill is not None or on_outputs is not None:
                 raise RuntimeInputError("OpenVINO runs this GroupQueryAttention graph one prompt at a time; a "
@@ -440,6 +446,31 @@ class Generator:
         padded = padded[:, :longest]
         tokens = [_cut_at_eos(row, eos) for row in padded.tolist()]
         return GenerationResult(tokens, padded, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_tokens=steps)
+
+    def _generate_speculative(self, prompts, max_new_tokens, eos, on_token, k: int, unsupported: bool):
+        """Prompt-lookup drafts of up to `k` tokens verified in one forward (runtime/speculative.py):
+        greedy only, one prompt at a time; the tokens are plain greedy decoding's."""
+        from onnxport.runtime.speculative import prompt_lookup
+
+        if unsupported:
+            raise RuntimeInputError("speculative decoding is greedy and text-only here",
+                                    "drop --sample (or --speculative)")
+        if k < 1:
+            raise RuntimeInputError(f"--speculative must be >= 1 drafted tokens, got {k}", "pass e.g. --speculative 8")
+        rows, total = [], {"forwards": 0, "drafted": 0, "accepted": 0, "prefill_ms": 0.0, "decode_ms": 0.0,
+                           "decode_tokens": 0}
+        for r, prompt in enumerate(prompts):
+            cb = (lambda _row, tok, r=r: on_token(r, tok)) if on_token else None
+            toks, stats = prompt_lookup(self, prompt, max_new_tokens, eos, k, on_token=cb)
+            rows.append(toks)
+            for key in total:
+                total[key] += stats[key]
+        padded = np.full((len(rows), max(map(len, rows))), self.pad_id, dtype=np.int64)
+        for r, toks in enumerate(rows):
+            padded[r, :len(toks)] = toks
+        total["tokens_per_forward"] = round(total["decode_tokens"] / total["forwards"], 3) if total["forwards"] else 0.0
+        return GenerationResult([_cut_at_eos(t, eos) for t in rows], padded, prefill_ms=total["prefill_ms"],
+                                decode_ms=total["decode_ms"], decode_tokens=total["decode_tokens"], speculative=total)
 
     def _generate_split(self, prompts, max_new_tokens, sampler, eos, on_token, do_sample) -> GenerationResult:
         """Split bundles run one sequence at a time; results are laid out like the batched path

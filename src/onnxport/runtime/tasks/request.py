@@ -27,6 +27,9 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    #: prompt-lookup speculative decoding with up to this many drafted tokens (0: off; text
+    #: generation, greedy)
+    speculative: int = 0
 
     def text(self, default: int = 32) -> dict:
         """The generator's keyword arguments, with the text default filled in."""
@@ -134,7 +137,8 @@ def stream_decoder(tokenizer, on_text: OnText | None, echo: str | None = None):
 def refuse(request: Request, kind: str, *, images: bool = False, audio: bool = False, speak: bool = False,
            speech_options: bool = False, prompts: bool = False, text: bool = False) -> None:
     """One line when the request carries what a `kind` task does not take."""
-    given = [("text to speak (onnxport speak)", text and request.text is not None),
+    given = [("--speculative", kind != "text-generation" and bool(request.sampling.speculative)),
+             ("text to speak (onnxport speak)", text and request.text is not None),
              ("--image", images and request.images), ("--audio", audio and request.audio),
              ("--speak", speak and request.speak is not None),
              ("--language / --task", speech_options and (request.language is not None or request.task is not None)),
@@ -145,6 +149,7 @@ def refuse(request: Request, kind: str, *, images: bool = False, audio: bool = F
 
 
 HINTS = {
+    "--speculative": "speculative decoding is for text-generation bundles; drop it",
     "text to speak (onnxport speak)": "speak with a text-to-speech (ChatTTS) or any-to-any (Qwen2.5-Omni) bundle",
     "--image": "export a checkpoint with a vision part (e.g. Qwen2.5-VL, MiniCPM-V) to send images",
     "--audio": "a speech-to-text (Whisper) or any-to-text (Qwen2.5-Omni) bundle takes audio",

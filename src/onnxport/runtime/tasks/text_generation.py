@@ -28,6 +28,8 @@ def generate_text(gen: Generator, request: Request, on_text: OnText | None) -> R
     """A request of prompts or conversations on `gen`; row 0 streamed when there is one row."""
     request.needs_prompt()
     sampling = request.sampling.text()
+    if request.sampling.speculative:
+        sampling["speculative"] = request.sampling.speculative
     if request.wants_chat:
         from onnxport.runtime.chat import as_conversations
 
@@ -43,5 +45,8 @@ def generate_text(gen: Generator, request: Request, on_text: OnText | None) -> R
         res = gen.generate(prompts, on_token=stream_decoder(gen.tokenizer, on_text, echo=prompts[0]) if streaming else None,
                            **sampling)
         lines = [] if streaming else [p + t for p, t in zip(prompts, res.texts)]
-    return Reply(lines, f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s",
-                 streamed=streaming)
+    summary = f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s"
+    if res.speculative:
+        summary += (f", {res.speculative['tokens_per_forward']:.2f} tokens per forward "
+                    f"({res.speculative['accepted']}/{res.speculative['drafted']} drafted tokens accepted)")
+    return Reply(lines, summary, streamed=streaming)
