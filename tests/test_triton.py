@@ -46,6 +46,17 @@ def served(tmp_path_factory):
     assert server.stop() == 0  # drained and exited on SIGTERM
 
 
+@pytest.fixture(scope="module")
+def batched_tokens(served):
+    """prompt -> the token rows onnxport gives it alone and left-padded in a batch with the
+    other prompt (a batch Triton forms may hold both)."""
+    from onnxport.runtime import Generator
+
+    _, expected, _, root = served
+    together = Generator(root / "demo").generate(PROMPTS, max_new_tokens=NEW).tokens
+    return {p: {tuple(expected[p]), tuple(t)} for p, t in zip(PROMPTS, together)}
+
+
 def _http_infer(url, texts, new=NEW, model="llama"):
     import tritonclient.http as th
 
@@ -117,18 +128,21 @@ def test_http_generate_extension_and_grpc_streaming(served):
     assert "".join(pieces) == tok.decode(expected[PROMPTS[0]])
 
 
-def test_sixteen_concurrent_clients_no_error_and_batched(served):
-    """Each client's reply equals its prompt's tokens alone: a batch Triton forms is run as one
-    left-padded batch, which changes nothing (greedy). The model's statistics show the merging."""
-    server, expected, _, _ = served
+def test_sixteen_concurrent_clients_no_error_and_batched(served, batched_tokens):
+    """Each client's reply is its prompt's tokens as onnxport generates them alone or in a
+    left-padded batch with the other prompt (what a batch Triton forms is; the two agree unless
+    padding moves a near-tie). The model's statistics show the merging."""
+    server, _, _, _ = served
+    allowed = batched_tokens
     errors, wrong = [], []
 
     def client(i):
         try:
             p = PROMPTS[i % 2]
             for _ in range(2):
-                if _http_infer(server.http_url, [p])[1] != [expected[p]]:
-                    wrong.append(i)
+                got = _http_infer(server.http_url, [p])[1][0]
+                if tuple(got) not in allowed[p]:
+                    wrong.append((i, got))
         except Exception as e:  # noqa: BLE001 - counted
             errors.append(repr(e))
 
@@ -256,6 +270,9 @@ def test_serve_command_answers_and_stops_on_sigterm(served):
                              "--grpc-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
+        for line in proc.stdout:  # the line a user sees once the server is up
+            if line.startswith("serving "):
+                break
         deadline = time.monotonic() + 120
         reply = None
         while time.monotonic() < deadline and proc.poll() is None and reply is None:
@@ -270,6 +287,23 @@ def test_serve_command_answers_and_stops_on_sigterm(served):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped (server exit code 0)" in out, out
+        # SIGTERM while it starts: the server it was starting is stopped too (exit 130, as Ctrl-C)
+        early = subprocess.Popen([sys.executable, "-m", "onnxport.cli", "serve", str(root / "demo"), "--http-port",
+                                  str(free_port()), "--grpc-port", str(free_port())], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        time.sleep(3)
+        early.send_signal(signal.SIGTERM)
+        out, _ = early.communicate(timeout=60)
+        assert early.returncode in (0, 130), out
+        time.sleep(1)
+        left = subprocess.run(["pgrep", "-f", "model-repository=.*onnxport-serve-"], capture_output=True,
+                              text=True).stdout.split()
+        assert not left, left  # no Triton server of `onnxport serve` survives it
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for p in (proc, locals().get("early")):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # its own cleanup stops the server it started
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)

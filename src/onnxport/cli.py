@@ -563,10 +563,15 @@ def serve_cmd(
 ):
     """Serve a bundle with Triton Inference Server on localhost (the server nvidia-pytriton
     ships) until Ctrl-C: HTTP and gRPC, text in / text out, and token streaming."""
+    import signal
     import tempfile
 
     from onnxport.serve.triton import start_server, write_repository
 
+    def terminate(*_):  # SIGTERM as Ctrl-C, from the start: no server is ever left behind
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     with tempfile.TemporaryDirectory(prefix="onnxport-serve-") as work:
         record = write_repository(bundle, Path(work) / "repository", max_batch_size=max_batch_size, threads=threads)
         with _working("starting Triton"):

@@ -293,11 +293,10 @@ class Server:
             return False
 
     def wait_for_signal(self) -> None:
-        """Until Ctrl-C or SIGTERM; raises if the server exits on its own."""
-        stop = {"now": False}
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        """Until Ctrl-C (or SIGTERM, which the caller turns into KeyboardInterrupt before it
+        starts the server); raises if the server exits on its own."""
         try:
-            while not stop["now"] and self.process.poll() is None:
+            while self.process.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             return
