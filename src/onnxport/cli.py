@@ -158,7 +158,13 @@ def export_cmd(
 
     chosen = {"attention": attention, "optimize": optimize, "dtype": dtype, "static": static, "layout": layout,
               "opset": opset, "head": head, "rope": rope}
-    applied = _preset(target, chosen, export_cmd) if target else {}
+    applied = {}
+    if target:
+        from onnxport.targets import apply_preset
+
+        applied = apply_preset(target, chosen, _defaults(export_cmd))
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in applied.items())
+        console.print(f"target {target}: {flags or 'the defaults'}", markup=False)
     attention, optimize, dtype, static, layout = (chosen[k] for k in ("attention", "optimize", "dtype", "static", "layout"))
     opset, head, rope = chosen["opset"], chosen["head"], chosen["rope"]
 
@@ -184,21 +190,12 @@ def export_cmd(
     _print_bundle(manifest, output)
 
 
-def _preset(name: str, chosen: dict, command) -> dict:
-    """Fill `chosen` (option -> value) from the target's preset where the user left an option at
-    its default; print and return what the preset set."""
+def _defaults(command) -> dict:
+    """A command's option defaults by parameter name."""
     import inspect
 
-    from onnxport.targets import get_target
-
-    preset = get_target(name).preset
-    defaults = {k: p.default.default for k, p in inspect.signature(command).parameters.items()
-                if hasattr(p.default, "default")}
-    applied = {k: v for k, v in preset.items() if chosen.get(k) == defaults.get(k) and defaults.get(k) != v}
-    chosen.update(applied)
-    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in applied.items())
-    console.print(f"target {name}: {flags or 'the defaults'}", markup=False)
-    return applied
+    return {k: p.default.default for k, p in inspect.signature(command).parameters.items()
+            if hasattr(p.default, "default")}
 
 
 @app.command("export-module")
@@ -339,16 +336,10 @@ def inspect_cmd(bundle: Path = typer.Argument(..., help="Bundle folder.")):
     """What a bundle holds, in the console: the facts of its report.html (parts, graphs, I/O with
     named dims, op histogram, sizes, verification per shape, precision / quantization records)."""
     from onnxport.bundle import read_manifest
-    from onnxport.bundle.report import sections
+    from onnxport.report.console import inspect_lines
 
-    for name, body in sections(bundle, read_manifest(bundle)):
-        out.print(f"\n== {name}", markup=False)
-        if isinstance(body, str):
-            out.print(body, markup=False)
-            continue
-        widths = [max(len(str(r[i])) if i < len(r) else 0 for r in body) for i in range(max(map(len, body)))]
-        for r in body:
-            out.print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip(), markup=False)
+    for line in inspect_lines(bundle, read_manifest(bundle)):
+        out.print(line, markup=False)
 
 
 @app.command("calib")

@@ -153,3 +153,18 @@ def bisect_report(record: dict, before: int = 5, after: int = 3) -> list[str]:
     verdict = describe_culprit(record)
     lines.append(f"first divergence: {verdict}" if culprit else f"no divergence: {verdict}")
     return lines
+
+
+def inspect_lines(folder, manifest) -> list[str]:
+    """`onnxport inspect`: the report's sections as aligned text."""
+    from onnxport.bundle.report import sections
+
+    lines = []
+    for name, body in sections(folder, manifest):
+        lines.append(f"\n== {name}")
+        if isinstance(body, str):
+            lines.append(body)
+            continue
+        widths = [max(len(str(r[i])) if i < len(r) else 0 for r in body) for i in range(max(map(len, body)))]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
+    return lines

@@ -87,3 +87,12 @@ def check_bundle(bundle: str | Path, name: str) -> dict:
             "errors": sum(f.severity == ERROR for f in findings),
             "warnings": sum(f.severity == WARNING for f in findings),
             "checked_with": how, "findings": [asdict(f) for f in findings]}
+
+
+def apply_preset(name: str, chosen: dict, defaults: dict) -> dict:
+    """Fill `chosen` (option -> value) from target `name`'s preset where the option is still at
+    its default (an option given another value wins); returns what the preset set."""
+    preset = get_target(name).preset
+    applied = {k: v for k, v in preset.items() if chosen.get(k) == defaults.get(k) and defaults.get(k) != v}
+    chosen.update(applied)
+    return applied
