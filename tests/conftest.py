@@ -112,6 +112,24 @@ def hf_greedy(checkpoint: Path, prompts: list[list[int]], max_new_tokens: int, p
     return reference(checkpoint, prompts, max_new_tokens, pad_id, eos_id, model=model, per_row=per_row)
 
 
+def genai_greedy(bundle, prompt: list[int], new: int) -> list[int]:
+    """onnxruntime-genai's own loop on the bundle folder (its genai_config.json), greedy, one
+    prompt; stops at the bundle's EOS as genai does."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(prompt, dtype=np.int32))
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
 def _tiny_encoder_model(kind: str):
     """(model, transformers-loadable) for the encoder families; configs follow each model's
     real structure at hidden 32-64, 1-2 layers."""

@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from conftest import hf_greedy
+from conftest import genai_greedy, hf_greedy
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)")
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3, 250], [11, 600, 23, 8]]
 NEW = 12
-
-
-def genai_greedy(bundle, prompt: list[int], new: int) -> list[int]:
-    """genai's own loop on the bundle folder, greedy, one prompt."""
-    model = og.Model(str(bundle))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(prompt, dtype=np.int32))
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
 
 
 def _same_until_eos(got: list[int], want: list[int], eos) -> None:

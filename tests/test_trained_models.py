@@ -111,23 +111,17 @@ def test_fp16_export_verifies_within_its_tolerance(bundles, reference):
 def test_onnxruntime_genai_runs_the_default_bundle_with_transformers_tokens(bundles, reference):
     """The same bundle, unchanged, in onnxruntime-genai's own loop (its genai_config.json):
     transformers' tokens until the chat prompt's end-of-turn token, where genai stops."""
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     import json
+
+    from conftest import genai_greedy
 
     bundle = bundles("default")
     eos = json.loads((bundle / "genai_config.json").read_text())["model"]["eos_token_id"]
     eos = set(eos if isinstance(eos, list) else [eos])
-    model = og.Model(str(bundle))
     ids, ref = reference
     for prompt, want in zip(ids, ref):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + NEW, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array(prompt, dtype=np.int32))
-        got = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            got.append(int(gen.get_next_tokens()[0]))
+        got = genai_greedy(bundle, prompt, NEW)
         assert got == want[:len(got)] and (len(got) == NEW or got[-1] in eos), (got, want)
 
 

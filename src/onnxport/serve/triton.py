@@ -194,6 +194,18 @@ def write_repository(bundle: str | Path, out: str | Path, name: str | None = Non
 
 # --- the server ---------------------------------------------------------------------------------
 
+def model_params(args: dict) -> tuple[Path, dict]:
+    """Inside a served model's initialize(args): (its bundle folder, its config parameters); the
+    bundle must lie inside the model repository."""
+    config = json.loads(args["model_config"])
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    repository = Path(args["model_repository"]).parent
+    bundle = (repository / params["bundle"]).resolve()
+    if repository.resolve() not in bundle.parents:
+        raise BundleError(f"bundle {params['bundle']!r} is outside the model repository", "re-run onnxport triton")
+    return bundle, {**params, "_config": config}
+
+
 def _pytriton_root() -> Path:
     import importlib.util
 

@@ -9,9 +9,6 @@ by one otherwise; each reply gets its own rows back.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
@@ -20,13 +17,10 @@ class TritonPythonModel:
     def initialize(self, args):
         from onnxport.bundle import read_manifest
         from onnxport.runtime.session import GraphSession
+        from onnxport.serve.triton import model_params
 
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        repository = Path(args["model_repository"]).parent
-        bundle = (repository / params["bundle"]).resolve()
-        if repository.resolve() not in bundle.parents:
-            raise pb_utils.TritonModelException(f"bundle {params['bundle']!r} is outside the model repository")
+        bundle, params = model_params(args)
+        config = params["_config"]
         manifest = read_manifest(bundle)
         entry = next(g for g in manifest.graphs if (g.name or g.file) == params["graph"])
         self.session = GraphSession(bundle, entry, int(params.get("threads") or 0) or None)

@@ -14,9 +14,6 @@ Greedy decoding, as `onnxport generate` without --sample.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
@@ -25,13 +22,10 @@ class TritonPythonModel:
     def initialize(self, args):
         from onnxport.runtime import Generator
         from onnxport.runtime.tokenizer import StreamDecoder
+        from onnxport.serve.triton import model_params
 
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        repository = Path(args["model_repository"]).parent
-        bundle = (repository / params["bundle"]).resolve()
-        if repository.resolve() not in bundle.parents:
-            raise pb_utils.TritonModelException(f"bundle {params['bundle']!r} is outside the model repository")
+        bundle, params = model_params(args)
+        config = params["_config"]
         threads = int(params.get("threads") or 0) or None
         self.generator = Generator(bundle, threads=threads)
         self.tokenizer = self.generator.tokenizer
