@@ -1,7 +1,9 @@
 """Prompt-lookup speculative decoding, greedy-exact (`generate --speculative K`).
 
-No second model: the draft is the K tokens that followed the most recent earlier occurrence of
-the sequence's last n-gram (n = 3, 2, 1), in the prompt or in what was generated. One forward
+No second model: the draft is up to K tokens that followed the most recent earlier occurrence of
+the sequence's last n-gram (n = 3, 2, 1), in the prompt or in what was generated; its length
+adapts (doubled after a draft fully taken, cut to one past the taken prefix after a miss), so a
+text that does not repeat itself costs few wasted positions. One forward
 verifies them all: the graph reads the last accepted token and the draft at once over the cache,
 each position's argmax is what plain greedy decoding would have produced there, the draft is
 kept up to its first disagreement, and the model's own token at that position comes free. The
@@ -48,12 +50,12 @@ def prompt_lookup(gen, prompt: list[int], max_new_tokens: int, eos: list[int], k
     prefill_ms = (time.perf_counter() - t0) * 1000
     if on_token:
         on_token(0, out[0])
-    calls, drafted, accepted = 0, 0, 0
+    calls, drafted, accepted, width = 0, 0, 0, k
     t1 = time.perf_counter()
     while len(out) < max_new_tokens and out[-1] not in eos:
         context = prompt + out
-        draft = find_draft(context, min(k, max_new_tokens - len(out) - 1), ngram) if max_new_tokens - len(out) > 1 \
-            else []
+        draft = find_draft(context, min(width, max_new_tokens - len(out) - 1), ngram) \
+            if max_new_tokens - len(out) > 1 else []
         ids = np.asarray([[out[-1], *draft]], dtype=np.int64)
         cached = len(context) - 1
         mask = np.ones((1, cached + ids.shape[1]), dtype=np.int64)
@@ -76,8 +78,12 @@ def prompt_lookup(gen, prompt: list[int], max_new_tokens: int, eos: list[int], k
             if tok in eos:
                 break
         drafted, accepted = drafted + len(draft), accepted + min(n, used)
+        if draft:  # draft as far as drafts have lately been taken: longer after a full hit, shorter after a miss
+            width = min(k, 2 * width) if n == len(draft) else max(1, n + 1)
         keep = cached + 1 + n  # the cache of the last token and the accepted drafts
-        past = {p: np.take(outs[q], np.arange(keep), axis=axis) for p, q in zip(gen.past_names, gen.present_names)}
+        cut = keep < cached + ids.shape[1]  # a rejected tail to drop (else the present is the next past)
+        past = {p: np.take(outs[q], np.arange(keep), axis=axis) if cut else outs[q]
+                for p, q in zip(gen.past_names, gen.present_names)}
     decode_ms = (time.perf_counter() - t1) * 1000
     return out, {"forwards": calls, "drafted": drafted, "accepted": accepted, "prefill_ms": prefill_ms,
                  "decode_ms": decode_ms, "decode_tokens": len(out) - 1,
