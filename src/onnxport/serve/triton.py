@@ -249,8 +249,12 @@ def serving_env(cache: Path | None = None) -> Path | None:
 
     if int(numpy.__version__.split(".")[0]) < 2:
         return None
+    import hashlib
+
     cache = cache or Path(os.environ.get("ONNXPORT_CACHE") or Path.home() / ".cache" / "onnxport")
-    root = cache / f"triton-env-py{sys.version_info.major}{sys.version_info.minor}"
+    # one layer per host environment: its .pth points at that environment's site-packages
+    host = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    root = cache / f"triton-env-py{sys.version_info.major}{sys.version_info.minor}-{host}"
     if (root / ".ready").is_file():
         return root / "bin"
     cache.mkdir(parents=True, exist_ok=True)
