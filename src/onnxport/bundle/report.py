@@ -97,6 +97,7 @@ def bars_svg(labels: list[str], values: list[float], threshold: float, caption: 
 def sections(folder: Path, manifest) -> list[tuple[str, list[list[str]] | str]]:
     """(title, table rows or text) in report order; rendered as HTML and Markdown alike."""
     m = manifest
+    ops = {g.file: _ops(folder, g.file) for g in m.graphs if g.file.endswith(".onnx")}  # each graph read once
     out: list[tuple[str, list[list[str]] | str]] = []
     exp = m.export
     out.append(("Summary", [["model", f"{m.model.model_type} ({m.model.recipe})"], ["task", m.task or "-"],
@@ -110,8 +111,8 @@ def sections(folder: Path, manifest) -> list[tuple[str, list[list[str]] | str]]:
                   "-" if p.verification is None else ("ok" if p.verification.get("ok") else "FAILED")]
                  for p in m.parts]))
     out.append(("Graphs", [["file", "role", "part", "bytes", "nodes", "attention / precision / quantization"]] +
-                [[g.file, g.role, g.part, f"{_size(folder, g):,}", str(sum(_ops(folder, g.file).values()))
-                  if g.file.endswith(".onnx") else "-",
+                [[g.file, g.role, g.part, f"{_size(folder, g):,}", str(sum(ops[g.file].values()))
+                  if g.file in ops else "-",
                   "; ".join(x for x in (g.attention or "", (g.precision or {}).get("compute", ""),
                                         (g.quantization or {}).get("method", "")) if x) or "-"] for g in m.graphs]))
     for g in m.graphs:
@@ -120,8 +121,7 @@ def sections(folder: Path, manifest) -> list[tuple[str, list[list[str]] | str]]:
         rows = [["", "name", "dtype", "dims"]] + [["in", t.name, t.dtype, _dims(t)] for t in g.inputs] + \
                [["out", t.name, t.dtype, _dims(t)] for t in g.outputs]
         out.append((f"{g.file}: inputs and outputs", rows))
-        ops = _ops(folder, g.file)
-        out.append((f"{g.file}: ops", [["op", "count"]] + [[k, str(v)] for k, v in ops.most_common()]))
+        out.append((f"{g.file}: ops", [["op", "count"]] + [[k, str(v)] for k, v in ops[g.file].most_common()]))
         for key in ("precision", "quantization", "optimization"):
             value = getattr(g, key)
             if value:

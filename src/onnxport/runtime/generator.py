@@ -465,9 +465,7 @@ class Generator:
             rows.append(toks)
             for key in total:
                 total[key] += stats[key]
-        padded = np.full((len(rows), max(map(len, rows))), self.pad_id, dtype=np.int64)
-        for r, toks in enumerate(rows):
-            padded[r, :len(toks)] = toks
+        padded = _pad_rows(rows, self.pad_id)
         total["tokens_per_forward"] = round(total["decode_tokens"] / total["forwards"], 3) if total["forwards"] else 0.0
         return GenerationResult([_cut_at_eos(t, eos) for t in rows], padded, prefill_ms=total["prefill_ms"],
                                 decode_ms=total["decode_ms"], decode_tokens=total["decode_tokens"], speculative=total)
@@ -478,27 +476,34 @@ class Generator:
         if do_sample and self.split.head == "argmax":
             raise RuntimeInputError("this bundle's lm_head returns argmax tokens; it cannot sample",
                                     "re-export with --head logits or --head topk:K to sample")
-        padded = np.full((len(prompts), max_new_tokens), self.pad_id, dtype=np.int64)
+        rows = []
         prefill_ms = decode_ms = 0.0
         steps = 0
         for r, prompt in enumerate(prompts):
             cb = (lambda _row, tok, r=r: on_token(r, tok)) if on_token else None
             toks, pre, dec = self.split.generate_one(prompt, max_new_tokens, sampler, eos, cb)
-            padded[r, : len(toks)] = toks
+            rows.append(toks)
             prefill_ms += pre
             decode_ms += dec
             steps += len(toks) - 1
+        padded = _pad_rows(rows, self.pad_id)
         longest = max(len(_cut_at_eos(row, eos)) for row in padded.tolist())
         padded = padded[:, :longest]
         tokens = [_cut_at_eos(row, eos) for row in padded.tolist()]
         return GenerationResult(tokens, padded, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_tokens=steps)
 
 
+def _pad_rows(rows: list[list[int]], pad_id: int) -> np.ndarray:
+    """Token rows of one sequence each, laid out as one batch (padded with the pad token)."""
+    padded = np.full((len(rows), max(map(len, rows))), pad_id, dtype=np.int64)
+    for r, toks in enumerate(rows):
+        padded[r, :len(toks)] = toks
+    return padded
+
+
 def _stack(rows: list[GenerationResult], pad_id: int) -> GenerationResult:
     """One-prompt results laid out as one batch (rows padded with the pad token)."""
-    padded = np.full((len(rows), max(r.padded.shape[1] for r in rows)), pad_id, dtype=np.int64)
-    for i, r in enumerate(rows):
-        padded[i, : r.padded.shape[1]] = r.padded[0]
+    padded = _pad_rows([r.padded[0].tolist() for r in rows], pad_id)
     return GenerationResult([r.tokens[0] for r in rows], padded, prefill_ms=sum(r.prefill_ms for r in rows),
                             decode_ms=sum(r.decode_ms for r in rows), decode_tokens=sum(r.decode_tokens for r in rows))
 

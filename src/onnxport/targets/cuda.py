@@ -8,12 +8,12 @@ from pathlib import Path
 
 from onnxport.targets import INFO, WARNING, Finding, Target, register_target
 from onnxport.targets.cpu import ort_runs
-from onnxport.targets.rules import finding, graphs
+from onnxport.targets.rules import contrib_ops, graphs
 
 #: com.microsoft ops onnxport writes that ONNX Runtime's CUDA provider implements
-CUDA_CONTRIB = {"GroupQueryAttention", "MatMulNBits", "RotaryEmbedding", "SkipSimplifiedLayerNormalization",
+CUDA_CONTRIB = frozenset({"GroupQueryAttention", "MatMulNBits", "RotaryEmbedding", "SkipSimplifiedLayerNormalization",
                 "SimplifiedLayerNormalization", "SkipLayerNormalization", "GatherBlockQuantized", "MultiHeadAttention",
-                "FastGelu", "BiasGelu", "QuickGelu"}
+                "FastGelu", "BiasGelu", "QuickGelu"})
 
 
 @register_target
@@ -27,12 +27,8 @@ class Cuda(Target):
     def check(self, bundle: Path, manifest):
         findings = ort_runs(bundle, manifest)
         for g, model in graphs(bundle, manifest):
-            seen = set()
-            for node in model.graph.node:
-                if node.domain == "com.microsoft" and node.op_type not in CUDA_CONTRIB and node.op_type not in seen:
-                    seen.add(node.op_type)
-                    findings.append(finding(WARNING, f"com.microsoft.{node.op_type} is not in the CUDA provider's "
-                                                      "table here: it may fall back to the CPU", g, node))
+            findings += contrib_ops(g, model, WARNING, "not in the CUDA provider's table here: it may fall back to "
+                                                       "the CPU", allowed=CUDA_CONTRIB)
         if all((g.precision or {}).get("compute") != "float16" for g in manifest.graphs):
             findings.append(Finding(INFO, "fp32 graph: on a GPU, --dtype fp16 halves memory and is usually faster"))
         return findings, ["onnxruntime CPUExecutionProvider load + run (no GPU here)",

@@ -37,12 +37,13 @@ def finding(severity: str, message: str, g, node=None) -> Finding:
                    _module(node) if node is not None else None)
 
 
-def contrib_ops(g, model, severity: str, why: str) -> list[Finding]:
+def contrib_ops(g, model, severity: str, why: str, allowed: frozenset = frozenset()) -> list[Finding]:
     """Nodes outside the standard ONNX domain (com.microsoft: GroupQueryAttention, MatMulNBits,
-    RotaryEmbedding, the fusions)."""
+    RotaryEmbedding, the fusions), one finding per op type, except the op types in `allowed`."""
     seen, out = set(), []
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in seen:
+        if node.domain not in ("", "ai.onnx") and node.op_type not in allowed \
+                and (node.domain, node.op_type) not in seen:
             seen.add((node.domain, node.op_type))
             count = sum(n.domain == node.domain and n.op_type == node.op_type for n in model.graph.node)
             out.append(finding(severity, f"{node.domain}.{node.op_type} x{count}: {why}", g, node))

@@ -52,10 +52,10 @@ def _inside(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
-def module_boundaries(model) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def module_boundaries(model, scopes: dict) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(outputs, inputs): module path -> the values it hands out (made inside the module or a
-    submodule, read outside it or a graph output) and the values it reads from outside."""
-    scopes = node_scopes(model)
+    submodule, read outside it or a graph output) and the values it reads from outside;
+    `scopes` is node_scopes(model)."""
     graph_outputs = {o.name for o in model.graph.output}
     readers: dict[str, set[str]] = {}
     for node in model.graph.node:
@@ -133,7 +133,8 @@ def bisect_pytorch(loaded, kv, manifest, folder: Path, dtype: str = "float32", s
         raise ValueError("bisect runs a monolithic graph that reads a whole prompt per call")
     path = Path(folder) / graph.file
     structure = onnx.load(str(path), load_external_data=False)
-    outputs, inputs = module_boundaries(structure)
+    scopes = node_scopes(structure)
+    outputs, inputs = module_boundaries(structure, scopes)
     if not outputs:
         raise ValueError("the graph carries no module metadata (a TorchScript export or a rewritten graph); "
                          "bisect it against another bundle instead")
@@ -182,7 +183,6 @@ def bisect_pytorch(loaded, kv, manifest, folder: Path, dtype: str = "float32", s
     wanted = {v for vs in [*outputs.values(), *inputs.values()] for v in vs} | set(x)
     seen: dict[str, np.ndarray] = dict(x)
     run_feeds(path, g.output_names, [x], observe=lambda n, a: seen.__setitem__(n, a) if n in wanted else None)
-    scopes = node_scopes(structure)
     tolerance = TOLERANCE.get(dtype, 1e-3)
     rows = []
     for scope, ref in captured:
