@@ -74,6 +74,10 @@ def test_manifest_records_everything(exported, tiny_checkpoints):
     assert set(mf["versions"]) >= {"onnxport", "torch", "transformers", "onnx", "onnxruntime"}
     assert re.fullmatch(r"[0-9a-f]{64}", mf["source"]["sha256"])
     assert mf["model"]["model_type"] == "qwen2" and mf["kv_cache"]["num_kv_heads"] == 2
+    # where the export's time went, stage by stage
+    phases = mf["export"]["phases"]
+    assert set(phases) == {"load", "export", "verify", "optimize"} and all(v >= 0 for v in phases.values())
+    assert phases["export"] > 0 and phases["verify"] > 0 and sum(phases.values()) <= mf["export"]["seconds"]
     g = mf["graphs"][0]
     assert g["role"] == "decoder" and g["file"] == "model.onnx"
     assert g["inputs"][0] == {"name": "input_ids", "dtype": "int64", "dims": ["batch_size", "sequence_length"]}

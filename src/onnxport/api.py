@@ -16,6 +16,7 @@ onnxruntime and numpy.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from onnxport.bundle import DECODER, MODULES, Manifest, atomic_bundle, write_manifest
@@ -43,7 +44,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
         models = ModelCache()
         pipelines = []  # what recipes say about chaining the parts at run time
         for name, recipe in plan.recipes.items():
-            loaded = models.load(name, recipe, ckpt, cfg, plan.split)
+            with _phase(manifest, "load"):
+                loaded = models.load(name, recipe, ckpt, cfg, plan.split)
             if loaded.is_decoder:
                 _decoder_stages(loaded, ckpt, cfg, verify_cfg, plan.split, folder, manifest)
             else:
@@ -60,17 +62,12 @@ def _decoder_stages(loaded, ckpt, cfg: ExportConfig, vcfg: VerifyConfig, split: 
                     manifest: Manifest) -> None:
     """A text decoder: export -> verify (fp32) -> fusions -> precision (verified again) ->
     logits_to_keep."""
-    from onnxport.export.part import SHARED_WEIGHTS, export_decoder_part
+    from onnxport.export.part import export_decoder_part
     from onnxport.optimize.precision import ValueRanges
-    from onnxport.optimize.stage import (
-        add_logits_to_keep,
-        convert_decoder,
-        convert_split,
-        run_fusions,
-    )
     from onnxport.verify.decoder import DecoderCheck, verify_decoder_part
 
-    exported = export_decoder_part(loaded, ckpt, cfg, split, folder, manifest)
+    with _phase(manifest, "export"):
+        exported = export_decoder_part(loaded, ckpt, cfg, split, folder, manifest)
     write_manifest(folder, manifest)  # the split runtime reads it during verification
     # the fp16 guard reads every value's range: the fp32 verification run records them
     ranges = ValueRanges() if cfg.dtype == "float16" and cfg.verify and not cfg.optimize else None
@@ -80,9 +77,25 @@ def _decoder_stages(loaded, ckpt, cfg: ExportConfig, vcfg: VerifyConfig, split: 
 
             streamed_reference(loaded.model, ckpt, loaded.buffers, _torch_dtype(cfg.trace_dtype))
             loaded.streamed = True
-        verify_decoder_part(loaded, exported.kv, folder, manifest, cfg, vcfg, exported.split,
-                            observe=ranges.note if ranges is not None else None)
+        with _phase(manifest, "verify"):
+            verify_decoder_part(loaded, exported.kv, folder, manifest, cfg, vcfg, exported.split,
+                                observe=ranges.note if ranges is not None else None)
     checker = DecoderCheck(loaded, exported.kv, manifest, vcfg) if cfg.verify and exported.split is None else None
+    with _phase(manifest, "optimize"):
+        _optimize_decoder(loaded, exported, checker, ranges, cfg, vcfg, folder, manifest)
+
+
+def _optimize_decoder(loaded, exported, checker, ranges, cfg: ExportConfig, vcfg: VerifyConfig, folder: Path,
+                      manifest: Manifest) -> None:
+    """Fusions (--optimize) -> precision (verified again) -> logits_to_keep."""
+    from onnxport.export.part import SHARED_WEIGHTS
+    from onnxport.optimize.stage import (
+        add_logits_to_keep,
+        convert_decoder,
+        convert_split,
+        run_fusions,
+    )
+
     if cfg.optimize:
         run_fusions(folder, manifest, checker, cfg.external_data_threshold_bytes)
     if cfg.dtype != "float32" and exported.split is not None:
@@ -95,6 +108,18 @@ def _decoder_stages(loaded, ckpt, cfg: ExportConfig, vcfg: VerifyConfig, split: 
         convert_decoder(folder, manifest, cfg, vcfg, checker, ranges.max if ranges is not None else None)
     if exported.split is None:
         add_logits_to_keep(folder, manifest)
+
+
+@contextmanager
+def _phase(manifest: Manifest, name: str):
+    """Add the seconds of the block to manifest.export.phases[name]."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases = manifest.export.phases if manifest.export.phases is not None else {}
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t0, 2)
+        manifest.export.phases = phases
 
 
 def _module_stages(name: str, loaded, cfg: ExportConfig, vcfg: VerifyConfig, folder: Path, manifest: Manifest) -> None:

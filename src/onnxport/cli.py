@@ -259,14 +259,16 @@ def quantize_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Quantized bundle folder to write."),
     bits: int = typer.Option(4, help="4 or 8 (weight-only MatMulNBits)."),
     block_size: int = typer.Option(32, "--block-size", help="Input channels per quantization block (16-256)."),
-    method: str = typer.Option("rtn", help="rtn (round to nearest per block) or awq (activation-aware channel scales searched on the calibration text, then RTN)."),
+    method: str = typer.Option("rtn", help="rtn (round to nearest per block), awq (activation-aware channel scales searched on the calibration text, then RTN) or gptq (rounding errors compensated through the calibration activations' inverse Hessian; int4)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="Per-block zero points (default: symmetric)."),
     accuracy_level: int = typer.Option(0, "--accuracy-level", help="MatMulNBits accuracy_level: 0 unset (fp32 compute), 4 = int8 compute (faster on CPU)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration / held-out text (default: text shipped with onnxport)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration / held-out text (default: Python's documentation as CPython ships it calibrates, text shipped with onnxport is held out)."),
     max_ppl_increase: float = typer.Option(0.10, "--max-ppl-increase", help="Gate: held-out perplexity at most (1 + this) x the source bundle's."),
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", "--target-agreement", help="Gate: fraction of greedy tokens equal to the source bundle's."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Layers whose relative output error on the calibration text exceeds this start at int8."),
     quantize_embedding: bool = typer.Option(False, "--quantize-embedding", help="Also quantize the token embedding table (GatherBlockQuantized)."),
+    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="int4: the output head (lm_head, tied or not) at these bits instead (8: as llama.cpp's Q4_K_M keeps its output layer wider)."),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens (AWQ, GPTQ, per-layer errors): of Python's documentation by default, or the first of --calib's text (the gate holds out the 1024 after them)."),
     no_escalate: bool = typer.Option(False, "--no-escalate", help="int4: fail instead of moving the most sensitive layers to int8."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="int4: write the result even when the gate moved every layer to int8."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
@@ -280,7 +282,7 @@ def quantize_cmd(
                       accuracy_level=accuracy_level, calib=str(calib) if calib else None,
                       max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, max_error=max_error,
                       escalate=not no_escalate, embedding=quantize_embedding, allow_fallback=allow_fallback,
-                      force=force)
+                      head_bits=head_bits, calib_tokens=calib_tokens, force=force)
     with _working(f"quantizing {bundle} to int{bits}"):
         manifest = quantize(bundle, output, cfg)
     for line in quantize_lines(manifest, output):
@@ -455,6 +457,7 @@ def generate_cmd(
     task: Optional[str] = typer.Option(None, "--task", help="Speech-to-text: transcribe or translate (default: the model's own)."),
     trust_bundle: bool = typer.Option(False, "--trust-bundle", help="Skip the sha256 check of the bundle's files at load (sizes are still compared): for a large bundle you load often from a trusted place."),
     speculative: int = typer.Option(0, "--speculative", help="Prompt-lookup speculative decoding: draft up to K tokens from earlier text and verify them in one forward (greedy, same tokens as without; text generation on the default graph)."),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="Speculative decoding with a draft bundle (a smaller model with the same tokenizer, or this one quantized; default graph): its greedy tokens are the drafts, up to --speculative (default 4) per forward; same tokens as without."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, or openvino (its CPU plugin at f32 precision; pip install openvino): the same generation loop on another engine."),
 ):
     """Generate with ONNX Runtime (no torch). The bundle's manifest decides the task: text
@@ -468,7 +471,8 @@ def generate_cmd(
     request = Request(prompts=tuple(prompt or ()), messages=read_messages(messages) if messages is not None else None,
                       chat=chat, system=system, images=tuple(image or ()), audio=tuple(audio or ()), speak=speak,
                       overwrite=True, language=language, task=task, stream=stream,
-                      sampling=Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed, speculative))
+                      sampling=Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed, speculative,
+                                        str(draft) if draft is not None else None))
     with using_runtime(runtime):
         runner = open_task(bundle)
         if speak is not None:

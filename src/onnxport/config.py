@@ -210,12 +210,14 @@ class QuantConfig:
 
     bits: int = 4
     block_size: int = 32
-    #: rtn: round to nearest per block; awq: activation-aware per-channel scales first
+    #: rtn: round to nearest per block; awq: activation-aware per-channel scales first; gptq:
+    #: rounding errors compensated through the calibration activations' inverse Hessian
     method: str = "rtn"
     symmetric: bool = True
     #: MatMulNBits accuracy_level (0 = unset: fp32 compute; 4 = int8 compute, faster on CPU)
     accuracy_level: int = 0
-    #: calibration / held-out text file (default: the text shipped in onnxport/data/calib.txt)
+    #: calibration / held-out text file (default: Python's documentation calibrates, the text
+    #: shipped in onnxport/data/calib.txt is held out)
     calib: str | None = None
     #: gate: held-out perplexity at most (1 + this) x the source bundle's
     max_ppl_increase: float = 0.10
@@ -231,6 +233,13 @@ class QuantConfig:
     allow_fallback: bool = False
     #: also quantize the token embedding table (GatherBlockQuantized, same bits and block)
     embedding: bool = False
+    #: int4: the output head (lm_head, tied or not) at these bits instead (8: as llama.cpp's
+    #: Q4_K_M keeps output.weight at 6 bits; None: like every other layer)
+    head_bits: int | None = None
+    #: calibration tokens (AWQ scales, GPTQ Hessians, per-layer errors): of Python's documentation
+    #: by default (the gate holds out onnxport/data/calib.txt), or the first of a --calib text
+    #: (the gate holds out the 1024 after them)
+    calib_tokens: int = 4096
     force: bool = False
     external_data_threshold_bytes: int = 1 << 30
 
@@ -240,8 +249,12 @@ class QuantConfig:
         if self.block_size not in (16, 32, 64, 128, 256):
             raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}",
                              "use --block-size 32 (the default) or another power of two from 16 to 256")
-        if self.method not in ("rtn", "awq"):
-            raise InputError(f"unknown --method {self.method!r}", "use --method rtn or awq")
+        if self.method not in ("rtn", "awq", "gptq"):
+            raise InputError(f"unknown --method {self.method!r}", "use --method rtn, awq or gptq")
+        if self.head_bits not in (None, 4, 8):
+            raise InputError(f"--head-bits must be 4 or 8, got {self.head_bits}", "use --head-bits 8 (or leave it out)")
+        if self.calib_tokens < 16:
+            raise InputError(f"--calib-tokens must be at least 16, got {self.calib_tokens}", "use --calib-tokens 384 or more")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"--accuracy-level must be 0-4, got {self.accuracy_level}",
                              "0 = fp32 compute (default), 4 = int8 compute")

@@ -246,6 +246,9 @@ class ExportInfo:
     seconds: float | None = None
     #: `export --target T`: {"name": T, "flags": the options the preset chose}
     target: dict | None = None
+    #: seconds per stage: load (checkpoint -> torch), export (trace + ONNX), verify (against
+    #: PyTorch), optimize (passes, precision, each verified again)
+    phases: dict | None = None
 
 
 @dataclass

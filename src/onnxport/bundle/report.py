@@ -103,7 +103,8 @@ def sections(folder: Path, manifest) -> list[tuple[str, list[list[str]] | str]]:
     out.append(("Summary", [["model", f"{m.model.model_type} ({m.model.recipe})"], ["task", m.task or "-"],
                             ["layout", m.layout.kind], ["exporter / opset", f"{exp.exporter} / {exp.opset}"],
                             ["dtype", exp.dtype], ["target", json.dumps(exp.target) if exp.target else "-"],
-                            ["export seconds", str(exp.seconds if exp.seconds is not None else "-")],
+                            ["export seconds", str(exp.seconds if exp.seconds is not None else "-") +
+                             (" (" + ", ".join(f"{k} {v}" for k, v in exp.phases.items()) + ")" if exp.phases else "")],
                             ["verified", {True: "yes", False: "NO", None: "not verified"}[m.verified_ok]],
                             ["versions", ", ".join(f"{k} {v}" for k, v in (m.versions or {}).items() if v)]]))
     out.append(("Parts", [["part", "kind", "recipe", "graphs", "verified"]] +

@@ -9,6 +9,10 @@ The packing is ONNX Runtime's `MatMulNBitsQuantizer` (RTN: round to nearest per 
 - **AWQ** (`awq_scales`, `apply_scales`): per input group, channel scales s = mean|X|^alpha
   searched to minimise the group's output error; the graph reads X / s through one Mul and
   packs W * s.
+- **GPTQ** (`gptq`): each weight's input channels are rounded in order and each rounding
+  error is spread over the channels still to come through the inverse Hessian of the
+  calibration activations; the codes are packed as ONNX Runtime packs its own (`pack`,
+  byte-identical on RTN codes) and replace its RTN rounding (`write_codes`).
 - **gate**: held-out perplexity and greedy-token agreement of the quantized graph against the
   fp graph, measured with ONNX Runtime. When the gate fails, the most sensitive layers move to
   int8 (10 %, 25 %, 50 %, then all); when even all-int8 fails, quantize fails with a hint.
@@ -109,6 +113,27 @@ def untie_transposed(model) -> int:
     return n
 
 
+def head_node(src: Path, output: str = "logits") -> str | None:
+    """The quantizable MatMul nearest the `logits` output walking back through the graph: the
+    output head (lm_head, tied or not), or None."""
+    structure = graph_structure(src)
+    targets = {t[0] for t in quantizable(structure)}
+    producer = {o: n for n in structure.graph.node for o in n.output}
+    frontier, seen = [output], set()
+    while frontier:
+        nxt = []
+        for v in frontier:
+            n = producer.get(v)
+            if n is None or n.name in seen:
+                continue
+            if n.name in targets:
+                return n.name
+            seen.add(n.name)
+            nxt.extend(n.input)
+        frontier = nxt
+    return None
+
+
 def module_names(src: Path) -> dict[str, str]:
     """node name -> the torch module it came from (`model.layers.0.self_attn.v_proj`), read
     from the dynamo exporter's name scopes; nodes without them are left out."""
@@ -132,46 +157,198 @@ def module_names(src: Path) -> dict[str, str]:
     return out
 
 
+def grid(b: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of blocks `b` [..., block, N] (reduced along the block axis, kept as
+    size 1), as ONNX Runtime (MLAS) sets them: symmetric, the value of largest magnitude maps,
+    with its sign, to -2^(bits-1) exactly (zero point 2^(bits-1)); asymmetric, [min(., 0),
+    max(., 0)] spans [0, 2^bits - 1]. Scales are float32 as stored; a code is q = clip(round(w /
+    scale) + zp) and stands for (q - zp) x scale."""
+    qmax = 2 ** bits - 1
+    if symmetric:
+        idx = np.abs(b).argmax(axis=-2)[..., None, :]
+        scale = (np.take_along_axis(b, idx, axis=-2) / -(2 ** (bits - 1))).astype(np.float32)
+        scale[scale == 0] = 1.0
+        return scale, np.full(scale.shape, 2 ** (bits - 1), np.float32)
+    lo = np.minimum(b.min(axis=-2, keepdims=True), 0).astype(np.float32)
+    hi = np.maximum(b.max(axis=-2, keepdims=True), 0).astype(np.float32)
+    scale = (hi - lo) / np.float32(qmax)
+    scale[scale == 0] = 1.0
+    return scale, np.clip(np.round(-lo / scale), 0, qmax).astype(np.float32)
+
+
 def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
     """The dequantized RTN copy of `w` [K, N], blocks of `block` along K (as MatMulNBits)."""
+    return rtn_codes(w, bits, block, symmetric).dequantize()
+
+
+def rtn_codes(w: np.ndarray, bits: int, block: int, symmetric: bool) -> "Codes":
+    """Round to nearest: the codes ONNX Runtime's quantizer packs for `w` [K, N]."""
     k, n = w.shape
     pad = (-k) % block
     wp = np.concatenate([w, np.zeros((pad, n), w.dtype)]) if pad else w
     b = wp.reshape(-1, block, n).astype(np.float64)
+    scale, zp = grid(b, bits, symmetric)
+    q = np.clip(np.round(b / scale) + zp, 0, 2 ** bits - 1)
+    return Codes(q.reshape(-1, n).astype(np.uint8), scale[:, 0], zp[:, 0], k)
+
+
+@dataclass
+class Codes:
+    """A weight [K, N] as MatMulNBits stores it: unsigned codes [K padded to the block, N],
+    float32 scales and zero points [K / block, N] (dequantized: (q - zp) x scale)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zp: np.ndarray
+    k: int
+
+    def dequantize(self) -> np.ndarray:
+        block = self.q.shape[0] // self.scale.shape[0]
+        b = self.q.reshape(-1, block, self.q.shape[1]).astype(np.float32)
+        return ((b - self.zp[:, None]) * self.scale[:, None]).reshape(self.q.shape)[: self.k]
+
+
+def gptq(w: np.ndarray, x: np.ndarray | None, bits: int, block: int, symmetric: bool,
+         damp: float = 0.01, lazy: int = 128, actorder: bool = False, hessian: np.ndarray | None = None) -> Codes:
+    """GPTQ (Frantar et al., 2022; the algorithm of the reference code and AutoGPTQ): input
+    channels are quantized one at a time, each one's rounding error spread over the channels not
+    yet quantized through the inverse Hessian H = X^T X (+ `damp` x its mean diagonal) of the
+    calibration activations `x` [tokens, K] (or `hessian` given). Blocks stay contiguous along K
+    as MatMulNBits needs: in order, each block's scale and zero point are set (as `grid`) when
+    the block is reached, from the weights as updated so far; with `actorder`, channels go in
+    order of decreasing H diagonal and every block's scale is set first from the original
+    weights (AutoGPTQ's static groups)."""
+    k, n = w.shape
+    kp = k + (-k) % block
+    lazy = max(lazy - lazy % block, block)
+    W = np.zeros((kp, n), np.float64)
+    W[:k] = w
+    H = np.zeros((kp, kp), np.float64)
+    H[:k, :k] = hessian if hessian is not None else x.astype(np.float64).T @ x.astype(np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
     qmax = 2 ** bits - 1
-    if symmetric:
-        # as ONNX Runtime (MLAS): the value of largest magnitude, with its sign, maps to
-        # -2^(bits-1) exactly, so the full [-2^(b-1), 2^(b-1)-1] range is used
-        idx = np.abs(b).argmax(axis=1)[:, None, :]
-        signed_max = np.take_along_axis(b, idx, axis=1)
-        scale = signed_max / -(2 ** (bits - 1))
-        scale[scale == 0] = 1.0
-        q = np.clip(np.round(b / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        deq = q * scale
-    else:
-        lo = np.minimum(b.min(axis=1, keepdims=True), 0)
-        hi = np.maximum(b.max(axis=1, keepdims=True), 0)
-        scale = (hi - lo) / qmax
-        scale[scale == 0] = 1.0
-        zp = np.clip(np.round(-lo / scale), 0, qmax)
-        q = np.clip(np.round(b / scale) + zp, 0, qmax)
-        deq = (q - zp) * scale
-    return deq.reshape(-1, n)[:k].astype(np.float32)
+    S = np.zeros((kp // block, n), np.float32)
+    Z = np.zeros((kp // block, n), np.float32)
+    perm = np.argsort(-np.diag(H), kind="stable") if actorder else np.arange(kp)
+    if actorder:
+        scale, zp = grid(W.reshape(-1, block, n), bits, symmetric)
+        S[:], Z[:] = scale[:, 0], zp[:, 0]
+        W, H = W[perm], H[perm][:, perm]
+    # U: the upper Cholesky factor of H^-1 (H^-1 = U^T U), as the reference implementation
+    hinv = np.linalg.inv(H)
+    U = np.linalg.cholesky((hinv + hinv.T) / 2).T
+    Q = np.zeros((kp, n), np.uint8)
+    for i1 in range(0, kp, lazy):
+        i2 = min(i1 + lazy, kp)
+        W1, E1, U1 = W[i1:i2].copy(), np.zeros((i2 - i1, n)), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            r = i1 + i
+            g = perm[r] // block
+            if not actorder and r % block == 0:
+                scale, zp = grid(W1[i:i + block][None], bits, symmetric)
+                S[g], Z[g] = scale[0, 0], zp[0, 0]
+            scale, zp = S[g].astype(np.float64), Z[g].astype(np.float64)
+            q = np.clip(np.round(W1[i] / scale) + zp, 0, qmax)
+            Q[perm[r]] = q
+            err = (W1[i] - (q - zp) * scale) / U1[i, i]
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            E1[i] = err
+        W[i2:] -= U[i1:i2, i2:].T @ E1
+    return Codes(Q, S, Z, k)
 
 
-def calibrate(src: Path, feeds: dict) -> dict[str, np.ndarray]:
-    """The input activations of every quantizable MatMul on the calibration feeds, by value
-    name (one ONNX Runtime run of `src` with those values exposed)."""
+def pack(codes: Codes, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits' initializers for `codes`: B uint8 [N, K / block, block x bits / 8] (4 bits:
+    two codes a byte, the lower K index in the low nibble), scales float32 [N, K / block], zero
+    points uint8 [N, ceil(K / block / 2)] (4 bits, packed the same way) or [N, K / block].
+    Codes past K (the last block's padding) are written 0, a missing zero-point nibble 8, as
+    ONNX Runtime writes them."""
+    kp, n = codes.q.shape
+    nb = codes.scale.shape[0]
+    q = codes.q.copy()
+    q[codes.k:] = 0  # as ONNX Runtime writes the padding past K
+    q = q.T.reshape(n, nb, kp // nb)
+    zp = codes.zp.T.astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+        if nb % 2:
+            zp = np.concatenate([zp, np.full((n, 1), 8, np.uint8)], axis=1)  # as ONNX Runtime pads it
+        zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+    return np.ascontiguousarray(q, np.uint8), np.ascontiguousarray(codes.scale.T), np.ascontiguousarray(zp)
+
+
+def write_codes(model, codes: dict[str, Codes], bits: int) -> int:
+    """Replace the packed weights of the MatMulNBits nodes made from the MatMuls named in
+    `codes` (ONNX Runtime's quantizer names them `<name>_Q<bits>`) by those codes; a symmetric
+    node without a zero-point input must hold the default zero point 2^(bits-1). Returns how
+    many were replaced."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        c = codes.get(node.name[: -len(f"_Q{bits}")]) if node.name.endswith(f"_Q{bits}") else None
+        if c is None or node.op_type != "MatMulNBits":
+            continue
+        b, scale, zp = pack(c, bits)
+        has_zp = len(node.input) > 3 and node.input[3]
+        if not has_zp and not np.all(c.zp == 2 ** (bits - 1)):
+            raise ValueError(f"{node.name}: codes with zero points for a node without them")
+        for idx, arr in ((1, b), (2, scale), (3, zp)):
+            if idx == 3 and not has_zp:
+                continue
+            old = inits[node.input[idx]]
+            if tuple(old.dims) != arr.shape and int(np.prod(old.dims)) == arr.size:
+                arr = arr.reshape(tuple(old.dims))
+            if tuple(old.dims) != arr.shape:
+                raise ValueError(f"{node.name}: {node.input[idx]} is {tuple(old.dims)}, the codes give {arr.shape}")
+            old.CopyFrom(numpy_helper.from_array(arr, old.name))
+        done += 1
+    return done
+
+
+@dataclass
+class Calibration:
+    """What the calibration text tells about each activation X read by quantizable MatMuls (by
+    value name): H = X^T X over every calibration token (float32; what GPTQ and the output errors
+    need: ||X D||^2 = tr(D^T H D)), and the first `sample` tokens of X itself (AWQ's scale
+    search)."""
+
+    hessians: dict
+    samples: dict
+    tokens: int
+
+
+def calibrate(src: Path, feeds: dict | list[dict], sample: int = 512) -> Calibration:
+    """Run `src` on the calibration feeds (one feed, or windows of a text longer than the
+    model's positions) with the inputs of every quantizable MatMul exposed, one window at a time:
+    memory is one window's activations plus a K x K matrix per activation, however long the text."""
     structure = graph_structure(src)
     targets = {t[0] for t in quantizable(structure)}
     xs = sorted({n.input[0] for n in structure.graph.node if n.name in targets})
-    return next(run_exposing(src, structure, xs, [feeds]))
+    hessians: dict = {}
+    samples: dict = {}
+    tokens = 0
+    for run in run_exposing(src, structure, xs, feeds if isinstance(feeds, list) else [feeds]):
+        for x in xs:
+            a = run[x].reshape(-1, run[x].shape[-1]).astype(np.float32)
+            if x in hessians:
+                hessians[x] += a.T @ a
+            else:
+                hessians[x] = a.T @ a
+            have = samples.get(x)
+            if have is None or len(have) < sample:
+                samples[x] = a[:sample].copy() if have is None else np.concatenate([have, a[:sample - len(have)]])
+        tokens += len(a)
+    return Calibration(hessians, samples, tokens)
 
 
-def _layer_groups(src: Path, acts: dict):
-    """Per activation read by quantizable MatMuls: (input value name, X [tokens, K],
-    [(node name, W [K, N]), ...]). Weights are read one group at a time, so a large model's
-    are never all in memory."""
+def _layer_groups(src: Path):
+    """Per activation read by quantizable MatMuls: (input value name, [(node name, W [K, N]),
+    ...]). Weights are read one group at a time, so a large model's are never all in memory."""
     from onnx import numpy_helper
 
     structure = graph_structure(src)
@@ -185,31 +362,55 @@ def _layer_groups(src: Path, acts: dict):
         for name, wname, transposed in members:
             w = numpy_helper.to_array(inits[wname], base_dir=str(src.parent)).astype(np.float32)
             ws.append((name, np.ascontiguousarray(w.T) if transposed else w))
-        yield x_name, acts[x_name].reshape(-1, ws[0][1].shape[0]).astype(np.float32), ws
+        yield x_name, ws
 
 
-def sensitivity(src: Path, acts: dict, spec: QuantSpec, scales: dict | None = None) -> dict[str, float]:
-    """node name -> relative output error ||X W - X Q(W)|| / ||X W|| of its spec.bits RTN
-    weight on the calibration activations (with AWQ `scales`: X/s and Q(W s)), worst first."""
+def _quadratic(h: np.ndarray, d: np.ndarray) -> float:
+    """tr(D^T H D) = ||X D||^2 for H = X^T X."""
+    return float(np.einsum("kn,kn->", h @ d, d))
+
+
+def sensitivity(src: Path, calib: Calibration, spec: QuantSpec, scales: dict | None = None,
+                codes: dict | None = None) -> dict[str, float]:
+    """node name -> relative output error ||X W - X Q(W)|| / ||X W|| of its spec.bits weight
+    over every calibration token: RTN, with AWQ `scales` X/s and Q(W s), or the given `codes`
+    (GPTQ); worst first."""
     err = {}
-    for x_name, x, ws in _layer_groups(src, acts):
+    for x_name, ws in _layer_groups(src):
+        h = calib.hessians[x_name]
         s = (scales or {}).get(x_name)
         for name, w in ws:
-            approx = (x / s) @ rtn(w * s[:, None], spec.bits, spec.block_size, spec.symmetric) if s is not None \
-                else x @ rtn(w, spec.bits, spec.block_size, spec.symmetric)
-            ref = x @ w
-            err[name] = float(np.linalg.norm(ref - approx) / max(np.linalg.norm(ref), 1e-30))
+            w64 = w.astype(np.float64)
+            if codes is not None and name in codes:
+                d = w64 - codes[name].dequantize()
+            elif s is not None:  # X W - (X / s) Q(W s) = (X / s) (W s - Q(W s))
+                ws_ = w * s[:, None]
+                d = (ws_ - rtn(ws_, spec.bits, spec.block_size, spec.symmetric)).astype(np.float64) / s[:, None]
+            else:
+                d = w64 - rtn(w, spec.bits, spec.block_size, spec.symmetric)
+            err[name] = float(np.sqrt(max(_quadratic(h, d), 0.0) / max(_quadratic(h, w64), 1e-30)))
     return dict(sorted(err.items(), key=lambda kv: -kv[1]))
 
 
-def awq_scales(src: Path, acts: dict, spec: QuantSpec, grid: int = 20, max_tokens: int = 512) -> dict:
+def gptq_codes(src: Path, calib: Calibration, spec: QuantSpec, actorder: bool = True) -> dict[str, Codes]:
+    """node name -> GPTQ codes of its weight, from the Hessian of the activations it reads."""
+    out = {}
+    for x_name, ws in _layer_groups(src):
+        for name, w in ws:
+            out[name] = gptq(w, None, spec.bits, spec.block_size, spec.symmetric, actorder=actorder,
+                             hessian=calib.hessians[x_name])
+    return out
+
+
+def awq_scales(src: Path, calib: Calibration, spec: QuantSpec, grid: int = 20) -> dict:
     """AWQ (Lin et al., 2023; the search of llm-awq / AutoAWQ): for each group of MatMuls that
     read the same activation X, per-input-channel scales s = mean|X|^alpha (normalised), alpha
-    on a grid in [0, 1), minimising sum ||X W - (X / s) Q(W s)||^2 over the group. Returns
-    {input value name: s} for the groups where some alpha > 0 beats plain RTN."""
+    on a grid in [0, 1), minimising sum ||X W - (X / s) Q(W s)||^2 over the group (on the
+    calibration sample). Returns {input value name: s} for the groups where some alpha > 0
+    beats plain RTN."""
     plan = {}
-    for x_name, x, named in _layer_groups(src, acts):
-        x, ws = x[:max_tokens], [w for _, w in named]
+    for x_name, named in _layer_groups(src):
+        x, ws = calib.samples[x_name], [w for _, w in named]
         refs = [x @ w for w in ws]
         mean = np.abs(x).mean(axis=0).astype(np.float64) + 1e-8
         best, best_s = None, None
@@ -297,12 +498,13 @@ def fold_bias_adds(model) -> int:
 
 
 def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str], external_threshold: int,
-                   scales: dict | None = None, embedding: bool = False) -> int:
+                   scales: dict | None = None, embedding: bool = False, codes: dict | None = None) -> int:
     """MatMulNBits at spec.bits for every quantizable MatMul, `int8_nodes` at 8 bits, after
     folding AWQ `scales` (if any) into activations and weights; with `embedding`, token
     embedding Gathers become GatherBlockQuantized (spec.bits, blocks along the hidden axis;
     ONNX Runtime's quantizer raises the opset to 21 for the int4 type). Constant bias Adds
-    after MatMulNBits fold into it (`fold_bias_adds`); returns how many did."""
+    after MatMulNBits fold into it (`fold_bias_adds`); returns how many did. `codes` (GPTQ)
+    replace the rounding of the spec.bits nodes they name."""
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -327,6 +529,8 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, int8_nodes: list[str],
                                  op_types_to_quantize=("MatMul",))
         q.process()
         model = q.model.model
+        if codes and bits == spec.bits:
+            write_codes(model, {n: codes[n] for n in nodes if n in codes}, bits)
     if embedding:
         q = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size, is_symmetric=spec.symmetric,
                                  op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))

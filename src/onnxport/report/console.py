@@ -122,9 +122,14 @@ def quantize_lines(manifest: Manifest, output) -> list[str]:
     requested bits."""
     q = manifest.graph("decoder").quantization
     emb = f", embedding {q['embedding'].split()[0]}" if q.get("embedding", "float32") != "float32" else ""
-    lines = [f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}{emb}; held-out "
-             f"perplexity {q['perplexity']['quantized']:.3f} (source {q['perplexity']['source']:.3f}); greedy tokens "
-             f"equal to the source: {q['greedy_agreement']['tokens_equal']}/{q['greedy_agreement']['tokens']}"]
+    head = f" (head int{q['head']['bits']})" if q.get("head") else ""
+    lg = q.get("logits")
+    teacher = (f"; next-token argmax equal to the source's at {lg['top1_agreement']:.1%} of held-out positions"
+               if lg else "")
+    lines = [f"wrote {output}/: {', '.join(f'{v} MatMul {k}' for k, v in q['layers'].items())}{head}{emb} "
+             f"({q['method']}); held-out perplexity {q['perplexity']['quantized']:.3f} (source "
+             f"{q['perplexity']['source']:.3f}){teacher}; greedy tokens equal to the source: "
+             f"{q['greedy_agreement']['tokens_equal']}/{q['greedy_agreement']['tokens']}"]
     if q.get("fallback"):
         f = q["fallback"]
         lines.append(f"int{q['bits']} was asked for: the quality gate moved {f['int8_layers']} of {f['of']} layers to "

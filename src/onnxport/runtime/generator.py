@@ -220,6 +220,7 @@ class Generator:
         prefill: dict | None = None,
         on_outputs: OutputsCallback | None = None,
         speculative: int = 0,
+        draft: "Generator | None" = None,
     ) -> GenerationResult:
         """Generate from token-id prompts (left-padded into one batch).
 
@@ -230,7 +231,9 @@ class Generator:
         outputs)` sees each call's outputs (a pipeline reading `last_hidden_state`); monolithic
         decoders that read a whole prompt per call. Graphs with the optional `logits_to_keep`
         input compute the prompt call's logits at the last position only (every row's last
-        token: left padding, or right padding with prompts of one length)."""
+        token: left padding, or right padding with prompts of one length). `speculative=K`:
+        greedy decoding that verifies up to K drafted tokens per forward (the same tokens), drafted
+        from the text itself or, given a `draft` Generator (same tokenizer), by that model."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token", "pass a non-empty prompt")
         if max_new_tokens < 1:
@@ -260,9 +263,9 @@ class Generator:
         if on_outputs is not None and (self.split is not None or self.step_only):
             raise RuntimeInputError("on_outputs needs a monolithic decoder that reads a whole prompt per call",
                                     "export with the monolithic layout")
-        if speculative:
-            return self._generate_speculative(prompts, max_new_tokens, eos, on_token, speculative,
-                                              do_sample or prefill is not None or on_outputs is not None)
+        if speculative or draft is not None:
+            return self._generate_speculative(prompts, max_new_tokens, eos, on_token, speculative or 4,
+                                              do_sample or prefill is not None or on_outputs is not None, draft)
         if self.rows_alone and len(prompts) > 1:
             if prefill is not None or on_outputs is not None:
                 raise RuntimeInputError("OpenVINO runs this GroupQueryAttention graph one prompt at a time; a "
@@ -447,21 +450,25 @@ class Generator:
         tokens = [_cut_at_eos(row, eos) for row in padded.tolist()]
         return GenerationResult(tokens, padded, prefill_ms=prefill_ms, decode_ms=decode_ms, decode_tokens=steps)
 
-    def _generate_speculative(self, prompts, max_new_tokens, eos, on_token, k: int, unsupported: bool):
-        """Prompt-lookup drafts of up to `k` tokens verified in one forward (runtime/speculative.py):
-        greedy only, one prompt at a time; the tokens are plain greedy decoding's."""
-        from onnxport.runtime.speculative import prompt_lookup
+    def _generate_speculative(self, prompts, max_new_tokens, eos, on_token, k: int, unsupported: bool, draft=None):
+        """Drafts of up to `k` tokens (prompt lookup, or the `draft` model's) verified in one
+        forward (runtime/speculative.py): greedy only, one prompt at a time; the tokens are plain
+        greedy decoding's."""
+        from onnxport.runtime.speculative import DraftModel, prompt_lookup, same_tokenizer
 
         if unsupported:
             raise RuntimeInputError("speculative decoding is greedy and text-only here",
                                     "drop --sample (or --speculative)")
         if k < 1:
             raise RuntimeInputError(f"--speculative must be >= 1 drafted tokens, got {k}", "pass e.g. --speculative 8")
+        if draft is not None:
+            same_tokenizer(self, draft)
         rows, total = [], {"forwards": 0, "drafted": 0, "accepted": 0, "prefill_ms": 0.0, "decode_ms": 0.0,
-                           "decode_tokens": 0}
+                           "decode_tokens": 0, "draft_ms": 0.0}
         for r, prompt in enumerate(prompts):
             cb = (lambda _row, tok, r=r: on_token(r, tok)) if on_token else None
-            toks, stats = prompt_lookup(self, prompt, max_new_tokens, eos, k, on_token=cb)
+            drafter = DraftModel(draft, k) if draft is not None else None
+            toks, stats = prompt_lookup(self, prompt, max_new_tokens, eos, k, on_token=cb, drafter=drafter)
             rows.append(toks)
             for key in total:
                 total[key] += stats[key]

@@ -76,3 +76,7 @@ def smollm2_checkpoint(root: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+if __name__ == "__main__":  # python -m onnxport.testing.trained: convert (once) and print the path
+    print(smollm2_checkpoint())

@@ -22,6 +22,30 @@ def perplexity(gen, ids: list[int], window: int = 256) -> float:
     return float(np.exp(nll / max(n, 1)))
 
 
+def logits_agreement(gen, ref, ids: list[int], window: int = 256) -> dict:
+    """`gen`'s logits against `ref`'s on the same text, teacher-forced (both read `ids`, in the
+    perplexity's windows): the fraction of positions whose argmax agrees, the mean KL(ref || gen)
+    of the next-token distributions, and the mean and lowest cosine of the logit rows. Unlike
+    free-running greedy agreement, one early flip does not decide every later position."""
+    top1 = kl = 0.0
+    cos: list[float] = []
+    n = 0
+    for a in range(0, len(ids) - 1, window):
+        chunk = ids[a:a + window]
+        if len(chunk) < 2:
+            break
+        x, y = gen.logits(chunk).astype(np.float64), ref.logits(chunk).astype(np.float64)
+        top1 += float((x.argmax(-1) == y.argmax(-1)).sum())
+        px, py = x - x.max(-1, keepdims=True), y - y.max(-1, keepdims=True)
+        lx = px - np.log(np.exp(px).sum(-1, keepdims=True))
+        ly = py - np.log(np.exp(py).sum(-1, keepdims=True))
+        kl += float((np.exp(ly) * (ly - lx)).sum())
+        cos.extend((x * y).sum(-1) / np.maximum(np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1), 1e-30))
+        n += len(chunk)
+    return {"positions": n, "top1_agreement": round(top1 / max(n, 1), 4), "kl_mean": round(kl / max(n, 1), 5),
+            "cosine_mean": round(float(np.mean(cos)), 5), "cosine_min": round(float(np.min(cos)), 5)}
+
+
 def greedy_agreement(gen, ref, prompts: list[list[int]], new_tokens: int) -> dict:
     """Tokens of `gen` equal to those of `ref` (both Generators), one prompt at a time."""
     equal, total, prefix = 0, 0, []
@@ -39,13 +63,16 @@ def greedy_agreement(gen, ref, prompts: list[list[int]], new_tokens: int) -> dic
 
 def calibration_split(text: str, tokenizer, calib_tokens: int = 384, heldout_tokens: int = 1024,
                       prompts: int = 4, prompt_len: int = 16) -> tuple[list[int], list[int], list[list[int]]]:
-    """(calibration ids, held-out ids, agreement prompts) from one text: the first part
-    calibrates, the rest is held out (prompts are taken from the held-out part)."""
+    """(calibration ids, held-out ids, agreement prompts) from one text: the first part (up to
+    `calib_tokens`) calibrates, the next `heldout_tokens` are held out (prompts are taken from
+    them); a text shorter than both keeps a quarter of itself for the held-out part."""
     ids = tokenizer.encode(text)
-    calib, held = ids[:calib_tokens], ids[calib_tokens:calib_tokens + heldout_tokens]
+    held_n = min(heldout_tokens, max(len(ids) - calib_tokens, len(ids) // 4))
+    calib = ids[:min(calib_tokens, len(ids) - held_n)]
+    held = ids[len(calib):len(calib) + held_n]
     step = max(len(held) // max(prompts, 1), prompt_len)
     starts = [i * step for i in range(prompts) if i * step + prompt_len <= len(held)]
     return calib, held, [held[s:s + prompt_len] for s in starts]
 
 
-__all__ = ["calibration_split", "greedy_agreement", "perplexity"]
+__all__ = ["calibration_split", "greedy_agreement", "logits_agreement", "perplexity"]

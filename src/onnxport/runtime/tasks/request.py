@@ -30,6 +30,8 @@ class Sampling:
     #: prompt-lookup speculative decoding with up to this many drafted tokens (0: off; text
     #: generation, greedy)
     speculative: int = 0
+    #: a draft bundle (same tokenizer) whose greedy tokens are the drafts (text generation)
+    draft: str | None = None
 
     def text(self, default: int = 32) -> dict:
         """The generator's keyword arguments, with the text default filled in."""
@@ -138,6 +140,7 @@ def refuse(request: Request, kind: str, *, images: bool = False, audio: bool = F
            speech_options: bool = False, prompts: bool = False, text: bool = False) -> None:
     """One line when the request carries what a `kind` task does not take."""
     given = [("--speculative", kind != "text-generation" and bool(request.sampling.speculative)),
+             ("--draft", kind != "text-generation" and request.sampling.draft is not None),
              ("text to speak (onnxport speak)", text and request.text is not None),
              ("--image", images and request.images), ("--audio", audio and request.audio),
              ("--speak", speak and request.speak is not None),
@@ -150,6 +153,7 @@ def refuse(request: Request, kind: str, *, images: bool = False, audio: bool = F
 
 HINTS = {
     "--speculative": "speculative decoding is for text-generation bundles; drop it",
+    "--draft": "speculative decoding is for text-generation bundles; drop it",
     "text to speak (onnxport speak)": "speak with a text-to-speech (ChatTTS) or any-to-any (Qwen2.5-Omni) bundle",
     "--image": "export a checkpoint with a vision part (e.g. Qwen2.5-VL, MiniCPM-V) to send images",
     "--audio": "a speech-to-text (Whisper) or any-to-text (Qwen2.5-Omni) bundle takes audio",

@@ -30,6 +30,8 @@ def generate_text(gen: Generator, request: Request, on_text: OnText | None) -> R
     sampling = request.sampling.text()
     if request.sampling.speculative:
         sampling["speculative"] = request.sampling.speculative
+    if request.sampling.draft is not None:
+        sampling["draft"] = Generator(request.sampling.draft, runtime=gen.runtime)
     if request.wants_chat:
         from onnxport.runtime.chat import as_conversations
 
@@ -48,5 +50,7 @@ def generate_text(gen: Generator, request: Request, on_text: OnText | None) -> R
     summary = f"prefill {res.prefill_ms:.1f} ms, decode {res.decode_tokens_per_s:.1f} tokens/s"
     if res.speculative:
         summary += (f", {res.speculative['tokens_per_forward']:.2f} tokens per forward "
-                    f"({res.speculative['accepted']}/{res.speculative['drafted']} drafted tokens accepted)")
+                    f"({res.speculative['accepted']}/{res.speculative['drafted']} drafted tokens accepted"
+                    + (f", drafting {res.speculative['draft_ms']:.0f} ms" if request.sampling.draft is not None else "")
+                    + ")")
     return Reply(lines, summary, streamed=streaming)
