@@ -16,6 +16,9 @@ Runners (`--runners`, comma separated; default: all that apply):
                      buffer bound as past and present)
   onnxport-int4      onnxport-fast quantized: RTN int4 block 32, MatMulNBits accuracy_level 4
   onnxport-int4-awq  AWQ scales, int4 block --awq-block-size (128: AWQ's own group size)
+  onnxport-int4-gptq GPTQ, asymmetric, block 32, the lm_head at int8 (int4_quality.py's best setting)
+  onnxport-int4-lookup  the onnxport-int4 graph with prompt-lookup speculative decoding (8 drafted
+                     tokens at most; same tokens as onnxport-int4)
   genai / genai-int4 onnxruntime-genai's model builder, fp32 / int4 CPU (its defaults: RTN block
                      32, accuracy_level 4), run by its own generator loop (skipped with a
                      message when onnxruntime-genai is absent)
@@ -70,14 +73,14 @@ def make_qwen2_05b(out: Path) -> None:
         shutil.copy(Path(onnxport.__file__).parent / "demo_model" / f, out / f)
 
 
-def ort_runner(bundle: Path, prompt: list[int], threads: int, runtime: str = "onnxruntime"):
+def ort_runner(bundle: Path, prompt: list[int], threads: int, runtime: str = "onnxruntime", speculative: int = 0):
     """once(n) -> (prefill ms, decode tok/s, tokens) with onnxport's Generator."""
     from onnxport.runtime import Generator
 
     gen = Generator(bundle, threads=threads, runtime=runtime)
 
     def once(n):
-        r = gen.generate_ids([prompt], max_new_tokens=n, eos_token_id=None)
+        r = gen.generate_ids([prompt], max_new_tokens=n, eos_token_id=None, speculative=speculative)
         return r.prefill_ms, r.decode_tokens_per_s, r.padded[0].tolist()
 
     return once
@@ -109,9 +112,10 @@ def torch_runner(ckpt: Path, prompt: list[int], threads: int):
     return once
 
 
-RUNNERS = ("pytorch", "onnxport", "onnxport-fast", "onnxport-int4", "onnxport-int4-awq", "genai", "genai-int4",
-           "genai-int4-b128", "split-static", "openvino", "onnxport-genai")
-DEFAULT = tuple(r for r in RUNNERS if r not in ("split-static", "openvino", "onnxport-genai"))
+RUNNERS = ("pytorch", "onnxport", "onnxport-fast", "onnxport-int4", "onnxport-int4-awq", "onnxport-int4-gptq",
+           "onnxport-int4-lookup", "genai", "genai-int4", "genai-int4-b128", "split-static", "openvino", "onnxport-genai")
+DEFAULT = tuple(r for r in RUNNERS if r not in ("split-static", "openvino", "onnxport-genai", "onnxport-int4-gptq",
+                                                  "onnxport-int4-lookup"))
 
 
 def genai_runner(ckpt: Path, out: Path, precision: str, prompt: list[int], threads: int,
@@ -233,13 +237,20 @@ def main() -> None:
                     results[name] = {"export_seconds": s,
                                      "passes": {r["name"]: r["fused"] for r in m.graph("decoder").optimization
                                                 if r["applied"]}}
-            if name.startswith("onnxport-int4"):
-                method = "awq" if name.endswith("awq") else "rtn"
+            if name == "onnxport-int4-lookup":  # the int4 graph below, with prompt-lookup drafts
+                if not (tmp / "onnxport-int4").exists():
+                    quantize(tmp / "onnxport-fast", tmp / "onnxport-int4",
+                             QuantConfig(block_size=32, accuracy_level=4, max_ppl_increase=1e9, escalate=False))
+                runs[name], results[name] = ort_runner(tmp / "onnxport-int4", prompt, args.threads, speculative=8), {}
+            elif name.startswith("onnxport-int4") and not (tmp / name).exists():
+                method = name.rsplit("-", 1)[1] if name.endswith(("awq", "gptq")) else "rtn"
                 block = args.awq_block_size if method == "awq" else 32
                 t0 = time.perf_counter()
+                # gptq: the best-quality setting of bench/int4_quality.py (asymmetric, int8 head)
                 m = quantize(tmp / "onnxport-fast", tmp / name,
                              QuantConfig(method=method, block_size=block, accuracy_level=4, max_ppl_increase=1e9,
-                                         escalate=False))
+                                         escalate=False, symmetric=method != "gptq",
+                                         head_bits=8 if method == "gptq" else None))
                 q = m.graph("decoder").quantization
                 runs[name] = ort_runner(tmp / name, prompt, args.threads)
                 results[name] = {"quantize_seconds": round(time.perf_counter() - t0, 1), "block_size": block,
@@ -293,7 +304,7 @@ def main() -> None:
     for name, r in results.items():
         if "decode_tokens_per_s" not in r:
             continue
-        for base in ("pytorch", "onnxport", "genai", "genai-int4", "genai-int4-b128"):
+        for base in ("pytorch", "onnxport", "onnxport-int4", "genai", "genai-int4", "genai-int4-b128"):
             b = results.get(base, {})
             if base != name and "decode_tokens_per_s" in b:
                 ratios[f"{name}/{base}"] = {

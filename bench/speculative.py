@@ -41,11 +41,13 @@ def main() -> None:
     from onnxport.runtime import Generator
 
     out = {"new_tokens": args.new_tokens, "draft": args.draft, "rounds": args.rounds, "bundles": {}}
-    draft = Generator(args.draft_bundle, threads=args.threads) if args.draft_bundle else None
+    # the model and its draft take turns: their thread pools must not busy-wait (as generate --draft)
+    draft = Generator(args.draft_bundle, threads=args.threads, spinning=False) if args.draft_bundle else None
     if draft is not None:
         out["draft_bundle"], out["draft_model_k"] = str(args.draft_bundle), args.draft_model_k
     for bundle in args.bundles:
         gen = Generator(bundle, threads=args.threads)
+        quiet = Generator(bundle, threads=args.threads, spinning=False) if draft is not None else None
         rows = {}
         for name, text in PROMPTS.items():
             ids = gen.tokenizer.encode(text)
@@ -57,8 +59,8 @@ def main() -> None:
                 plain_tps.append(p.decode_tokens_per_s)
                 spec_tps.append(s.decode_tokens_per_s)
                 if draft is not None:
-                    d = gen.generate_ids([ids], max_new_tokens=args.new_tokens, eos_token_id=None,
-                                         speculative=args.draft_model_k, draft=draft)
+                    d = quiet.generate_ids([ids], max_new_tokens=args.new_tokens, eos_token_id=None,
+                                           speculative=args.draft_model_k, draft=draft)
                     model_tps.append(d.decode_tokens_per_s)
             rows[name] = {"plain_tokens_per_s": round(statistics.median(plain_tps), 1),
                           "speculative_tokens_per_s": round(statistics.median(spec_tps), 1),

@@ -54,9 +54,12 @@ class Generator:
     >>> gen.generate(["def f(x):"], max_new_tokens=16).texts     # doctest: +SKIP
     """
 
-    def __init__(self, bundle: str | Path, threads: int | None = None, runtime: str | None = None):
+    def __init__(self, bundle: str | Path, threads: int | None = None, runtime: str | None = None,
+                 spinning: bool = True):
         """`runtime`: "onnxruntime" (default) or "openvino" (its CPU plugin at f32; None: the
-        process's choice, ONNXPORT_RUNTIME)."""
+        process's choice, ONNXPORT_RUNTIME). `spinning=False`: ONNX Runtime's worker threads
+        sleep after a run instead of busy-waiting (for generators that take turns, as a model
+        and its draft model do: a spinning pool starves the other one of cores)."""
         self.folder = Path(bundle)
         self.runtime = current_runtime(runtime)
         self.manifest = read_manifest(self.folder)
@@ -74,7 +77,8 @@ class Generator:
                 raise BundleError("this decoder computes in bf16, and ONNX Runtime's CPU provider has no bf16 kernels",
                                   "run it with the CUDA or TensorRT provider, or export --dtype bf16 without "
                                   "--bf16-compute (bf16 weights, fp32 compute) for CPUs")
-            self.session = GraphSession(self.folder, self.manifest.graph("decoder"), threads, runtime=self.runtime)
+            self.session = GraphSession(self.folder, self.manifest.graph("decoder"), threads, spinning=spinning,
+                                        runtime=self.runtime)
         self.past_names = kv.past_names
         self.present_names = kv.present_names
         self.kv_layout = kv.layout
@@ -474,6 +478,11 @@ class Generator:
                 total[key] += stats[key]
         padded = _pad_rows(rows, self.pad_id)
         total["tokens_per_forward"] = round(total["decode_tokens"] / total["forwards"], 3) if total["forwards"] else 0.0
+        # MatMulNBits accuracy_level 4 rounds activations to int8: a 1e-7 difference between the
+        # one-token and several-token kernels upstream can flip a rounding (measured: up to ~1
+        # logit on SmolLM2 int4), so at a near-tie the verified token may differ from plain decoding's
+        q = self.manifest.graph("decoder").quantization if self.split is None else None
+        total["int8_activations"] = bool(q and q.get("accuracy_level") == 4)
         return GenerationResult([_cut_at_eos(t, eos) for t in rows], padded, prefill_ms=total["prefill_ms"],
                                 decode_ms=total["decode_ms"], decode_tokens=total["decode_tokens"], speculative=total)
 
