@@ -70,10 +70,12 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
     stats = calibrate(src / graph.file, [reference.prefill_feeds(calib[a:a + window]) for a in range(0, len(calib), window)
                                         if len(calib[a:a + window]) > 1])
     scales = awq_scales(src / graph.file, stats, spec) if cfg.method == "awq" else None
-    codes = gptq_codes(src / graph.file, stats, spec) if cfg.method == "gptq" and cfg.bits == 4 else None
+    head = head_node(src / graph.file) if cfg.head_bits == 8 and cfg.bits == 4 else None
+    codes = gptq_codes(src / graph.file, stats, spec, skip={head}) if cfg.method == "gptq" and cfg.bits == 4 else None
     errors = sensitivity(src / graph.file, stats, spec, scales, codes)
-    # the int8 errors, for the layers the gate may move there (recorded per layer)
-    errors8 = sensitivity(src / graph.file, stats, replace(spec, bits=8)) if cfg.bits == 4 else {}
+    # the int8 errors, for the layers the gate may move there (recorded per layer; AWQ's scales
+    # are folded into every layer, int8 ones included)
+    errors8 = sensitivity(src / graph.file, stats, replace(spec, bits=8), scales) if cfg.bits == 4 else {}
     del stats
     if not errors:
         raise InputError("the decoder graph has no MatMul with a constant weight to quantize",
@@ -85,7 +87,6 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
             if f.is_file() and f.name not in {graph.file, *graph.external_data, "manifest.json"}:
                 shutil.copy2(f, tmp / f.name)
         steps = ESCALATION if cfg.bits == 4 and cfg.escalate else (0.0,)
-        head = head_node(src / graph.file) if cfg.head_bits == 8 and cfg.bits == 4 else None
         for frac in steps:
             over = [n for n, e in errors.items() if cfg.max_error is not None and e > cfg.max_error and cfg.bits == 4]
             int8 = list(dict.fromkeys(([head] if head else []) + list(errors)[: math.ceil(frac * len(errors))] + over))
@@ -148,7 +149,8 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
             "layers": {f"int{b}": sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))},
             "bias_adds_folded": folded,
             "per_layer": [{"node": n, "module": modules.get(n), "bits": bits[n], "block_size": cfg.block_size,
-                           "method": cfg.method if bits[n] == cfg.bits else "rtn",
+                           # GPTQ codes are int4 only: its int8 layers are rounded to nearest
+                           "method": cfg.method if bits[n] == cfg.bits or cfg.method != "gptq" else "rtn",
                            "accuracy_level": cfg.accuracy_level or None,
                            # the measured error of the weight as written: the int4 one, or the int8 one kept
                            "relative_error": round(e if bits[n] == cfg.bits else errors8[n], 5),

@@ -392,11 +392,15 @@ def sensitivity(src: Path, calib: Calibration, spec: QuantSpec, scales: dict | N
     return dict(sorted(err.items(), key=lambda kv: -kv[1]))
 
 
-def gptq_codes(src: Path, calib: Calibration, spec: QuantSpec, actorder: bool = True) -> dict[str, Codes]:
-    """node name -> GPTQ codes of its weight, from the Hessian of the activations it reads."""
+def gptq_codes(src: Path, calib: Calibration, spec: QuantSpec, actorder: bool = True,
+               skip: set | None = None) -> dict[str, Codes]:
+    """node name -> GPTQ codes of its weight, from the Hessian of the activations it reads
+    (nodes in `skip`, as a head kept at int8, are left out)."""
     out = {}
     for x_name, ws in _layer_groups(src):
         for name, w in ws:
+            if name in (skip or ()):
+                continue
             out[name] = gptq(w, None, spec.bits, spec.block_size, spec.symmetric, actorder=actorder,
                              hessian=calib.hessians[x_name])
     return out

@@ -10,8 +10,10 @@ kept up to its first disagreement, and the model's own token at that position co
 cache is cut back to the kept positions (`Sequence`): the default graph's present = past + the
 new tokens, so cutting it is a slice; the GroupQueryAttention graph writes one shared buffer in
 place and reads only as far as the attention mask says, so a shorter mask is the cut. Output is
-plain greedy decoding's, token for token; what changes is how many forwards it takes. Input-grounded text (code edits, summaries, extraction, chat that quotes
-the prompt) repeats spans of its context, which is where drafts are accepted.
+plain greedy decoding's, token for token (on graphs that round activations to int8, MatMulNBits
+accuracy level 4, up to near-ties: docs/runtime.md); what changes is how many forwards it takes.
+Input-grounded text (code edits, summaries, extraction, chat that quotes the prompt) repeats
+spans of its context, which is where drafts are accepted.
 
 With a draft bundle (`generate --draft DIR`: a smaller model with the same tokenizer, or the
 same model quantized) the drafts are that model's greedy tokens instead (`DraftModel`), for
