@@ -123,7 +123,12 @@ def main() -> None:
     from onnxport.bundle import read_manifest
     from onnxport.config import ExportConfig, QuantConfig
     from onnxport.runtime import Generator
-    from onnxport.verify.quality import logits_agreement, perplexity
+    from onnxport.verify.quality import (
+        greedy_agreement,
+        greedy_tokens,
+        logits_agreement,
+        perplexity,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default=str(Path(onnxport.__file__).parent / "demo_model"))
@@ -146,29 +151,22 @@ def main() -> None:
         export(ckpt, fp32, ExportConfig(attention="gqa", optimize=True))
         ref = Generator(fp32)
         held, prompts, heldout_source = corpus(ref.tokenizer)
-        ref_tokens = [list(ref.generate_ids([p], max_new_tokens=args.new_tokens, eos_token_id=None).tokens[0])
-                      for p in prompts]
+        ref_tokens = greedy_tokens(ref, prompts, args.new_tokens)
         ppl_fp = perplexity(ref, held)
         results["float32"] = {"perplexity": round(ppl_fp, 4), "graph_bytes": _bytes(fp32)}
 
         def measure(name, gen, path, **extra):
             t0 = time.perf_counter()
-            equal, prefix = 0, []
-            for p, want in zip(prompts, ref_tokens):
-                got = list(gen.generate_ids([p], max_new_tokens=args.new_tokens, eos_token_id=None).tokens[0])
-                equal += sum(a == b for a, b in zip(got, want))
-                k = 0
-                while k < min(len(got), len(want)) and got[k] == want[k]:
-                    k += 1
-                prefix.append(k)
+            agree = greedy_agreement(gen, ref_tokens, prompts, args.new_tokens)
             ppl = perplexity(gen, held)
             teacher = logits_agreement(gen, ref, held)
             results[name] = {**extra, "perplexity": round(ppl, 4), "ppl_increase": round(ppl / ppl_fp - 1, 4),
                              "top1_agreement": teacher["top1_agreement"], "kl_mean": teacher["kl_mean"],
                              "cosine_min": teacher["cosine_min"],
-                             "greedy_equal_fp32": f"{equal}/{sum(map(len, ref_tokens))}",
-                             "greedy_equal_fraction": round(equal / sum(map(len, ref_tokens)), 4),
-                             "equal_prefix_mean": round(float(np.mean(prefix)), 2), "graph_bytes": _bytes(path),
+                             "greedy_equal_fp32": f"{agree['tokens_equal']}/{agree['tokens']}",
+                             "greedy_equal_fraction": agree["fraction"],
+                             "equal_prefix_mean": round(float(np.mean(agree["equal_prefix"])), 2),
+                             "graph_bytes": _bytes(path),
                              "measure_seconds": round(time.perf_counter() - t0, 1)}
             print(f"{name}: {results[name]}", file=sys.stderr)
 

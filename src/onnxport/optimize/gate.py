@@ -42,6 +42,7 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
     from onnxport.verify.quality import (
         calibration_split,
         greedy_agreement,
+        greedy_tokens,
         logits_agreement,
         perplexity,
     )
@@ -81,6 +82,7 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
         raise InputError("the decoder graph has no MatMul with a constant weight to quantize",
                          "export the bundle with onnxport export (dynamo exporter)")
     ppl_fp = perplexity(reference, held)
+    ref_tokens = greedy_tokens(reference, prompts, cfg.agreement_tokens)  # once, for every attempt
     attempts = []
     with atomic_bundle(out, cfg.force, inputs=(src,)) as tmp:
         for f in src.iterdir():
@@ -101,7 +103,7 @@ def quantize_bundle(bundle: str | Path, out: str | Path, cfg: QuantConfig = Quan
             write_manifest(tmp, qm)
             gen = Generator(tmp)
             ppl_q = perplexity(gen, held)
-            agree = greedy_agreement(gen, reference, prompts, cfg.agreement_tokens)
+            agree = greedy_agreement(gen, ref_tokens, prompts, cfg.agreement_tokens)
             ok = ppl_q <= ppl_fp * (1 + cfg.max_ppl_increase) and (cfg.min_agreement is None or
                                                                    agree["fraction"] >= cfg.min_agreement)
             attempts.append({"int8_layers": len(int8), "perplexity": round(ppl_q, 4),

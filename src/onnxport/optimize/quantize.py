@@ -319,7 +319,6 @@ class Calibration:
 
     hessians: dict
     samples: dict
-    tokens: int
 
 
 def calibrate(src: Path, feeds: dict | list[dict], sample: int = 512) -> Calibration:
@@ -331,7 +330,6 @@ def calibrate(src: Path, feeds: dict | list[dict], sample: int = 512) -> Calibra
     xs = sorted({n.input[0] for n in structure.graph.node if n.name in targets})
     hessians: dict = {}
     samples: dict = {}
-    tokens = 0
     for run in run_exposing(src, structure, xs, feeds if isinstance(feeds, list) else [feeds]):
         for x in xs:
             a = run[x].reshape(-1, run[x].shape[-1]).astype(np.float32)
@@ -342,8 +340,7 @@ def calibrate(src: Path, feeds: dict | list[dict], sample: int = 512) -> Calibra
             have = samples.get(x)
             if have is None or len(have) < sample:
                 samples[x] = a[:sample].copy() if have is None else np.concatenate([have, a[:sample - len(have)]])
-        tokens += len(a)
-    return Calibration(hessians, samples, tokens)
+    return Calibration(hessians, samples)
 
 
 def _layer_groups(src: Path):

@@ -43,3 +43,11 @@ class Sampler:
         cdf = np.cumsum(probs, axis=-1)
         u = (1.0 - self.rng.random((probs.shape[0], 1))) * cdf[:, -1:]  # in (0, total]
         return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64 (-inf stays -inf)."""
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))

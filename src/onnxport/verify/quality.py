@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxport.runtime.sampling import log_softmax
+
 
 def perplexity(gen, ids: list[int], window: int = 256) -> float:
     """exp(mean NLL) of `ids` under the bundle, in non-overlapping windows."""
@@ -13,9 +15,7 @@ def perplexity(gen, ids: list[int], window: int = 256) -> float:
         chunk = ids[a:a + window + 1]
         if len(chunk) < 2:
             break
-        logits = gen.logits(chunk[:-1]).astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        logp = log_softmax(gen.logits(chunk[:-1]))
         target = np.asarray(chunk[1:])
         nll -= float(logp[np.arange(len(target)), target].sum())
         n += len(target)
@@ -36,9 +36,7 @@ def logits_agreement(gen, ref, ids: list[int], window: int = 256) -> dict:
             break
         x, y = gen.logits(chunk).astype(np.float64), ref.logits(chunk).astype(np.float64)
         top1 += float((x.argmax(-1) == y.argmax(-1)).sum())
-        px, py = x - x.max(-1, keepdims=True), y - y.max(-1, keepdims=True)
-        lx = px - np.log(np.exp(px).sum(-1, keepdims=True))
-        ly = py - np.log(np.exp(py).sum(-1, keepdims=True))
+        lx, ly = log_softmax(x), log_softmax(y)
         kl += float((np.exp(ly) * (ly - lx)).sum())
         cos.extend((x * y).sum(-1) / np.maximum(np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1), 1e-30))
         n += len(chunk)
@@ -46,12 +44,17 @@ def logits_agreement(gen, ref, ids: list[int], window: int = 256) -> dict:
             "cosine_mean": round(float(np.mean(cos)), 5), "cosine_min": round(float(np.min(cos)), 5)}
 
 
+def greedy_tokens(gen, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """`gen`'s greedy tokens for each prompt alone (no EOS)."""
+    return [list(gen.generate_ids([p], max_new_tokens=new_tokens, eos_token_id=None).tokens[0]) for p in prompts]
+
+
 def greedy_agreement(gen, ref, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Tokens of `gen` equal to those of `ref` (both Generators), one prompt at a time."""
+    """Tokens of `gen` equal to those of `ref`, one prompt at a time: `ref` a Generator, or its
+    `greedy_tokens` for these prompts computed once (a gate that tries several graphs)."""
+    wanted = greedy_tokens(ref, prompts, new_tokens) if hasattr(ref, "generate_ids") else ref
     equal, total, prefix = 0, 0, []
-    for p in prompts:
-        a = list(gen.generate_ids([p], max_new_tokens=new_tokens, eos_token_id=None).tokens[0])
-        b = list(ref.generate_ids([p], max_new_tokens=new_tokens, eos_token_id=None).tokens[0])
+    for a, b in zip(greedy_tokens(gen, prompts, new_tokens), wanted):
         equal += sum(x == y for x, y in zip(a, b))
         total += len(b)
         k = 0
@@ -75,4 +78,4 @@ def calibration_split(text: str, tokenizer, calib_tokens: int = 384, heldout_tok
     return calib, held, [held[s:s + prompt_len] for s in starts]
 
 
-__all__ = ["calibration_split", "greedy_agreement", "logits_agreement", "perplexity"]
+__all__ = ["calibration_split", "greedy_agreement", "greedy_tokens", "logits_agreement", "perplexity"]

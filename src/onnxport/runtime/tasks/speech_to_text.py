@@ -36,6 +36,7 @@ import numpy as np
 from onnxport.bundle import bundle_file, read_manifest
 from onnxport.errors import BundleError, InputError, RuntimeInputError
 from onnxport.runtime.audio_features import WhisperFeatureExtractor, check_audio, read_wav
+from onnxport.runtime.sampling import log_softmax
 from onnxport.runtime.session import GraphSession
 from onnxport.runtime.tasks import register_task
 from onnxport.runtime.tasks.request import OnText, Reply, Request, refuse
@@ -447,7 +448,7 @@ class SpeechToText:
             if c.get("max_initial_timestamp_index") is not None:
                 scores[:, ts0 + c["max_initial_timestamp_index"] + 1:] = NEG_INF
         if c.get("detect_timestamp_from_logprob", True):
-            logprobs = _log_softmax(scores)
+            logprobs = log_softmax(scores)
             force = _logsumexp(logprobs[:, ts0:]) > logprobs[:, :ts0].max(-1)
             scores[force, :ts0] = NEG_INF
         return scores
@@ -494,13 +495,6 @@ class SpeechToText:
             return segments, seek_frames
         # the rest of the window (an unfinished segment) is decoded again from the last timestamp
         return segments, (seq[start - 2] - ts0) * stride
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
