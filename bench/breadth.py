@@ -10,6 +10,7 @@ memory blow-up is a recorded result, not the end of the run. Prints JSON counts 
 
     python bench/breadth.py                              # every type -> bench/breadth_results.json
     python bench/breadth.py --types llama,gpt2 --no-verify
+    python bench/breadth.py --layers 4 --out /tmp/breadth4.json   # stamped exports (export/stamp.py)
     python bench/breadth.py --no-run --readme --table SUPPORTED.md   # table from saved results
 
 Results merge into --out by type, so re-running a few types after a fix updates the file.
@@ -86,7 +87,7 @@ def where(e: BaseException) -> str:
     return f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else ""
 
 
-def run_one(model_type: str, work: Path, verify: bool, progress: Path) -> dict:
+def run_one(model_type: str, work: Path, verify: bool, progress: Path, stamp: bool = True) -> dict:
     """One type, start to end, in this process; every failure is caught and recorded."""
     import logging
 
@@ -134,7 +135,7 @@ def run_one(model_type: str, work: Path, verify: bool, progress: Path) -> dict:
     bundle = work / "bundle"
     try:
         # exporter="auto" as the CLI's default: dynamo, TorchScript when torch.export fails
-        manifest = export(ckpt, bundle, ExportConfig(exporter="auto", verify=verify))
+        manifest = export(ckpt, bundle, ExportConfig(exporter="auto", verify=verify, stamp=stamp))
     except VerificationError as e:
         return fail("verify_failed", e)
     except UnsupportedModelError as e:
@@ -144,6 +145,7 @@ def run_one(model_type: str, work: Path, verify: bool, progress: Path) -> dict:
     rec["export_seconds"] = manifest.export.seconds
     rec["exporter"] = manifest.graphs[0].exporter
     rec["patches"] = manifest.graphs[0].patches
+    rec["stamped"] = manifest.graphs[0].stamped
     if verify:
         rec["verify_max_abs_diff"] = max(r["max_abs_diff"] for c in manifest.verification["cases"]
                                          for r in c["outputs"].values())
@@ -193,6 +195,9 @@ def run_isolated(model_type: str, args) -> dict:
         cmd = [sys.executable, __file__, "--one", model_type, "--workdir", str(tmp)]
         if not args.verify:
             cmd.append("--no-verify")
+        if not args.stamp:
+            cmd.append("--no-stamp")
+        cmd += ["--layers", str(args.layers)]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         t0 = time.perf_counter()
         with open(tmp / "log.txt", "w") as log:
@@ -259,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=300, help="seconds per type")
     p.add_argument("--max-rss-gb", type=float, default=12.0, help="memory cap per type")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="ExportConfig(verify=False)")
+    p.add_argument("--layers", type=int, default=2,
+                   help="decoder layers of each tiny model (4+: stamped exports, export/stamp.py, are exercised)")
+    p.add_argument("--no-stamp", dest="stamp", action="store_false", help="ExportConfig(stamp=False)")
     p.add_argument("--no-run", action="store_true", help="only read --out (for --readme)")
     p.add_argument("--readme", action="store_true", help="print the 'Supported architectures' markdown table")
     p.add_argument("--table", help="write the table to this file instead of stdout")
@@ -268,7 +276,10 @@ def main(argv=None) -> int:
 
     if args.one:  # child mode
         work = Path(args.workdir)
-        rec = run_one(args.one, work, args.verify, work / "stage")
+        from onnxport.testing import tiny
+
+        tiny.LAYERS = args.layers
+        rec = run_one(args.one, work, args.verify, work / "stage", args.stamp)
         (work / "result.json").write_text(json.dumps(rec))
         return 0
 

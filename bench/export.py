@@ -6,7 +6,10 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
                   cache I/O): what a user writes by hand
 - `genai`        onnxruntime-genai's model builder, fp32 CPU (skipped with a message when
                   onnxruntime-genai is not installed: `pip install onnxruntime-genai`)
-- `onnxport`     `onnxport export --no-verify` (model loaded in float32, then traced)
+- `onnxport`     `onnxport export --no-verify` (model loaded in float32, then traced: two decoder
+                  layers, the others stamped from the second, export/stamp.py)
+- `onnxport+trace-all`  the same with `--no-stamp`: every layer traced (the export before stamping)
+- `onnxport+verify`  the default `onnxport export`: the graph verified against PyTorch
 - `low-memory`   `onnxport export --low-memory --no-verify` (meta-device trace, weights streamed
                   from the checkpoint one tensor at a time)
 - `low-memory+verify`  the same with verification: ONNX Runtime runs the graph in segments of
@@ -37,7 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("torch.onnx", "genai", "onnxport", "low-memory", "low-memory+verify", "low-memory+fp16+verify")
+MODES = ("torch.onnx", "genai", "onnxport", "onnxport+trace-all", "onnxport+verify", "low-memory", "low-memory+verify",
+         "low-memory+fp16+verify")
 
 
 def weight_bytes_fp32(ckpt: Path) -> int:
@@ -84,7 +88,10 @@ def run_one(mode: str, ckpt: Path, out: Path) -> None:
         from onnxport.config import ExportConfig
 
         m = export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify"),
-                                           dtype="float16" if "+fp16" in mode else "float32"))
+                                           dtype="float16" if "+fp16" in mode else "float32",
+                                           stamp="+trace-all" not in mode))
+        extra["phases"] = m.export.phases
+        extra["stamped"] = m.graph("decoder").stamped
         extra["graph_bytes"] = sum(f.stat().st_size for f in out.glob("model.onnx*"))
         if m.verification:
             extra["verified"] = m.verification.get("ok")
@@ -130,6 +137,10 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(json.dumps({mode: results["modes"][mode]}), file=sys.stderr)
+    genai = results["modes"].get("genai", {})
+    if "seconds" in genai:  # export time as a multiple of the genai builder's, same run
+        results["x_genai_builder_time"] = {m: round(r["seconds"] / genai["seconds"], 2)
+                                           for m, r in results["modes"].items() if "seconds" in r and m != "genai"}
     base = results["modes"].get("onnxport", {})
     low = results["modes"].get("low-memory", {})
     if "peak_rss_bytes" in base and "peak_rss_bytes" in low:

@@ -50,6 +50,9 @@ class ExportConfig:
     #: set when exporter="auto" resolved to dynamo: encoders/modules retry with TorchScript when
     #: dynamo fails (decoders are exported with one exporter)
     fallback: bool = False
+    #: trace two decoder layers and copy the second for the others when all layers are alike
+    #: (export/stamp.py); False traces every layer
+    stamp: bool = True
     #: `--target T`: the preset these options came from, recorded in the manifest
     #: ({"name", "flags"}; targets/)
     target: dict | None = None

@@ -84,6 +84,10 @@ class Graph:
     #: a graph cut into consecutive graphs under --max-graph-size, run one after another:
     #: [{"file", "inputs": [value names], "outputs": [value names]}, ...] (`file` is the first)
     chain: list[dict] | None = None
+    #: a decoder traced with its first layers whose other layers are copies of the last traced
+    #: one, each reading its own weights (export/stamp.py): {"traced_layers", "stamped_layers"};
+    #: a decoder traced whole says why ("why_not")
+    stamped: dict | None = None
     #: decoders exported with fused attention: "com.microsoft.GroupQueryAttention" (a prompt
     #: that continues a cache then runs one row at a time; see export/attention.py)
     attention: str | None = None

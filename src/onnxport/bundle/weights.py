@@ -28,7 +28,9 @@ def save_model(model, out_file: Path, external_threshold: int) -> None:
         def written(_tensor, info) -> None:
             progress.update(f"writing {out_file.name}.data", info.index + 1, info.total)
 
-        ir.save(model, str(out_file), external_data=out_file.name + ".data", callback=written)
+        # two writers: one transposes or casts a tensor while the other writes (bounded bytes in flight)
+        ir.save(model, str(out_file), external_data=out_file.name + ".data", callback=written, max_workers=2,
+                max_in_flight_bytes=256 << 20)
 
 
 #: shared weight files align each tensor to this many bytes (page-friendly for memory maps)

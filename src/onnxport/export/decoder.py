@@ -25,6 +25,7 @@ import torch
 
 from onnxport.bundle import GQA_ATTENTION, Graph
 from onnxport.config import ExportConfig
+from onnxport.errors import ExportError
 from onnxport.export.graph import export_graph
 from onnxport.hf.compat import (
     build_dynamic_cache,
@@ -278,21 +279,56 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
     gqa = cfg.attention == "gqa"
     if gqa:
         check_gqa(kv, cfg)
-    wrapper = flat_cache_wrapper(model, kv, cfg.kv_layout, mask_4d, gqa, embeds, hidden_output)
-    case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
-    example = feeds(inputs, case.sizes, vocab_size=vocab)
-    device = next(model.parameters()).device
-    args = wrapper_args(inputs, {k: torch.from_numpy(v).to(device) for k, v in example.items()})
     translations = None
     if gqa:
         from onnxport.export.attention import TRANSLATIONS
 
         translations = TRANSLATIONS
-    used, applied = export_graph(wrapper, args, inputs, outputs, out_file, cfg.exporter, cfg.opset,
-                                 cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=bind,
-                                 translations=translations)
+    io = {"embeds_hidden": text.hidden_size if embeds else None, "position_axes": position_axes,
+          "hidden_output": text.hidden_size if hidden_output else None}
+
+    def trace(traced_kv: KVSpec, binder, stamp=None) -> tuple[set[str], list[str]]:
+        traced_in, traced_out = io_spec(traced_kv, vocab, cfg, takes_position_ids(model), **io)
+        wrapper = flat_cache_wrapper(model, traced_kv, cfg.kv_layout, mask_4d, gqa, embeds, hidden_output)
+        case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
+        example = feeds(traced_in, case.sizes, vocab_size=vocab)
+        device = next(model.parameters()).device
+        args = wrapper_args(traced_in, {k: torch.from_numpy(v).to(device) for k, v in example.items()})
+        return export_graph(wrapper, args, traced_in, traced_out, out_file, cfg.exporter, cfg.opset,
+                            cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=binder,
+                            translations=translations, expand=stamp.expand if stamp else None,
+                            final_io=(inputs, outputs) if stamp else None)
+
+    stamped = None
+    if cfg.stamp:
+        from onnxport.export import stamp as stamping
+
+        planned = stamping.plan(model, kv, cfg)
+        why = planned if isinstance(planned, str) else None
+        if why is None:
+            from onnxport.export.stream import Binder, ModuleWeights
+
+            path, first = planned
+            binder = bind or Binder(ModuleWeights(model), WRAPPER_PREFIX)
+            binder.unbound_buffers = path + "."
+            stamp = stamping.Stamp(path, first, kv, cfg.kv_naming, WRAPPER_PREFIX, binder)
+            try:
+                with stamping.truncated(model, path, stamp.traced):
+                    used, applied = trace(KVSpec(kv.layers[:stamp.traced], kv.encoder_decoder), binder, stamp)
+                stamped = {"traced_layers": stamp.traced, "stamped_layers": kv.num_layers - stamp.traced}
+            except stamping.StampError as e:
+                why = str(e)
+            except ExportError as e:  # the short trace failed: the whole model's is the judge
+                why = f"the {stamp.traced}-layer trace failed: {e.message[:200]}"
+            finally:
+                binder.unbound_buffers = None
+        if why is not None:
+            log.info("tracing all %d layers (no stamping: %s)", kv.num_layers, why)
+            stamped = {"traced_layers": kv.num_layers, "stamped_layers": 0, "why_not": why}
+    if not (stamped or {}).get("stamped_layers"):
+        used, applied = trace(kv, bind)
     graph = Graph("decoder", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
-                  patches=applied, attention=GQA_ATTENTION if gqa else None)
+                  patches=applied, attention=GQA_ATTENTION if gqa else None, stamped=stamped)
     return graph, used
 
 

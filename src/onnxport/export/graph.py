@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from onnxport.errors import ExportError
+from onnxport.export.stamp import StampError
 from onnxport.spec import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,14 @@ def export_graph(
     skip_patches: tuple[str, ...] = (),
     bind=None,
     translations: dict | None = None,
+    expand=None,
+    final_io: tuple[list[TensorSpec], list[TensorSpec]] | None = None,
 ) -> tuple[set[str], list[str]]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
     the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
-    gives the initializers of a module traced on the meta device their data."""
+    gives the initializers of a module traced on the meta device their data. `expand(model)`
+    (dynamo only) grows the traced onnx-ir model before it is saved (export/stamp.py) and returns
+    the further parameters it reads; the saved graph then has the I/O of `final_io`."""
     from onnxport import progress
     from onnxport.patches import apply_patches
 
@@ -66,6 +71,8 @@ def export_graph(
                 # checkpoint reads): finalized and written once, weights one at a time
                 used, model = _export_dynamo(module, args, inputs, input_names, output_names, opset, param_prefix,
                                              bind, translations)
+                if expand is not None:
+                    used = used | expand(model)
             elif bind is not None:
                 raise ExportError("--low-memory traces with torch.export (the dynamo exporter)",
                                   "use --exporter dynamo, or drop --low-memory")
@@ -73,13 +80,15 @@ def export_graph(
                 used = _export_torchscript(module, args, inputs, outputs, input_names, output_names, opset, tmp_file,
                                            param_prefix)
                 model = None
-    except (ExportError, OSError):  # OSError: a full or read-only disk is not an exporter problem
+    except (ExportError, StampError, OSError):  # OSError: a full or read-only disk is not an exporter problem
         raise
     except Exception as e:  # the exporters raise many types; name the exporter and the op
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         first = lines[0] if lines else type(e).__name__
         raise ExportError(f"torch.onnx ({exporter}) failed on {out_file.name}: {_key_line(lines, first)[:300]}",
                           failure_hint(str(e), exporter)) from e
+    if final_io is not None:
+        inputs, outputs = final_io
     finalize_graph(model if model is not None else tmp_file, out_file, inputs, outputs, external_threshold,
                    param_prefix, static)
     return used, applied

@@ -118,6 +118,65 @@ class CheckpointWeights:
         return reader_tensor(CheckpointTensorReader(path, info, src, dtype), name)
 
 
+class ModuleWeights(CheckpointWeights):
+    """`CheckpointWeights` for a model in memory: an initializer is bound to the module's own
+    parameter (written from it when the graph is saved, transposed there when the graph reads
+    it transposed). Stamped decoder exports (export/stamp.py) bind an in-memory model's weights
+    by name this way, as `--low-memory` binds a checkpoint's."""
+
+    def __init__(self, model):
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.owner = {n: n for n in self.params}
+
+    def source(self, name: str) -> str | None:
+        return name if name in self.params else None
+
+    def lazy(self, name: str, shape: tuple):
+        import onnx_ir as ir
+
+        if name not in self.params:
+            if name in self.buffers:
+                return ir.Tensor(self.buffers[name].numpy(), name=name)
+            raise CheckpointError(f"weight {name!r} is not a parameter of the model", "report this onnxport bug")
+        p = self.params[name]
+        if tuple(p.shape) != tuple(shape):
+            raise ExportError(f"weight {name!r} has shape {list(p.shape)}, the graph needs {list(shape)}")
+        return reader_tensor(ModuleTensorReader(p, name), name)
+
+
+class ModuleTensorReader:
+    """A module's parameter behind `CheckpointTensorReader`'s interface (shape, dtype, perm,
+    transposed, numpy, tofile), so onnx-ir writes it when the graph is saved."""
+
+    def __init__(self, tensor: torch.Tensor, name: str, perm: tuple[int, ...] | None = None):
+        self.tensor, self.name, self.dtype = tensor.detach(), name, tensor.dtype
+        self.perm = tuple(perm) if perm is not None else None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.tensor.permute(self.perm).shape) if self.perm else tuple(self.tensor.shape)
+
+    def transposed(self, perm) -> ModuleTensorReader:
+        assert self.perm is None
+        return ModuleTensorReader(self.tensor, self.name, perm)
+
+    def numpy(self) -> np.ndarray:
+        t = self.tensor.permute(self.perm) if self.perm else self.tensor
+        return np.ascontiguousarray(t.contiguous().numpy())
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        return self.numpy().tobytes()
+
+    def tofile(self, file) -> None:
+        a = self.numpy()
+        file.write(memoryview(a.reshape(-1).view(np.uint8)))
+
+
 #: bytes of a checkpoint tensor read, cast and written at a time
 CHUNK_BYTES = 16 << 20
 
@@ -202,6 +261,10 @@ class Binder:
     def __init__(self, weights: CheckpointWeights, prefix: str):
         self.weights, self.prefix = weights, prefix
         self.shapes: dict[str, tuple] = {}
+        #: buffers under this name prefix stay unbound through the optimizer too, as weights do
+        #: (a stamped export binds each layer's own buffers by name: none folded, none merged
+        #: with another layer's equal one)
+        self.unbound_buffers: str | None = None
 
     def _short(self, name: str) -> str:
         return name[len(self.prefix):] if name.startswith(self.prefix) else name
@@ -210,8 +273,11 @@ class Binder:
         w = self.weights
         for name, value in model.graph.initializers.items():
             short = self._short(name)
-            if short in w.buffers:
+            if short in w.buffers and not (self.unbound_buffers and short.startswith(self.unbound_buffers)):
                 value.const_value = w.lazy(short, tuple(w.buffers[short].shape))
+            elif short in w.buffers:
+                self.shapes[name] = tuple(w.buffers[short].shape)
+                value.const_value = None
             elif short in w.params:
                 self.shapes[name] = tuple(int(d) for d in value.shape) if value.shape is not None else tuple(
                     w.params[short].shape)

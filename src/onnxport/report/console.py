@@ -80,7 +80,10 @@ def summary(manifest: Manifest, output) -> str:
     line = f"wrote {output}/: {shown} ({manifest.model.model_type}: {parts}"
     if manifest.kv_cache is not None and manifest.weights is not None:
         w = manifest.weights
-        line += (f"; decoder {manifest.kv_cache.num_layers} layers, {w['in_graph']} weights in graph, "
+        stamped = next((g.stamped for g in manifest.graphs if g.stamped and g.stamped.get("stamped_layers")), None)
+        layers = (f"{manifest.kv_cache.num_layers} layers ({stamped['traced_layers']} traced, "
+                  f"{stamped['stamped_layers']} stamped)" if stamped else f"{manifest.kv_cache.num_layers} layers")
+        line += (f"; decoder {layers}, {w['in_graph']} weights in graph, "
                  f"{len(w['skipped'])} skipped: {w['skipped'] or 'none'}")
     for g in manifest.graphs:
         if g.precision:

@@ -36,15 +36,16 @@ DROP_KEYS = {"quantization_config", "auto_map", "_name_or_path", "transformers_v
 
 
 def _per_layer_pick(d: dict, n_layers: int) -> list[int]:
-    """Which 2 of the `n_layers` layers to keep: the first, plus the first of another kind when
-    a per-layer list (layer_types first) has more than one kind, so hybrids keep both."""
+    """Which LAYERS (2) of the `n_layers` layers to keep: the first ones, the last of them
+    replaced by the first of another kind when a per-layer list (layer_types first) has more than
+    one kind and the first ones are all alike, so hybrids keep both."""
     lists = [d["layer_types"]] if isinstance(d.get("layer_types"), list) else []
     lists += [v for v in d.values() if isinstance(v, list) and len(v) == n_layers]
     for lst in lists:
         if len(lst) == n_layers:
             other = next((i for i, x in enumerate(lst) if x != lst[0]), None)
             if other is not None:
-                return [0, other]
+                return list(range(LAYERS - 1)) + [other] if other >= LAYERS - 1 else list(range(LAYERS))
     return list(range(LAYERS))
 
 

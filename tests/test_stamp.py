@@ -1,0 +1,152 @@
+"""Stamped decoder exports (export/stamp.py): two layers traced, the others copies of layer 1
+that read their own weights and caches.
+
+Proven against tracing every layer (`stamp=False`) of the same 5-layer checkpoint, whose
+layers all have different (randomized) weights and norms: the stamped graph has the same ops,
+inputs and outputs, names every layer's weights as the checkpoint does, carries each copy's
+module scope, and its outputs equal the full trace's. The `--low-memory` path (weights bound to
+the checkpoint) and the GQA graph are stamped too. Layers that differ fall back to tracing
+every layer and say why: by module (layer types, an attribute) or in the traced graph itself
+(a computation that depends on the layer index, which no module attribute shows). A model whose
+first layer differs (dense before MoE) is traced up to its second MoE layer and stamped from it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_tiny_checkpoint
+
+from onnxport.api import export
+from onnxport.config import ExportConfig
+
+LAYERS = 5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "llama", num_hidden_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def bundles(checkpoint, tmp_path_factory):
+    """The same checkpoint exported four ways (each verified against PyTorch by export)."""
+    root = tmp_path_factory.mktemp("bundles")
+    configs = {"stamped": ExportConfig(), "full": ExportConfig(stamp=False),
+               "low_memory": ExportConfig(low_memory=True), "gqa": ExportConfig(attention="gqa")}
+    return {name: (root / name, export(checkpoint, root / name, cfg)) for name, cfg in configs.items()}
+
+
+def feeds(manifest) -> dict:
+    """A left-padded batch of 2 continuing a 3-token cache (random past tensors)."""
+    from onnxport.spec import ShapeCase
+    from onnxport.spec import feeds as make
+
+    return make(manifest.graph("decoder").inputs, ShapeCase(2, 5, 3).sizes, vocab_size=1024, past=3, left_pad=2)
+
+
+def run(folder, manifest, inputs) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, {i.name: inputs[i.name] for i in sess.get_inputs()})))
+
+
+def test_stamped_graph_is_the_full_trace(bundles):
+    (sf, stamped), (ff, full) = bundles["stamped"], bundles["full"]
+    assert stamped.graph("decoder").stamped == {"traced_layers": 2, "stamped_layers": LAYERS - 2}
+    assert full.graph("decoder").stamped is None
+    assert stamped.verification["ok"] and full.verification["ok"]
+    a, b = onnx.load(str(sf / "model.onnx")), onnx.load(str(ff / "model.onnx"))
+    assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    assert Counter((n.domain, n.op_type) for n in a.graph.node) == Counter((n.domain, n.op_type) for n in b.graph.node)
+    # every layer reads its own checkpoint tensors, by their checkpoint names
+    inits = {i.name for i in a.graph.initializer}
+    for i in range(LAYERS):
+        assert f"model.layers.{i}.mlp.down_proj.weight" in inits
+        assert f"model.layers.{i}.input_layernorm.weight" in inits
+    x = feeds(stamped)
+    ours, ref = run(sf, stamped, x), run(ff, full, x)
+    assert set(ours) == set(ref)
+    for name in ref:
+        np.testing.assert_allclose(ours[name], ref[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_copies_carry_their_layers_module_scope(bundles):
+    """bisect and the quantizer's per-layer record read the exporter's name scopes."""
+    from onnxport.optimize.quantize import module_names
+
+    folder, _ = bundles["stamped"]
+    names = set(module_names(folder / "model.onnx").values())
+    for i in range(LAYERS):
+        assert f"model.layers.{i}.self_attn.q_proj" in names
+        assert f"model.layers.{i}.mlp.down_proj" in names
+
+
+def test_low_memory_and_gqa_graphs_are_stamped(bundles):
+    (sf, stamped), (lf, low) = bundles["stamped"], bundles["low_memory"]
+    gf, gqa = bundles["gqa"]
+    for m in (low, gqa):
+        assert m.graph("decoder").stamped == {"traced_layers": 2, "stamped_layers": LAYERS - 2}
+        assert m.verification["ok"]
+    x = feeds(stamped)
+    ours, ref = run(lf, low, x), run(sf, stamped, x)
+    for name in ref:
+        np.testing.assert_allclose(ours[name], ref[name], rtol=0, atol=1e-5, err_msg=name)
+    ops = Counter(n.op_type for n in onnx.load(str(gf / "model.onnx")).graph.node)
+    assert ops["GroupQueryAttention"] == LAYERS
+
+
+def test_unlike_layers_are_traced_whole(checkpoint):
+    """why_not names what differs; nothing is exported."""
+    from transformers import AutoModelForCausalLM
+
+    from onnxport.export.stamp import why_not
+    from onnxport.spec import KVSpec
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    kv = KVSpec.uniform(LAYERS, 2, 16)
+    cfg = ExportConfig()
+    assert why_not(model, kv, cfg) is None
+    scaling = model.model.layers[3].self_attn.scaling
+    model.model.layers[3].self_attn.scaling = 0.5
+    assert why_not(model, kv, cfg) == "layer 3 is not built like layer 4"
+    model.model.layers[3].self_attn.scaling = scaling
+    model.config.layer_types = ["full_attention", "sliding_attention"] * 2 + ["full_attention"]
+    assert "several types" in why_not(model, kv, cfg)
+    assert "TorchScript" in why_not(model, kv, ExportConfig(exporter="torchscript", opset=17))
+
+
+def test_layer_index_in_the_computation_falls_back(checkpoint, tmp_path, monkeypatch):
+    """Attention output scaled by (1 + layer index / 2): every module is alike, but the traced
+    layers 0 and 1 are not the same graph. The export traces every layer, says why, and
+    verifies (a stamped copy of layer 1 would scale layer k by 1.5 and fail verification)."""
+    from transformers.models.llama import modeling_llama
+
+    forward = modeling_llama.LlamaAttention.forward
+
+    def scaled(self, *args, **kwargs):
+        out, weights = forward(self, *args, **kwargs)
+        return out * (1.0 + 0.5 * self.layer_idx), weights
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", scaled)
+    m = export(checkpoint, tmp_path / "b", ExportConfig())
+    record = m.graph("decoder").stamped
+    assert record["stamped_layers"] == 0 and record["traced_layers"] == LAYERS
+    assert "layer 0" in record["why_not"] and "layer 1" in record["why_not"]
+    assert m.verification["ok"]
+
+
+def test_dense_first_layer_then_moe_layers(tmp_path):
+    """qwen2_moe with layer 0 dense (mlp_only_layers, as DeepSeek's first_k_dense_replace): the
+    template is layer 2, checked against layer 1; the MoE copies verify."""
+    ckpt = make_tiny_checkpoint("qwen2_moe", tmp_path / "moe", num_hidden_layers=LAYERS, mlp_only_layers=[0],
+                                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                shared_expert_intermediate_size=64)
+    m = export(ckpt, tmp_path / "b", ExportConfig())
+    assert m.graph("decoder").stamped == {"traced_layers": 3, "stamped_layers": LAYERS - 3}
+    assert m.verification["ok"]
