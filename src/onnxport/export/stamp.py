@@ -131,7 +131,7 @@ def truncated(model, path: str, n: int = TRACED):
 
 
 class Stamp:
-    """Expands the traced 2-layer onnx-ir model to all layers (`expand`)."""
+    """Expands the onnx-ir model of the first `traced` layers to all layers (`expand`)."""
 
     def __init__(self, path: str, first: int, kv, naming: str, prefix: str, bind):
         from onnxport.spec import cache_entries
@@ -407,7 +407,8 @@ class Stamp:
                 tensor = reader_tensor(tensor.meta["onnxport_reader"].transposed(perm), name)
             used.add(short)
         if tuple(tensor.shape) != tuple(v.const_value.shape):
-            raise StampError(f"{short} has shape {list(tensor.shape)}, layer 1's {list(v.const_value.shape)}")
+            raise StampError(f"{short} has shape {list(tensor.shape)}, layer {self.template}'s "
+                             f"{list(v.const_value.shape)}")
         value = ir.Value(name=name, type=v.type, shape=ir.Shape(list(tensor.shape)), const_value=tensor)
         graph.register_initializer(value)
         made[name] = value
