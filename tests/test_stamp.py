@@ -150,3 +150,25 @@ def test_dense_first_layer_then_moe_layers(tmp_path):
     m = export(ckpt, tmp_path / "b", ExportConfig())
     assert m.graph("decoder").stamped == {"traced_layers": 3, "stamped_layers": LAYERS - 3}
     assert m.verification["ok"]
+
+
+def test_multimodal_text_decoder_is_stamped(tmp_path):
+    """Qwen2.5-VL's text decoder (inputs_embeds in, mrope positions [3, batch, seq]) with 4
+    layers: stamped past its vision tower's blocks, and verified."""
+    import torch
+    import transformers as T
+
+    from onnxport.testing.tiny import randomize_norms
+
+    torch.manual_seed(0)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=16, out_hidden_size=48, fullatt_block_indexes=[1])
+    text = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, vocab_size=300, bos_token_id=None, eos_token_id=None,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0})
+    model = T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=text)).eval()
+    randomize_norms(model)
+    model.save_pretrained(tmp_path / "vl")
+    m = export(tmp_path / "vl", tmp_path / "b", ExportConfig(), parts=("decoder",))
+    assert m.graph("decoder").stamped == {"traced_layers": 2, "stamped_layers": 2}
+    assert m.verification["ok"]
