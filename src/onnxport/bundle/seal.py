@@ -35,14 +35,6 @@ def trust_bundles(trust: bool = True) -> None:
     os.environ["ONNXPORT_TRUST_BUNDLE"] = "1" if trust else ""
 
 
-def remember(path: Path, digest: str) -> None:
-    """Record the sha256 of a file this process has just written (and hashed as it wrote it),
-    so the seal does not read it back."""
-    st = path.stat()
-    with _LOCK:
-        _HASHED[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = digest
-
-
 def sha256(path: Path) -> str:
     """The file's sha256, from the cache when this process hashed the same file unchanged."""
     st = path.stat()

@@ -4,24 +4,15 @@ external tensors), so saving never holds all weights. No torch: optimize/ and qu
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
-
-
-#: tensors of at least this many bytes go to the external data file (onnx-ir's own default)
-EXTERNAL_MIN_BYTES = 256
 
 
 def save_model(model, out_file: Path, external_threshold: int) -> None:
     """Save an onnx-ir model: weights in one `<name>.data` beside it when they total more than
     `external_threshold` bytes, else embedded. External and lazy tensors are read one at a time
     while saving (their source files must outlive the call), so the weights are never all in
-    memory; small graphs embed them (ir.save would otherwise keep pointing at the source).
-
-    The data file is written here, tensor after tensor, and hashed as it is written (the seal
-    records that sha256 without reading the file back: 27 GB for a 7B fp32 model, more than
-    the page cache keeps)."""
+    memory; small graphs embed them (ir.save would otherwise keep pointing at the source)."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -31,70 +22,15 @@ def save_model(model, out_file: Path, external_threshold: int) -> None:
             if init.const_value is not None and isinstance(init.const_value, ir.ExternalTensor):
                 init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
         ir.save(model, str(out_file))
-        return
-    from onnxport import progress
-    from onnxport.bundle.seal import remember
+    else:
+        from onnxport import progress
 
-    folder, data_name = out_file.parent, out_file.name + ".data"
-    tmp = folder / (data_name + ".tmp")  # the old file may be what the tensors read
-    big = [v for v in graph.initializers.values()
-           if v.const_value is not None and v.const_value.nbytes >= EXTERNAL_MIN_BYTES]
-    placed = []
-    try:
-        with open(tmp, "wb") as f:
-            out = HashingWriter(f)
-            for i, v in enumerate(big):
-                t, at = v.const_value, out.written
-                try:
-                    t.tofile(out)  # streamed (checkpoint / module readers write in chunks)
-                except (AttributeError, io.UnsupportedOperation):
-                    # a lazy tensor whose value is a numpy array: ndarray.tofile wants a real file
-                    if out.written != at:
-                        raise
-                    out.write(t.tobytes())
-                if out.written - at != t.nbytes:
-                    raise OSError(f"{v.name}: wrote {out.written - at} bytes for a tensor of {t.nbytes}")
-                placed.append((v, at, t))
-                progress.update(f"writing {data_name}", i + 1, len(big))
-            digest = out.hexdigest()
-        os.replace(tmp, folder / data_name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    for v, at, t in placed:
-        v.const_value = ir.ExternalTensor(data_name, at, t.nbytes, t.dtype, shape=t.shape, name=v.name,
-                                          base_dir=str(folder))
-    ir.save(model, str(out_file))
-    remember(folder / data_name, digest)
+        def written(_tensor, info) -> None:
+            progress.update(f"writing {out_file.name}.data", info.index + 1, info.total)
 
-
-class HashingWriter:
-    """A binary file that also computes the sha256 of what goes through it. Hashing runs in a
-    thread beside the writes (hashlib and file writes release the GIL), one chunk behind."""
-
-    def __init__(self, file):
-        import hashlib
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.file, self.written = file, 0
-        self._hash = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1)
-        self._pending = None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if self._pending is not None:
-            self._pending.result()
-        self._pending = self._pool.submit(self._hash.update, view)
-        self.file.write(view)
-        self.written += len(view)
-        return len(view)
-
-    def hexdigest(self) -> str:
-        if self._pending is not None:
-            self._pending.result()
-        self._pool.shutdown()
-        return self._hash.hexdigest()
+        # two writers: one transposes or casts a tensor while the other writes (bounded bytes in flight)
+        ir.save(model, str(out_file), external_data=out_file.name + ".data", callback=written, max_workers=2,
+                max_in_flight_bytes=256 << 20)
 
 
 #: shared weight files align each tensor to this many bytes (page-friendly for memory maps)
