@@ -206,12 +206,18 @@ class Stamp:
         the exporter's rewrites made without a scope (a Split of a fused projection) whose
         every reader is one of them."""
         mine = {n for n in nodes if self._in_layer(n, i) and any(o in stateful for o in n.outputs)}
-        for n in reversed(nodes):
-            if n in mine or n.metadata_props.get(SCOPES) or not any(o in stateful for o in n.outputs):
-                continue
-            users = [u for o in n.outputs for u, _ in o.uses()]
-            if users and all(u in mine for u in users) and not any(o.is_graph_output() for o in n.outputs):
-                mine.add(n)
+        unscoped = [n for n in nodes if not n.metadata_props.get(SCOPES) and any(o in stateful for o in n.outputs)
+                    and not any(o.is_graph_output() for o in n.outputs)]
+        grew = True
+        while grew:  # chains of unscoped nodes join one by one
+            grew = False
+            for n in unscoped:
+                if n in mine:
+                    continue
+                users = [u for o in n.outputs for u, _ in o.uses() if not _shape_only(u)]
+                if users and all(u in mine for u in users):
+                    mine.add(n)
+                    grew = True
         return [n for n in nodes if n in mine]
 
     def _layer(self, graph, nodes: list, i: int, stateful: set) -> dict:
