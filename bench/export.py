@@ -15,6 +15,10 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
 - `low-memory+verify`  the same with verification: ONNX Runtime runs the graph in segments of
                   at most 1 GiB of weights, the PyTorch reference reads each module's weights
                   when it runs (bounded memory end to end)
+- `split`, `split+trace-all`, `split+verify`  `--layout split --pack N` (`--pack`, default 1)
+                  without verification, the same with `--no-stamp` (every block graph traced),
+                  and the default (verified) split export: block graphs after the first two of
+                  each role stamped (export/stamp_blocks.py)
 - `low-memory+fp16`, `low-memory+fp16+verify`  --dtype fp16 (guarded; the fp32 graph is
                   written first and converted tensor by tensor)
 
@@ -42,6 +46,8 @@ from pathlib import Path
 
 MODES = ("torch.onnx", "genai", "onnxport", "onnxport+trace-all", "onnxport+verify", "low-memory", "low-memory+verify",
          "low-memory+fp16+verify")
+#: modes run only when named (--modes)
+SPLIT_MODES = ("split", "split+trace-all", "split+verify")
 
 
 def weight_bytes_fp32(ckpt: Path) -> int:
@@ -59,7 +65,7 @@ def weight_bytes_fp32(ckpt: Path) -> int:
     return n
 
 
-def run_one(mode: str, ckpt: Path, out: Path) -> None:
+def run_one(mode: str, ckpt: Path, out: Path, pack: int = 1) -> None:
     """In the child: do one export, print {"seconds", "peak_rss_bytes", ...}."""
     t0 = time.perf_counter()
     extra: dict = {}
@@ -85,20 +91,27 @@ def run_one(mode: str, ckpt: Path, out: Path) -> None:
         extra["graph_bytes"] = sum(f.stat().st_size for f in out.glob("model.onnx*"))
     else:
         from onnxport.api import export
-        from onnxport.config import ExportConfig
+        from onnxport.config import ExportConfig, SplitConfig
 
+        split = SplitConfig(pack=pack) if mode.startswith("split") else None
         m = export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify"),
                                            dtype="float16" if "+fp16" in mode else "float32",
-                                           stamp="+trace-all" not in mode))
+                                           stamp="+trace-all" not in mode), split=split)
         extra["phases"] = m.export.phases
-        extra["stamped"] = m.graph("decoder").stamped
-        extra["graph_bytes"] = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+        if split is None:
+            extra["stamped"] = m.graph("decoder").stamped
+        else:
+            blocks = [g for g in m.graphs if g.role in ("block", "block_cache")]
+            extra["block_graphs"] = {"pack": pack, "total": len(blocks),
+                                     "stamped": sum(1 for g in blocks if (g.stamped or {}).get("from"))}
+        extra["graph_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".onnx", ".data"))
         if m.verification:
             extra["verified"] = m.verification.get("ok")
             extra["checks"] = m.verification.get("checks")
             extra["worst_logits_max_abs_diff"] = max(
-                c["outputs"]["logits"]["max_abs_diff"] for c in m.verification["cases"])
-        if m.graph("decoder").precision:
+                (c["outputs"]["logits"]["max_abs_diff"] for c in m.verification["cases"] if "logits" in c["outputs"]),
+                default=None)
+        if split is None and m.graph("decoder").precision:
             extra["fp16_kept_float32"] = m.graph("decoder").precision["kept_float32"]["count"]
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -111,11 +124,12 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--save", type=Path, help="also write the JSON here")
     ap.add_argument("--tmp", help="folder for the bundles (default: the system temp folder)")
+    ap.add_argument("--pack", type=int, default=1, help="split modes: layers per block graph")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        run_one(args.one, args.checkpoint, args.out)
+        run_one(args.one, args.checkpoint, args.out, args.pack)
         return
     weights = weight_bytes_fp32(args.checkpoint)
     results = {"checkpoint": str(args.checkpoint), "fp32_weight_bytes": weights, "modes": {}}
@@ -127,7 +141,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="onnxport-bench-export-", dir=args.tmp))
         try:
             p = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--one", mode, "--out",
-                                str(tmp / "out")], capture_output=True, text=True)
+                                str(tmp / "out"), "--pack", str(args.pack)], capture_output=True, text=True)
             if p.returncode != 0:
                 results["modes"][mode] = {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
             else:

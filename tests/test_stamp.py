@@ -172,3 +172,90 @@ def test_multimodal_text_decoder_is_stamped(tmp_path):
     m = export(tmp_path / "vl", tmp_path / "b", ExportConfig(), parts=("decoder",))
     assert m.graph("decoder").stamped == {"traced_layers": 2, "stamped_layers": 2}
     assert m.verification["ok"]
+
+
+@pytest.fixture(scope="module")
+def split_bundles(checkpoint, tmp_path_factory):
+    """The split layout (one layer per block graph) stamped and traced whole, and the static
+    split (dynamo, fixed shapes, cos/sin given) stamped."""
+    from onnxport.config import SplitConfig
+
+    root = tmp_path_factory.mktemp("split")
+    runs = {"stamped": (ExportConfig(), SplitConfig()), "full": (ExportConfig(stamp=False), SplitConfig()),
+            "static": (ExportConfig(kv_layout="bshd"),
+                       SplitConfig(static=True, max_len=16, prefill_len=8, rope="outside", head="argmax"))}
+    return {name: (root / name, export(checkpoint, root / name, cfg, split=split))
+            for name, (cfg, split) in runs.items()}
+
+
+def _run_graph(path, inputs) -> list:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: inputs[i.name] for i in sess.get_inputs()})
+
+
+def test_split_blocks_after_two_are_stamped_and_equal_the_traced_ones(split_bundles):
+    """Blocks 2-4 (prefill and decode) are copies of block 1 reading layer k's weights and
+    cache; on the same inputs every block graph gives the traced graph's outputs."""
+    from onnxport.export.split import example_feeds
+    from onnxport.spec import PAST, SEQ, TOTAL
+
+    (sf, stamped), (ff, full) = split_bundles["stamped"], split_bundles["full"]
+    assert stamped.verification["ok"] and full.verification["ok"]
+    by_file = {g.file: g for g in stamped.graphs}
+    for k in range(LAYERS):
+        for role in ("block", "block_cache"):
+            g = by_file[f"{role}_{k}.onnx"]
+            assert g.stamped == ({"from": f"{role}_1.onnx"} if k >= 2 else None), g.file
+    assert not any(g.stamped for g in full.graphs)
+    for k in range(2, LAYERS):
+        for role in ("block", "block_cache"):
+            entry = by_file[f"{role}_{k}.onnx"]
+            a = onnx.load(str(sf / entry.file), load_external_data=False)
+            assert [i.name for i in a.graph.input][-2:] == (
+                [f"past_key_values.{k}.key", f"past_key_values.{k}.value"] if role == "block_cache"
+                else [i.name for i in a.graph.input][-2:])
+            assert [o.name for o in a.graph.output][1:] == [f"present.{k}.key", f"present.{k}.value"]
+            inits = {i.name for i in a.graph.initializer}
+            assert f"model.layers.{k}.mlp.down_proj.weight" in inits and not any(
+                f"layers.{j}." in n for n in inits for j in range(LAYERS) if j != k)
+            scopes = {s for n in a.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"
+                      for s in eval(p.value)}  # noqa: S307 - the exporter's repr of a list of str
+            assert f"model.model.layers.{k}.self_attn" in scopes and "model.model.layers.1.self_attn" not in scopes
+            x = example_feeds(entry, {SEQ: 3, PAST: 4, TOTAL: 5 if role == "block_cache" else 3}, k, 1024,
+                              4 if role == "block_cache" else 0)
+            for u, v in zip(_run_graph(sf / entry.file, x), _run_graph(ff / entry.file, x)):
+                np.testing.assert_allclose(u, v, rtol=0, atol=1e-5, err_msg=entry.file)
+
+
+def test_static_split_blocks_are_stamped(split_bundles):
+    folder, m = split_bundles["static"]
+    assert m.verification["ok"]
+    stamped = [g.file for g in m.graphs if (g.stamped or {}).get("from")]
+    assert stamped == [f"{r}_{k}.onnx" for k in range(2, LAYERS) for r in ("block", "block_cache")]
+
+
+def test_split_blocks_unlike_in_the_graph_are_traced(checkpoint, tmp_path, monkeypatch):
+    """The layer-index-scaled attention above: block 1's graph is not block 0's; every block
+    is traced, block 1 and later say why, and the bundle verifies."""
+    from transformers.models.llama import modeling_llama
+
+    from onnxport.config import SplitConfig
+
+    forward = modeling_llama.LlamaAttention.forward
+
+    def scaled(self, *args, **kwargs):
+        out, weights = forward(self, *args, **kwargs)
+        return out * (1.0 + 0.5 * self.layer_idx), weights
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", scaled)
+    m = export(checkpoint, tmp_path / "b", ExportConfig(), split=SplitConfig())
+    assert m.verification["ok"]
+    blocks = [g for g in m.graphs if g.role in ("block", "block_cache")]
+    assert not any((g.stamped or {}).get("from") for g in blocks)
+    for g in blocks:
+        if g.layers[0] >= 1:
+            why = g.stamped["why_not"]
+            first = "block_cache_0.onnx" if g.role == "block_cache" else "block_0.onnx"
+            assert first in why and first.replace("_0", "_1") in why, (g.file, why)

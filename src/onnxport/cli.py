@@ -144,7 +144,7 @@ def export_cmd(
     copy_weights: bool = typer.Option(False, "--copy-weights", help="split: every graph holds its own weights (default: one shared weights.data, each weight stored once)."),
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
-    no_stamp: bool = typer.Option(False, "--no-stamp", help="Trace every decoder layer. By default a decoder whose layers are all alike is traced with two and the others are copies of the second, each reading its own weights (verified as always)."),
+    no_stamp: bool = typer.Option(False, "--no-stamp", help="Trace every decoder layer. By default a decoder whose layers are all alike is traced with two and the others are copies of the second, each reading its own weights (verified as always); split layouts trace two block graphs per role and copy the others."),
     optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime fusions (RMSNorm, skip + norm, rotary, attention where it matches), kept only when the fused graph verifies."),
     bf16_compute: bool = typer.Option(False, "--bf16-compute", help="With --dtype bf16: compute in bf16 too (GPU / TensorRT; verified on a CPU emulation twin, ONNX Runtime's CPU provider has no bf16 kernels)."),
     attention: str = typer.Option("default", help="default (the model's own attention ops) or gqa (one com.microsoft.GroupQueryAttention per layer, cache appended in place: the runtime then uses one cache buffer, no per-step copy)."),

@@ -86,7 +86,9 @@ class Graph:
     chain: list[dict] | None = None
     #: a decoder traced with its first layers whose other layers are copies of the last traced
     #: one, each reading its own weights (export/stamp.py): {"traced_layers", "stamped_layers"};
-    #: a decoder traced whole says why ("why_not")
+    #: a decoder traced whole says why ("why_not"). A split block graph copied from a traced
+    #: one (export/stamp_blocks.py): {"from": that graph's file}; traced after a failed check:
+    #: {"why_not"}
     stamped: dict | None = None
     #: decoders exported with fused attention: "com.microsoft.GroupQueryAttention" (a prompt
     #: that continues a cache then runs one row at a time; see export/attention.py)

@@ -48,12 +48,14 @@ def export_graph(
     translations: dict | None = None,
     expand=None,
     final_io: tuple[list[TensorSpec], list[TensorSpec]] | None = None,
+    keep=None,
 ) -> tuple[set[str], list[str]]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
     the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
     gives the initializers of a module traced on the meta device their data. `expand(model)`
     (dynamo only) grows the traced onnx-ir model before it is saved (export/stamp.py) and returns
-    the further parameters it reads; the saved graph then has the I/O of `final_io`."""
+    the further parameters it reads; the saved graph then has the I/O of `final_io`. `keep(model)`
+    (dynamo only) receives the onnx-ir model as saved (export/stamp_blocks.py copies it)."""
     from onnxport import progress
     from onnxport.patches import apply_patches
 
@@ -91,6 +93,8 @@ def export_graph(
         inputs, outputs = final_io
     finalize_graph(model if model is not None else tmp_file, out_file, inputs, outputs, external_threshold,
                    param_prefix, static)
+    if keep is not None and model is not None:
+        keep(model)
     return used, applied
 
 

@@ -24,6 +24,7 @@ Contracts (batch is always 1, as NPU runtimes drive one sequence; kv layout per 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ from onnxport.bundle import Graph
 from onnxport.config import SplitConfig
 from onnxport.hf.compat import cache_kwarg
 from onnxport.spec import PAST, SEQ, TOTAL, KVSpec, TensorSpec, feeds, kv_dims
+
+log = logging.getLogger(__name__)
 
 
 class KVCapture:
@@ -233,25 +236,46 @@ def pack_for_size(recipe, model, num_layers: int, limit: int) -> int:
 
 def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tuple[list[Graph], set[str]]:
     """Export every graph of the split plan into `folder`; return the entries and the union of
-    parameters the exported graphs read."""
-    from onnxport.export.graph import check_fully_static, export_graph, slim_static
+    parameters the exported graphs read. Block graphs are traced for the first two full packs
+    of each role and stamped for the others when the layers are alike (export/stamp_blocks.py)."""
+    from onnxport.export import stamp_blocks
+    from onnxport.export.graph import check_fully_static, export_graph, finalize_graph, slim_static
+    from onnxport.export.stamp import StampError
     from onnxport.hf.compat import text_config
 
     text = text_config(model.config)
     graphs = split_plan(recipe, model, kv, text.hidden_size, text.vocab_size, cfg, split)
+    path, why = stamp_blocks.why_not(model, kv, cfg, split)
+    stamper = stamp_blocks.BlockStamper(model, path, split.pack) if why is None else None
     used_all: set[str] = set()
     for n, entry in enumerate(graphs):
-        module = module_for(entry, recipe, model, cfg, split).eval()
-        # trace with distinct sizes > 1 so no dynamic dim is specialised
-        sizes = {SEQ: 3, PAST: 5, TOTAL: 6 if entry.role == "block_cache" else 3}
-        past = 5 if entry.role == "block_cache" else 0
-        if entry.role == "block_cache" and split.static:
-            past = 3
-        example = example_feeds(entry, sizes, n, text.vocab_size, past)
-        args = tuple(torch.from_numpy(example[i.name]) for i in entry.inputs)
-        used, entry.patches = export_graph(module, args, entry.inputs, entry.outputs, folder / entry.file, cfg.exporter,
-                                           cfg.opset, cfg.external_data_threshold_bytes, param_prefix="model.",
-                                           static=split.static)
+        stamped = False
+        if stamper is not None and not stamper.traces(entry):
+            template = stamper.templates[entry.role].entry
+            try:
+                copy, used = stamper.stamp(entry)
+                finalize_graph(copy, folder / entry.file, entry.inputs, entry.outputs, cfg.external_data_threshold_bytes,
+                               static=split.static)
+                entry.patches, entry.stamped, stamped = template.patches, {"from": template.file}, True
+            except StampError as e:
+                log.info("%s traced (the copy of %s failed: %s)", entry.file, template.file, e)
+        if not stamped:
+            module = module_for(entry, recipe, model, cfg, split).eval()
+            # trace with distinct sizes > 1 so no dynamic dim is specialised
+            sizes = {SEQ: 3, PAST: 5, TOTAL: 6 if entry.role == "block_cache" else 3}
+            past = 5 if entry.role == "block_cache" else 0
+            if entry.role == "block_cache" and split.static:
+                past = 3
+            example = example_feeds(entry, sizes, n, text.vocab_size, past)
+            args = tuple(torch.from_numpy(example[i.name]) for i in entry.inputs)
+            blocks = stamper is not None and entry.role in stamp_blocks.ROLES
+            used, entry.patches = export_graph(module, args, entry.inputs, entry.outputs, folder / entry.file,
+                                               cfg.exporter, cfg.opset, cfg.external_data_threshold_bytes,
+                                               param_prefix="model.", static=split.static,
+                                               bind=stamper.binder() if blocks else None,
+                                               keep=stamper.keep(entry) if blocks else None)
+            if cfg.stamp and entry.role in stamp_blocks.ROLES and (why or (stamper and stamper.why_not_for(entry.role))):
+                entry.stamped = {"why_not": why or stamper.why_not_for(entry.role)}
         entry.exporter, entry.opset = cfg.exporter, cfg.opset
         if split.static:
             slim_static(folder / entry.file)

@@ -83,6 +83,10 @@ def summary(manifest: Manifest, output) -> str:
         stamped = next((g.stamped for g in manifest.graphs if g.stamped and g.stamped.get("stamped_layers")), None)
         layers = (f"{manifest.kv_cache.num_layers} layers ({stamped['traced_layers']} traced, "
                   f"{stamped['stamped_layers']} stamped)" if stamped else f"{manifest.kv_cache.num_layers} layers")
+        blocks = [g for g in manifest.graphs if g.role in ("block", "block_cache")]
+        copies = sum(1 for g in blocks if (g.stamped or {}).get("from"))
+        if copies:
+            layers += f" ({len(blocks) - copies} block graphs traced, {copies} stamped)"
         line += (f"; decoder {layers}, {w['in_graph']} weights in graph, "
                  f"{len(w['skipped'])} skipped: {w['skipped'] or 'none'}")
     for g in manifest.graphs:
