@@ -352,3 +352,68 @@ def test_property_audio_inputs_are_accepted_or_refused_in_one_line(shape, dtype,
         assert out.ndim == 1 and out.size > 0 and np.isfinite(out).all() and rate == 16000
     except RuntimeInputError as e:
         assert e.hint and "\n" not in e.message
+
+
+def _weights_model(n: int = 6, external=None):
+    """An onnx-ir model of `n` MatMuls whose weights total ~3 MB (saved with external data)."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 256]))
+    nodes, inits, h = [], [], x
+    for i in range(n):
+        w = ir.Value(name=f"w{i}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([256, 256]))
+        w.const_value = ir.tensor(rng.standard_normal((256, 256)).astype(np.float32), name=f"w{i}")
+        node = ir.Node("", "MatMul", [h, w])
+        h = node.outputs[0]
+        h.name, h.type = f"h{i}", ir.TensorType(ir.DataType.FLOAT)
+        nodes.append(node)
+        inits.append(w)
+    graph = ir.Graph([x], [h], nodes=nodes, initializers=inits, opset_imports={"": 18})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_weights_are_hashed_while_written_and_the_seal_reads_them_once(tmp_path, monkeypatch):
+    """save_model hashes the external data file as onnx-ir's two writers fill it; the digest is
+    the file's, and sealing finds it without reading the file again (a later change of the file
+    is hashed anew)."""
+    import hashlib
+
+    from onnxport.bundle import seal
+    from onnxport.bundle.weights import save_model
+
+    out = tmp_path / "m.onnx"
+    save_model(_weights_model(), out, external_threshold=1 << 10)
+    data = out.with_name("m.onnx.data")
+    want = hashlib.sha256(data.read_bytes()).hexdigest()
+    assert data.stat().st_size == 6 * 256 * 256 * 4
+
+    def no_reading(*_a, **_k):
+        raise AssertionError("the seal read the file again")
+
+    monkeypatch.setattr(hashlib, "file_digest", no_reading)
+    assert seal.sha256(data) == want
+    monkeypatch.undo()
+    with open(data, "r+b") as f:  # a changed file is hashed again
+        f.write(b"\1")
+    assert seal.sha256(data) == hashlib.sha256(data.read_bytes()).hexdigest() != want
+
+
+def test_a_failed_write_stops_the_hashing_thread(tmp_path):
+    import threading
+
+    import onnx_ir as ir
+
+    from onnxport.bundle.weights import save_model
+
+    class Broken(ir.Tensor):
+        def tofile(self, file):
+            raise OSError("disk full")
+
+    model = _weights_model()
+    w = model.graph.initializers["w3"]
+    w.const_value = Broken(w.const_value.numpy(), name="w3")
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tmp_path / "m.onnx", external_threshold=1 << 10)
+    assert not [t for t in threading.enumerate() if t.name == "weights-sha256"]
+    assert isinstance(model.graph.initializers["w3"].const_value, Broken)  # the model is as it was

@@ -39,6 +39,7 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportCon
     started = time.perf_counter()
     ckpt = open_checkpoint(model_dir, allow_pickle=cfg.allow_pickle)
     plan = plan_export(ckpt, parts, split, cfg)
+    ckpt.hash_in_background()
     with atomic_bundle(out, cfg.force, inputs=(ckpt.path,)) as folder:
         manifest = new_manifest(ckpt, plan, cfg, versions())
         models = ModelCache()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from onnxport.errors import CheckpointError
@@ -66,6 +66,8 @@ class Checkpoint:
     weight_files: list[Path]
     pickle_weights: bool
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    #: (thread, result) of hash_in_background()
+    _hashing: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def model_type(self) -> str:
@@ -75,7 +77,14 @@ class Checkpoint:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
 
     def sha256(self) -> str:
-        """Hash of config.json and every weight file (streamed), identifying the source."""
+        """Hash of config.json and every weight file (streamed), identifying the source. After
+        `hash_in_background()`, waits for that thread's result."""
+        if self._hashing is not None:
+            thread, result = self._hashing
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            return result["sha256"]
         h = hashlib.sha256()
         for f in [self.path / "config.json", *sorted(self.weight_files)]:
             h.update(f.name.encode())
@@ -83,6 +92,26 @@ class Checkpoint:
                 for chunk in iter(lambda: fh.read(1 << 22), b""):
                     h.update(chunk)
         return h.hexdigest()
+
+    def hash_in_background(self) -> None:
+        """Start `sha256()` on a thread (hashlib and file reads release the GIL), so reading
+        the weights once more overlaps loading and tracing instead of adding to them (1 s per
+        2 GB here). A daemon thread: a failed export does not wait for it."""
+        import threading
+
+        if self._hashing is not None:
+            return
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["sha256"] = Checkpoint.sha256(replace(self, _hashing=None))
+            except OSError as e:
+                result["error"] = e
+
+        thread = threading.Thread(target=run, name="checkpoint-sha256", daemon=True)
+        self._hashing = (thread, result)
+        thread.start()
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:

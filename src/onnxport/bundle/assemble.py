@@ -59,10 +59,13 @@ def copy_support_files(ckpt: Checkpoint, folder: Path) -> list[str]:
 def finish_bundle(ckpt: Checkpoint | None, folder: Path, manifest: Manifest, started: float | None) -> Manifest:
     """The last step of every command that writes a bundle: support files copied (from `ckpt`,
     when there is one), the time taken (since `started`; None keeps the source bundle's), other
-    runtimes' configs written (genai_config.json, bundle/genai.py), report.html / report.md
+    runtimes' configs written (genai_config.json, bundle/genai.py), the source's sha256 when
+    not yet known (`Checkpoint.hash_in_background`), report.html / report.md
     (bundle/report.py), every file's size and sha256 recorded, the manifest written."""
     if ckpt is not None:
         manifest.source.files = copy_support_files(ckpt, folder)
+        if not manifest.source.sha256:
+            manifest.source.sha256 = ckpt.sha256()
     if started is not None:
         manifest.export.seconds = round(time.perf_counter() - started, 2)
     manifest.interop = {KEY: write_genai_config(folder, manifest)}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from onnxport.errors import BundleError
 
-#: (real path, size, mtime_ns) -> sha256 of files already hashed in this process
+#: (device, inode, size, mtime_ns) -> sha256 of files already hashed (or written and hashed,
+#: `remember`) in this process; a rename keeps the key, a write changes it
 _HASHED: dict[tuple, str] = {}
 _LOCK = threading.Lock()
 #: seconds this process spent waiting for hashes after what they overlapped was done (bench/seal.py)
@@ -37,8 +38,7 @@ def trust_bundles(trust: bool = True) -> None:
 
 def sha256(path: Path) -> str:
     """The file's sha256, from the cache when this process hashed the same file unchanged."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = _key(os.stat(path))
     with _LOCK:
         if key in _HASHED:
             return _HASHED[key]
@@ -53,6 +53,17 @@ def sha256(path: Path) -> str:
     with _LOCK:
         _HASHED[key] = digest
     return digest
+
+
+def _key(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def remember(st: os.stat_result, digest: str) -> None:
+    """Record the sha256 of a file this process has just written and hashed as it wrote
+    (`st`: its stat after the last write), so sealing the bundle does not read it again."""
+    with _LOCK:
+        _HASHED[_key(st)] = digest
 
 
 def mismatch(folder: Path, name: str, record: dict) -> str | None:

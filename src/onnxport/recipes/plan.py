@@ -70,7 +70,7 @@ def plan_export(ckpt: Checkpoint, parts: tuple[str, ...] | None, split: SplitCon
 
 def new_manifest(ckpt: Checkpoint, plan: ExportPlan, cfg: ExportConfig, versions: dict):
     """The manifest of a bundle about to be exported by `plan`: source, model, exporter and
-    layout; the stages fill in the parts."""
+    layout; the stages fill in the parts, finish_bundle the source's sha256 (hashed meanwhile)."""
     from onnxport.bundle import (
         MODULES,
         MONOLITHIC,
@@ -85,7 +85,7 @@ def new_manifest(ckpt: Checkpoint, plan: ExportPlan, cfg: ExportConfig, versions
     decoder = plan.decoder
     kind = (SPLIT if plan.split is not None else MONOLITHIC) if decoder is not None else MODULES
     return Manifest(
-        task=plan.task, versions=versions, source=Source(str(ckpt.path.resolve()), ckpt.sha256()),
+        task=plan.task, versions=versions, source=Source(str(ckpt.path.resolve()), ""),
         model=ModelInfo(ckpt.model_type, "+".join(type(r).__name__ for r in plan.recipes.values()),
                         ckpt.config.get("architectures")),
         export=ExportInfo("auto" if cfg.fallback and decoder is None else cfg.exporter, cfg.opset, cfg.dtype,
