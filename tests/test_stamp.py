@@ -177,13 +177,15 @@ def test_multimodal_text_decoder_is_stamped(tmp_path):
 @pytest.fixture(scope="module")
 def split_bundles(checkpoint, tmp_path_factory):
     """The split layout (one layer per block graph) stamped and traced whole, and the static
-    split (dynamo, fixed shapes, cos/sin given) stamped."""
+    split stamped: dynamo with cos/sin given, and TorchScript at opset 13 (NPU toolchains)."""
     from onnxport.config import SplitConfig
 
     root = tmp_path_factory.mktemp("split")
     runs = {"stamped": (ExportConfig(), SplitConfig()), "full": (ExportConfig(stamp=False), SplitConfig()),
             "static": (ExportConfig(kv_layout="bshd"),
-                       SplitConfig(static=True, max_len=16, prefill_len=8, rope="outside", head="argmax"))}
+                       SplitConfig(static=True, max_len=16, prefill_len=8, rope="outside", head="argmax")),
+            "static_torchscript": (ExportConfig(kv_layout="bshd", exporter="torchscript", opset=13),
+                                   SplitConfig(static=True, max_len=16, prefill_len=8, head="argmax"))}
     return {name: (root / name, export(checkpoint, root / name, cfg, split=split))
             for name, (cfg, split) in runs.items()}
 
@@ -229,11 +231,32 @@ def test_split_blocks_after_two_are_stamped_and_equal_the_traced_ones(split_bund
                 np.testing.assert_allclose(u, v, rtol=0, atol=1e-5, err_msg=entry.file)
 
 
-def test_static_split_blocks_are_stamped(split_bundles):
-    folder, m = split_bundles["static"]
+@pytest.mark.parametrize("name", ["static", "static_torchscript"])
+def test_static_split_blocks_are_stamped(split_bundles, name):
+    folder, m = split_bundles[name]
     assert m.verification["ok"]
     stamped = [g.file for g in m.graphs if (g.stamped or {}).get("from")]
     assert stamped == [f"{r}_{k}.onnx" for k in range(2, LAYERS) for r in ("block", "block_cache")]
+    for k in range(2, LAYERS):  # every copy reads its own layer's weights, by their checkpoint names
+        inits = {i.name for i in onnx.load(str(folder / f"block_cache_{k}.onnx"), load_external_data=False)
+                 .graph.initializer}
+        assert f"model.layers.{k}.mlp.down_proj.weight" in inits or any(f"layers.{k}." in n for n in inits)
+        assert not any(f"layers.{j}." in n for n in inits for j in range(LAYERS) if j != k)
+
+
+def test_torchscript_blocks_with_merged_weights_are_traced(tmp_path):
+    """Untrained all-ones norms: TorchScript stores them once per graph, under one name, so a
+    copy would read that one tensor for both norms of a layer whose norms differ. The blocks
+    are traced, say why, and the bundle verifies."""
+    from onnxport.config import SplitConfig
+
+    ckpt = make_tiny_checkpoint("llama", tmp_path / "ones", untrained_norms=True, num_hidden_layers=LAYERS)
+    m = export(ckpt, tmp_path / "b", ExportConfig(kv_layout="bshd", exporter="torchscript", opset=13),
+               split=SplitConfig(static=True, max_len=16, prefill_len=8, head="argmax"))
+    assert m.verification["ok"]
+    blocks = [g for g in m.graphs if g.role in ("block", "block_cache")]
+    assert not any((g.stamped or {}).get("from") for g in blocks)
+    assert "merged equal tensors" in next(g for g in blocks if g.layers == [1]).stamped["why_not"]
 
 
 def test_split_blocks_unlike_in_the_graph_are_traced(checkpoint, tmp_path, monkeypatch):

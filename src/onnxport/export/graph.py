@@ -54,8 +54,9 @@ def export_graph(
     the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
     gives the initializers of a module traced on the meta device their data. `expand(model)`
     (dynamo only) grows the traced onnx-ir model before it is saved (export/stamp.py) and returns
-    the further parameters it reads; the saved graph then has the I/O of `final_io`. `keep(model)`
-    (dynamo only) receives the onnx-ir model as saved (export/stamp_blocks.py copies it)."""
+    the further parameters it reads; the saved graph then has the I/O of `final_io`. `keep(model,
+    used)` receives the onnx-ir model as saved and the parameters it reads (export/stamp_blocks.py
+    copies it)."""
     from onnxport import progress
     from onnxport.patches import apply_patches
 
@@ -91,10 +92,10 @@ def export_graph(
                           failure_hint(str(e), exporter)) from e
     if final_io is not None:
         inputs, outputs = final_io
-    finalize_graph(model if model is not None else tmp_file, out_file, inputs, outputs, external_threshold,
-                   param_prefix, static)
-    if keep is not None and model is not None:
-        keep(model)
+    saved = finalize_graph(model if model is not None else tmp_file, out_file, inputs, outputs, external_threshold,
+                           param_prefix, static)
+    if keep is not None:
+        keep(saved, used)
     return used, applied
 
 
@@ -269,10 +270,11 @@ def used_parameters(ep, prefix: str = "") -> set[str]:
 
 
 def finalize_graph(raw, out_file: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], external_threshold: int,
-                   param_prefix: str = "", static: bool = False) -> None:
+                   param_prefix: str = "", static: bool = False):
     """Give every dynamic dim its field name, drop the exporter's stale shape guesses, restore
     checkpoint names of initializers, check static graphs, and save (weights in one
-    `<name>.data` file when the graph is large). `raw` is an onnx-ir model or a saved file."""
+    `<name>.data` file when the graph is large). `raw` is an onnx-ir model or a saved file.
+    Returns the onnx-ir model as saved."""
     import onnx_ir as ir
 
     model = raw if isinstance(raw, ir.Model) else ir.load(str(raw))
@@ -325,6 +327,7 @@ def finalize_graph(raw, out_file: Path, inputs: list[TensorSpec], outputs: list[
     for f in (raw, raw.with_name(raw.name + ".data")) if raw is not None else ():
         if f.exists():
             f.unlink()
+    return model
 
 
 def slim_static(path: Path) -> None:

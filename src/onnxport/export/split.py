@@ -272,7 +272,7 @@ def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tu
             used, entry.patches = export_graph(module, args, entry.inputs, entry.outputs, folder / entry.file,
                                                cfg.exporter, cfg.opset, cfg.external_data_threshold_bytes,
                                                param_prefix="model.", static=split.static,
-                                               bind=stamper.binder() if blocks else None,
+                                               bind=stamper.binder() if blocks and cfg.exporter == "dynamo" else None,
                                                keep=stamper.keep(entry) if blocks else None)
             if cfg.stamp and entry.role in stamp_blocks.ROLES and (why or (stamper and stamper.why_not_for(entry.role))):
                 entry.stamped = {"why_not": why or stamper.why_not_for(entry.role)}

@@ -38,8 +38,6 @@ def why_not(model, kv, cfg, split) -> tuple[str | None, str | None]:
 
     if not cfg.stamp:
         return None, "--no-stamp"
-    if cfg.exporter != "dynamo":
-        return None, "the TorchScript exporter binds no weights by name"
     if len(set(kv.layers)) != 1:
         return None, "its layers' caches differ in shape"
     path = decoder_layers(model)
@@ -102,12 +100,16 @@ class BlockStamper:
         if entry.role not in ROLES or len(entry.layers) != self.pack or len(self.traced.get(entry.role, [])) >= 2:
             return None
 
-        def kept(model) -> None:
+        def kept(model, used: set[str]) -> None:
             done = self.traced.setdefault(entry.role, [])
             done.append(_Template(entry, model))
+            if len(done) == 1:
+                self._first_used = used
             if len(done) == 2:
                 first, second = done
                 try:
+                    for t, read in ((first, self._first_used), (second, used)):
+                        self._own_tensors(t, read)
                     self._check(first, second)
                     second.checked = True
                     self.templates[entry.role] = second
@@ -124,6 +126,22 @@ class BlockStamper:
         return t.why_not if t is not None else None
 
     # -- check ---------------------------------------------------------------------------
+    def _own_tensors(self, t: _Template, used: set[str]) -> None:
+        """Every layer parameter the graph reads is an initializer of its own name, with its
+        data in memory (TorchScript's exporter stores equal tensors once, under one of their
+        names: two all-ones norms read as one, which a copy for layers with other norms must
+        not inherit; and a weight file of the raw export is gone after saving)."""
+        import onnx_ir as ir
+
+        names = set(t.model.graph.initializers)
+        merged = sorted(n for n in used if self._layer_of(n) is not None and n not in names)
+        if merged:
+            raise StampError(f"{t.entry.file} reads {merged[0]} under another weight's name (the exporter merged "
+                             "equal tensors)")
+        for name, v in t.model.graph.initializers.items():
+            if self._layer_of(name) is None and isinstance(v.const_value, ir.ExternalTensor):
+                raise StampError(f"{t.entry.file} keeps {name} in a file of the raw export")
+
     def _layer_of(self, name: str) -> tuple[int, str] | None:
         head = f"{self.path}."
         if not name.startswith(head):
