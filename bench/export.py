@@ -19,6 +19,8 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
                   without verification, the same with `--no-stamp` (every block graph traced),
                   and the default (verified) split export: block graphs after the first two of
                   each role stamped (export/stamp_blocks.py)
+- `split-static13`, `split-static13+trace-all`  the static split for NPU toolchains
+                  (`--static --opset 13 --head argmax`: the TorchScript exporter), no verification
 - `low-memory+fp16`, `low-memory+fp16+verify`  --dtype fp16 (guarded; the fp32 graph is
                   written first and converted tensor by tensor)
 
@@ -49,7 +51,7 @@ from pathlib import Path
 MODES = ("torch.onnx", "genai", "onnxport", "onnxport+trace-all", "onnxport+verify", "low-memory", "low-memory+verify",
          "low-memory+fp16+verify")
 #: modes run only when named (--modes)
-SPLIT_MODES = ("split", "split+trace-all", "split+verify")
+SPLIT_MODES = ("split", "split+trace-all", "split+verify", "split-static13", "split-static13+trace-all")
 
 
 def weight_bytes_fp32(ckpt: Path) -> int:
@@ -95,10 +97,14 @@ def run_one(mode: str, ckpt: Path, out: Path, pack: int = 1) -> None:
         from onnxport.api import export
         from onnxport.config import ExportConfig, SplitConfig
 
-        split = SplitConfig(pack=pack) if mode.startswith("split") else None
+        static = mode.startswith("split-static13")
+        split = SplitConfig(pack=pack, static=static, head="argmax" if static else "logits") \
+            if mode.startswith("split") else None
         m = export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify"),
                                            dtype="float16" if "+fp16" in mode else "float32",
-                                           stamp="+trace-all" not in mode), split=split)
+                                           stamp="+trace-all" not in mode,
+                                           **({"opset": 13, "exporter": "torchscript"} if static else {})),
+                   split=split)
         extra["phases"] = m.export.phases
         if split is None:
             extra["stamped"] = m.graph("decoder").stamped
