@@ -106,7 +106,7 @@ class Checkpoint:
         def run() -> None:
             try:
                 result["sha256"] = Checkpoint.sha256(replace(self, _hashing=None))
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - raised where sha256() is asked for
                 result["error"] = e
 
         thread = threading.Thread(target=run, name="checkpoint-sha256", daemon=True)

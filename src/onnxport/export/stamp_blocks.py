@@ -9,10 +9,15 @@ layers they read. So the first two full packs of each role are traced, the secon
 against the first node for node (same ops and attributes; inputs made by matching nodes, the
 same graph input by position, each layer's own weight of the same name, read the same way,
 or equal constants), and every later full pack is a copy of the second reading its own
-layers' weights (bound by name, as export/stamp.py binds them: lazily from the model), with
-its own cache inputs and outputs and metadata scopes. A shorter last pack is traced. Any
-failure of the check traces every block, and each graph is verified against PyTorch as
-every export is.
+layers' weights (bound by name, as export/stamp.py binds them: lazily from the model; read
+transposed where the template reads its weight transposed), with its own cache inputs and
+outputs and metadata scopes. A shorter last pack is traced. Any failure of the check traces
+every block, and each graph is verified against PyTorch as every export is.
+
+Both exporters: dynamo traces the templates with every weight bound by name (export/stream.py
+Binder); TorchScript keeps parameter names when it does not fold constants, but stores equal
+tensors once under one name (untrained all-ones norms), so a template that reads a layer
+parameter under another's name is refused.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def why_not(model, kv, cfg, split) -> tuple[str | None, str | None]:
 class _Template:
     entry: object
     model: object = None
-    checked: bool = False
+    #: the parameters the traced graph reads
+    used: set = field(default_factory=set)
     why_not: str | None = None
 
 
@@ -75,12 +81,14 @@ class BlockStamper:
     templates: dict = field(default_factory=dict)
     #: role -> [entries traced for it] (the first two full packs)
     traced: dict = field(default_factory=dict)
+    _binder: object = None
 
     def binder(self):
-        """The weight binder for the traced blocks: every weight and layer buffer bound by name."""
+        """The weight binder for the traced blocks (dynamo) and the copies: every weight and
+        layer buffer bound by name, read from the model when the graph is saved."""
         from onnxport.export.stream import Binder, ModuleWeights
 
-        if not hasattr(self, "_binder"):
+        if self._binder is None:
             self._binder = Binder(ModuleWeights(self.model), self.prefix)
             self._binder.unbound_buffers = self.path + "."
         return self._binder
@@ -102,21 +110,17 @@ class BlockStamper:
 
         def kept(model, used: set[str]) -> None:
             done = self.traced.setdefault(entry.role, [])
-            done.append(_Template(entry, model))
-            if len(done) == 1:
-                self._first_used = used
+            done.append(_Template(entry, model, used))
             if len(done) == 2:
                 first, second = done
                 try:
-                    for t, read in ((first, self._first_used), (second, used)):
-                        self._own_tensors(t, read)
+                    for t in done:
+                        self._own_tensors(t)
                     self._check(first, second)
-                    second.checked = True
-                    self.templates[entry.role] = second
                 except StampError as e:
-                    second.why_not = str(e)
-                    self.templates[entry.role] = second
+                    second.why_not, second.model = str(e), None
                     log.info("%s graphs traced one by one (no stamping: %s)", entry.role, e)
+                self.templates[entry.role] = second
                 first.model = None  # only the template stays in memory
 
         return kept
@@ -126,7 +130,7 @@ class BlockStamper:
         return t.why_not if t is not None else None
 
     # -- check ---------------------------------------------------------------------------
-    def _own_tensors(self, t: _Template, used: set[str]) -> None:
+    def _own_tensors(self, t: _Template) -> None:
         """Every layer parameter the graph reads is an initializer of its own name, with its
         data in memory (TorchScript's exporter stores equal tensors once, under one of their
         names: two all-ones norms read as one, which a copy for layers with other norms must
@@ -134,7 +138,7 @@ class BlockStamper:
         import onnx_ir as ir
 
         names = set(t.model.graph.initializers)
-        merged = sorted(n for n in used if self._layer_of(n) is not None and n not in names)
+        merged = sorted(n for n in t.used if self._layer_of(n) is not None and n not in names)
         if merged:
             raise StampError(f"{t.entry.file} reads {merged[0]} under another weight's name (the exporter merged "
                              "equal tensors)")
@@ -194,8 +198,6 @@ class BlockStamper:
     # -- stamping ------------------------------------------------------------------------
     def stamp(self, entry):
         """(onnx-ir model of `entry` copied from its role's template, parameters it reads)."""
-        import onnx_ir as ir
-
         t = self.templates[entry.role]
         shift = entry.layers[0] - t.entry.layers[0]
         model = t.model.clone()
@@ -234,7 +236,6 @@ class BlockStamper:
         got = {v.name for v in list(graph.inputs) + list(graph.outputs)}
         if got != expected:
             raise StampError(f"the copy of {t.entry.file} for {entry.file} has I/O {sorted(got ^ expected)}")
-        assert isinstance(model, ir.Model)
         return model, used
 
     @staticmethod
