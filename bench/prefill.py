@@ -6,7 +6,7 @@ Rounds alternate the two graphs in blocks (`--block` calls each), and each block
 call that is not counted: ONNX Runtime's worker threads spin for a while after a run, so the
 first call after the other session's run competes with that session's spinning threads for
 the cores. Alternating single calls measured exactly that (the demo model's fast prefill at
-2.9x the default's at 16 tokens; run alone it is 0.87x).
+2.9x the default's at 16 tokens; in blocks it is 0.66x).
 
     python bench/prefill.py CHECKPOINT [--lengths 16,128,400] [--rounds 7] [--save FILE]
 """
