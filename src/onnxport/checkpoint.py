@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxport.errors import CheckpointError
@@ -85,6 +85,9 @@ class Checkpoint:
             if "error" in result:
                 raise result["error"]
             return result["sha256"]
+        return self._hash_files()
+
+    def _hash_files(self) -> str:
         h = hashlib.sha256()
         for f in [self.path / "config.json", *sorted(self.weight_files)]:
             h.update(f.name.encode())
@@ -105,7 +108,7 @@ class Checkpoint:
 
         def run() -> None:
             try:
-                result["sha256"] = Checkpoint.sha256(replace(self, _hashing=None))
+                result["sha256"] = self._hash_files()
             except Exception as e:  # noqa: BLE001 - raised where sha256() is asked for
                 result["error"] = e
 

@@ -303,21 +303,17 @@ class Stamp:
         key = (id(a), id(b))
         if key not in self._memo:
             pa, pb = a.producer(), b.producer()
-            self._memo[key] = (pa is not None and pb is not None and self._same_node(pa, pb, zero, one)
+            self._memo[key] = (pa is not None and pb is not None and same_op(pa, pb)
                                and a.index() == b.index()
                                and all(self._same(x, y, zero, one) for x, y in zip(pa.inputs, pb.inputs)))
         return self._memo[key]
-
-    def _same_node(self, a, b, zero: dict, one: dict) -> bool:
-        return (a.op_type, a.domain, a.overload, len(a.inputs), len(a.outputs)) == \
-            (b.op_type, b.domain, b.overload, len(b.inputs), len(b.outputs)) and _attributes(a) == _attributes(b)
 
     def _check_alike(self, zero: dict, one: dict) -> None:
         c, t = self.check, self.template
         if len(zero["nodes"]) != len(one["nodes"]):
             raise StampError(f"layer {c} has {len(zero['nodes'])} nodes, layer {t} {len(one['nodes'])}")
         for a, b in zip(zero["nodes"], one["nodes"]):
-            if not self._same_node(a, b, zero, one):
+            if not same_op(a, b):
                 raise StampError(f"layers {c} and {t} differ: {a.op_type} {a.name} vs {b.op_type} {b.name}")
             for x, y in zip(a.inputs, b.inputs):
                 if not self._same(x, y, zero, one):
@@ -399,18 +395,10 @@ class Stamp:
         name = self.prefix + short
         if name in made:
             return made[name]
-        weights = self.bind.weights
-        if short in weights.buffers and short not in weights.params:
-            tensor = weights.lazy(short, tuple(weights.buffers[short].shape))
-        else:
-            if short not in weights.params:
-                raise StampError(f"layer {k} has no tensor {short}")
-            tensor = weights.lazy(short, tuple(weights.params[short].shape))
-            perm = _perm(v)
-            if perm is not None:
-                from onnxport.export.stream import reader_tensor
-
-                tensor = reader_tensor(tensor.meta["onnxport_reader"].transposed(perm), name)
+        tensor = bound_tensor(self.bind.weights, short, name, _perm(v))
+        if tensor is None:
+            raise StampError(f"layer {k} has no tensor {short}")
+        if short in self.bind.weights.params:
             used.add(short)
         if tuple(tensor.shape) != tuple(v.const_value.shape):
             raise StampError(f"{short} has shape {list(tensor.shape)}, layer {self.template}'s "
@@ -431,6 +419,27 @@ class Stamp:
         graph.inputs.extend(lead_in + [inputs[p] for p in past])
         graph.outputs.clear()
         graph.outputs.extend(lead_out + [outputs[q] for q in present])
+
+
+def bound_tensor(weights, short: str, name: str, perm: tuple | None):
+    """Parameter or buffer `short` of the model (`export.stream` weights) as a lazy tensor named
+    `name`, a parameter read transposed by `perm` as the template's is; None if it has none."""
+    if short in weights.buffers and short not in weights.params:
+        return weights.lazy(short, tuple(weights.buffers[short].shape))
+    if short not in weights.params:
+        return None
+    tensor = weights.lazy(short, tuple(weights.params[short].shape))
+    if perm is not None:
+        from onnxport.export.stream import reader_tensor
+
+        tensor = reader_tensor(tensor.meta["onnxport_reader"].transposed(perm), name)
+    return tensor
+
+
+def same_op(a, b) -> bool:
+    """Two nodes run the same op with the same attributes and arity."""
+    return (a.op_type, a.domain, a.overload, len(a.inputs), len(a.outputs)) == \
+        (b.op_type, b.domain, b.overload, len(b.inputs), len(b.outputs)) and _attributes(a) == _attributes(b)
 
 
 def _shape_only(node) -> bool:

@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxport.export.stamp import SCOPES, StampError, _attributes, _perm, _signature, decoder_layers
+from onnxport.export.stamp import (
+    SCOPES,
+    StampError,
+    _perm,
+    _signature,
+    bound_tensor,
+    decoder_layers,
+    same_op,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +105,7 @@ class BlockStamper:
         """Whether `entry` is traced (a template, a non-block graph, or a shorter pack)."""
         if entry.role not in ROLES or len(entry.layers) != self.pack:
             return True
-        done = self.traced.setdefault(entry.role, [])
-        if len(done) < 2:
+        if len(self.traced.get(entry.role, [])) < 2:
             return True
         t = self.templates.get(entry.role)
         return t is None or t.why_not is not None
@@ -183,8 +190,7 @@ class BlockStamper:
             return tx.dtype == ty.dtype and tuple(tx.shape) == tuple(ty.shape) and np.array_equal(tx.numpy(), ty.numpy())
 
         for x, y in zip(na, nb):
-            if (x.op_type, x.domain, x.overload, len(x.inputs), len(x.outputs)) != \
-                    (y.op_type, y.domain, y.overload, len(y.inputs), len(y.outputs)) or _attributes(x) != _attributes(y):
+            if not same_op(x, y):
                 raise StampError(f"{first.entry.file} and {second.entry.file} differ: {x.op_type} {x.name} vs "
                                  f"{y.op_type} {y.name}")
             for u, v in zip(x.inputs, y.inputs):
@@ -209,18 +215,11 @@ class BlockStamper:
             if at is None:
                 continue
             new = f"{self.path}.{at[0] + shift}.{at[1]}"
-            if new in weights.params:
-                tensor = weights.lazy(new, tuple(weights.params[new].shape))
-                perm = _perm(value)
-                if perm is not None:
-                    from onnxport.export.stream import reader_tensor
-
-                    tensor = reader_tensor(tensor.meta["onnxport_reader"].transposed(perm), new)
-                used.add(new)
-            elif new in weights.buffers:
-                tensor = weights.lazy(new, tuple(weights.buffers[new].shape))
-            else:
+            tensor = bound_tensor(weights, new, new, _perm(value))
+            if tensor is None:
                 raise StampError(f"layer {at[0] + shift} has no tensor {new}")
+            if new in weights.params:
+                used.add(new)
             if tuple(tensor.shape) != tuple(value.const_value.shape):
                 raise StampError(f"{new} has shape {list(tensor.shape)}, the template's {list(value.const_value.shape)}")
             graph.initializers.pop(name)
