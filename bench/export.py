@@ -9,6 +9,8 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
 - `onnxport`     `onnxport export --no-verify` (model loaded in float32, then traced: two decoder
                   layers, the others stamped from the second, export/stamp.py)
 - `onnxport+trace-all`  the same with `--no-stamp`: every layer traced (the export before stamping)
+- `onnxport+late-weights`  the same with the weights written when the graph is saved, not while
+                  it is traced (ExportConfig(early_weights=False); bundle/weights.py EarlyWeights)
 - `onnxport+verify`  the default `onnxport export`: the graph verified against PyTorch
 - `low-memory`   `onnxport export --low-memory --no-verify` (meta-device trace, weights streamed
                   from the checkpoint one tensor at a time)
@@ -51,7 +53,7 @@ from pathlib import Path
 MODES = ("torch.onnx", "genai", "onnxport", "onnxport+trace-all", "onnxport+verify", "low-memory", "low-memory+verify",
          "low-memory+fp16+verify")
 #: modes run only when named (--modes)
-SPLIT_MODES = ("split", "split+trace-all", "split+verify", "split-static13", "split-static13+trace-all")
+EXTRA_MODES = ("onnxport+late-weights", "split", "split+trace-all", "split+verify", "split-static13", "split-static13+trace-all")
 
 
 def weight_bytes_fp32(ckpt: Path) -> int:
@@ -103,6 +105,7 @@ def run_one(mode: str, ckpt: Path, out: Path, pack: int = 1) -> None:
         m = export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify"),
                                            dtype="float16" if "+fp16" in mode else "float32",
                                            stamp="+trace-all" not in mode,
+                                           early_weights="+late-weights" not in mode,
                                            **({"opset": 13, "exporter": "torchscript"} if static else {})),
                    split=split)
         extra["phases"] = m.export.phases

@@ -174,6 +174,117 @@ def test_multimodal_text_decoder_is_stamped(tmp_path):
     assert m.verification["ok"]
 
 
+#: weights in model.onnx.data for these tiny models (the default keeps graphs under 1 GiB whole)
+EXTERNAL = 4096
+
+
+@pytest.fixture(scope="module")
+def early_bundles(checkpoint, tmp_path_factory):
+    """Stamped exports with external weights: written while the graph is traced (in memory and
+    --low-memory) and, for comparison, when it is saved."""
+    root = tmp_path_factory.mktemp("early")
+    configs = {"early": ExportConfig(external_data_threshold_bytes=EXTERNAL),
+               "low_memory": ExportConfig(external_data_threshold_bytes=EXTERNAL, low_memory=True),
+               "late": ExportConfig(external_data_threshold_bytes=EXTERNAL, early_weights=False)}
+    return {name: (root / name, export(checkpoint, root / name, cfg)) for name, cfg in configs.items()}
+
+
+def _initializers(folder) -> dict:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(folder / "model.onnx")).graph.initializer}
+
+
+def _no_leftovers(folder) -> None:
+    assert sorted(f.name for f in folder.iterdir() if f.name.startswith(".")) == []
+
+
+def test_weights_written_during_the_trace_are_the_saved_ones(early_bundles):
+    """The data file written beside the trace holds, under every initializer's name, exactly
+    the bytes the save writes (in memory and from the checkpoint); the seal's digest is the
+    file's; the bundles verify and run alike."""
+    import hashlib
+
+    (ef, early), (lf, low), (tf, late) = (early_bundles[k] for k in ("early", "low_memory", "late"))
+    data = ef / "model.onnx.data"
+    record = early.graph("decoder").stamped["early_weights"]
+    assert record["tensors"] >= 9 * LAYERS and 0 < record["bytes"] <= data.stat().st_size
+    assert low.graph("decoder").stamped["early_weights"]["tensors"] == record["tensors"]
+    assert "early_weights" not in late.graph("decoder").stamped
+    for m in (early, low, late):
+        assert m.verification["ok"]
+    ours, mem, ref = _initializers(ef), _initializers(lf), _initializers(tf)
+    assert set(ours) == set(ref) == set(mem)
+    for name in ref:
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+        np.testing.assert_array_equal(mem[name], ref[name], err_msg=name)
+    assert early.graph("decoder").files["model.onnx.data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    x = feeds(early)
+    a, b = run(ef, early, x), run(tf, late, x)
+    for name in b:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for folder in (ef, lf, tf):
+        _no_leftovers(folder)
+
+
+@pytest.mark.parametrize("fault", ["unread", "write_error"])
+def test_early_weights_that_do_not_fit_are_written_at_save(checkpoint, early_bundles, tmp_path, monkeypatch, fault):
+    """A prediction that writes a tensor the graph does not read (here an untransposed copy of
+    a linear weight), or a failed write: the early file is dropped, the save writes every
+    weight, the manifest says why, and the bundle equals the one written at save."""
+    from onnxport.export import stream
+
+    predict = stream.predicted_readers
+
+    class Failing:
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+        def tofile(self, file):
+            raise OSError("No space left on device")
+
+    def predicted(model, weights, path, embeds=False):
+        readers = predict(model, weights, path, embeds)
+        if fault == "unread":
+            return readers + [weights.lazy("model.layers.2.self_attn.q_proj.weight", (64, 64)).meta["onnxport_reader"]]
+        return readers[:3] + [Failing(readers[3])] + readers[4:]
+
+    monkeypatch.setattr(stream, "predicted_readers", predicted)
+    m = export(checkpoint, tmp_path / "b", ExportConfig(external_data_threshold_bytes=EXTERNAL))
+    why = m.graph("decoder").stamped["early_weights"]["why_not"]
+    assert ("not read by the graph" if fault == "unread" else "No space left") in why, why
+    assert m.verification["ok"]
+    ref_folder, _ = early_bundles["late"]
+    ours, ref = _initializers(tmp_path / "b"), _initializers(ref_folder)
+    assert set(ours) == set(ref)
+    for name in ref:
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+    _no_leftovers(tmp_path / "b")
+
+
+def test_early_weights_stop_when_stamping_falls_back(checkpoint, tmp_path, monkeypatch):
+    """The layer-index-scaled attention above traces every layer: the weights written during
+    the short trace are dropped (none left in the bundle) and the full trace's save writes them."""
+    from transformers.models.llama import modeling_llama
+
+    forward = modeling_llama.LlamaAttention.forward
+
+    def scaled(self, *args, **kwargs):
+        out, weights = forward(self, *args, **kwargs)
+        return out * (1.0 + 0.5 * self.layer_idx), weights
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", scaled)
+    m = export(checkpoint, tmp_path / "b", ExportConfig(external_data_threshold_bytes=EXTERNAL))
+    record = m.graph("decoder").stamped
+    assert record["stamped_layers"] == 0 and "early_weights" not in record
+    assert m.verification["ok"]
+    assert (tmp_path / "b" / "model.onnx.data").stat().st_size > 0
+    _no_leftovers(tmp_path / "b")
+
+
 @pytest.fixture(scope="module")
 def split_bundles(checkpoint, tmp_path_factory):
     """The split layout (one layer per block graph) stamped and traced whole, and the static

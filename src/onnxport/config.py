@@ -53,6 +53,9 @@ class ExportConfig:
     #: trace two decoder layers and copy the second for the others when all layers are alike
     #: (export/stamp.py); False traces every layer
     stamp: bool = True
+    #: write a stamped decoder's weights while its graph is traced (bundle/weights.py
+    #: EarlyWeights); False writes them when the graph is saved. Same bundle either way.
+    early_weights: bool = True
     #: `--target T`: the preset these options came from, recorded in the manifest
     #: ({"name", "flags"}; targets/)
     target: dict | None = None

@@ -85,8 +85,10 @@ class Graph:
     #: [{"file", "inputs": [value names], "outputs": [value names]}, ...] (`file` is the first)
     chain: list[dict] | None = None
     #: a decoder traced with its first layers whose other layers are copies of the last traced
-    #: one, each reading its own weights (export/stamp.py): {"traced_layers", "stamped_layers"};
-    #: a decoder traced whole says why ("why_not"). A split block graph copied from a traced
+    #: one, each reading its own weights (export/stamp.py): {"traced_layers", "stamped_layers"},
+    #: and "early_weights": {"tensors", "bytes"} written while the graph was traced
+    #: (bundle/weights.py EarlyWeights) or {"why_not"} when the save wrote them; a decoder
+    #: traced whole says why ("why_not"). A split block graph copied from a traced
     #: one (export/stamp_blocks.py): {"from": that graph's file}; traced after a failed check:
     #: {"why_not"}
     stamped: dict | None = None

@@ -287,7 +287,7 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
     io = {"embeds_hidden": text.hidden_size if embeds else None, "position_axes": position_axes,
           "hidden_output": text.hidden_size if hidden_output else None}
 
-    def trace(traced_kv: KVSpec, binder, stamp=None) -> tuple[set[str], list[str]]:
+    def trace(traced_kv: KVSpec, binder, stamp=None, early=None) -> tuple[set[str], list[str]]:
         traced_in, traced_out = io_spec(traced_kv, vocab, cfg, takes_position_ids(model), **io)
         wrapper = flat_cache_wrapper(model, traced_kv, cfg.kv_layout, mask_4d, gqa, embeds, hidden_output)
         case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
@@ -297,7 +297,7 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
         return export_graph(wrapper, args, traced_in, traced_out, out_file, cfg.exporter, cfg.opset,
                             cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=binder,
                             translations=translations, expand=stamp.expand if stamp else None,
-                            final_io=(inputs, outputs) if stamp else None)
+                            final_io=(inputs, outputs) if stamp else None, early=early)
 
     stamped = None
     if cfg.stamp:
@@ -312,16 +312,21 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
             binder = bind or Binder(ModuleWeights(model), WRAPPER_PREFIX)
             binder.unbound_buffers = path + "."
             stamp = stamping.Stamp(path, first, kv, cfg.kv_naming, WRAPPER_PREFIX, binder)
+            early = early_weights(model, binder, path, embeds, out_file, cfg)
             try:
                 with stamping.truncated(model, path, stamp.traced):
-                    used, applied = trace(KVSpec(kv.layers[:stamp.traced], kv.encoder_decoder), binder, stamp)
+                    used, applied = trace(KVSpec(kv.layers[:stamp.traced], kv.encoder_decoder), binder, stamp, early)
                 stamped = {"traced_layers": stamp.traced, "stamped_layers": kv.num_layers - stamp.traced}
+                if early is not None:
+                    stamped["early_weights"] = early.record()
             except stamping.StampError as e:
                 why = str(e)
             except ExportError as e:  # the short trace failed: the whole model's is the judge
                 why = f"the {stamp.traced}-layer trace failed: {e.message[:200]}"
             finally:
                 binder.unbound_buffers = None
+                if early is not None:
+                    early.close()
         if why is not None:
             log.info("tracing all %d layers (no stamping: %s)", kv.num_layers, why)
             stamped = {"traced_layers": kv.num_layers, "stamped_layers": 0, "why_not": why}
@@ -330,6 +335,25 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
     graph = Graph("decoder", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
                   patches=applied, attention=GQA_ATTENTION if gqa else None, stamped=stamped)
     return graph, used
+
+
+def early_weights(model, binder, layers_path: str, embeds: bool, out_file: Path, cfg: ExportConfig):
+    """Start writing the weights a stamped graph will read (bundle.weights.EarlyWeights) while
+    it is traced; None when the graph embeds its weights or no prediction can be made."""
+    from onnxport.bundle.weights import EarlyWeights
+    from onnxport.errors import CheckpointError
+    from onnxport.export.stream import predicted_readers
+
+    if not cfg.early_weights:
+        return None
+    try:
+        readers = predicted_readers(model, binder.weights, layers_path, embeds)
+    except (CheckpointError, ExportError) as e:  # the binding will say it where it matters
+        log.debug("no early weights: %s", e)
+        return None
+    if sum(r.nbytes for r in readers) <= cfg.external_data_threshold_bytes:
+        return None
+    return EarlyWeights(out_file.with_name(out_file.name + ".data"), readers)
 
 
 def check_gqa(kv: KVSpec, cfg: ExportConfig) -> None:

@@ -49,6 +49,7 @@ def export_graph(
     expand=None,
     final_io: tuple[list[TensorSpec], list[TensorSpec]] | None = None,
     keep=None,
+    early=None,
 ) -> tuple[set[str], list[str]]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
     the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
@@ -56,7 +57,8 @@ def export_graph(
     (dynamo only) grows the traced onnx-ir model before it is saved (export/stamp.py) and returns
     the further parameters it reads; the saved graph then has the I/O of `final_io`. `keep(model,
     used)` receives the onnx-ir model as saved and the parameters it reads (export/stamp_blocks.py
-    copies it)."""
+    copies it). `early` (bundle.weights.EarlyWeights): the weights written while tracing, which
+    the save adopts when they are exactly those the graph reads."""
     from onnxport import progress
     from onnxport.patches import apply_patches
 
@@ -93,7 +95,7 @@ def export_graph(
     if final_io is not None:
         inputs, outputs = final_io
     saved = finalize_graph(model if model is not None else tmp_file, out_file, inputs, outputs, external_threshold,
-                           param_prefix, static)
+                           param_prefix, static, early)
     if keep is not None:
         keep(saved, used)
     return used, applied
@@ -270,7 +272,7 @@ def used_parameters(ep, prefix: str = "") -> set[str]:
 
 
 def finalize_graph(raw, out_file: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], external_threshold: int,
-                   param_prefix: str = "", static: bool = False):
+                   param_prefix: str = "", static: bool = False, early=None):
     """Give every dynamic dim its field name, drop the exporter's stale shape guesses, restore
     checkpoint names of initializers, check static graphs, and save (weights in one
     `<name>.data` file when the graph is large). `raw` is an onnx-ir model or a saved file.
@@ -323,7 +325,7 @@ def finalize_graph(raw, out_file: Path, inputs: list[TensorSpec], outputs: list[
         )
     from onnxport.bundle.weights import save_model
 
-    save_model(model, out_file, external_threshold)
+    save_model(model, out_file, external_threshold, early)
     for f in (raw, raw.with_name(raw.name + ".data")) if raw is not None else ():
         if f.exists():
             f.unlink()

@@ -161,6 +161,15 @@ class ModuleTensorReader:
         assert self.perm is None
         return ModuleTensorReader(self.tensor, self.name, perm)
 
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def key(self) -> tuple:
+        """Equal for two readers that write the same bytes (the same tensor, the same layout)."""
+        t = self.tensor
+        return "module", t.data_ptr(), str(t.dtype), tuple(t.shape), tuple(t.stride()), self.perm
+
     def numpy(self) -> np.ndarray:
         t = self.tensor.permute(self.perm) if self.perm else self.tensor
         return np.ascontiguousarray(t.contiguous().numpy())
@@ -212,6 +221,14 @@ class CheckpointTensorReader:
         assert self.perm is None
         return CheckpointTensorReader(self.path, self.info, self.name, self.dtype, perm)
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.info.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def key(self) -> tuple:
+        """Equal for two readers that write the same bytes (the same stored tensor, dtype, layout)."""
+        return "checkpoint", str(self.path), self.info.offset, str(self.dtype), self.perm
+
     def _stored(self) -> torch.Tensor:
         with open(self.path, "rb") as f:
             f.seek(self.info.offset)
@@ -250,6 +267,37 @@ class CheckpointTensorReader:
                 n = min(step, left)
                 file.write(self._read(f, n).to(self.dtype).numpy().tobytes())
                 left -= n
+
+
+def predicted_readers(model, weights: CheckpointWeights, layers_path: str, embeds: bool = False) -> list:
+    """The readers (`weights.lazy`) a stamped decoder graph will be bound to, in the layout the
+    binding stores them, so they can be written while the graph is traced (bundle/weights.py
+    `EarlyWeights`): the parameters of the text backbone (the module holding the decoder's
+    layers at `layers_path`) and the output embedding, once each (a tied table under its first
+    name), without the input embedding when the graph takes `inputs_embeds`. A linear layer's
+    own weight is predicted transposed, as `fold_weight_transposes` and the exporter's constant
+    folding store a MatMul weight; a tied one as it is (it is read by two nodes). A wrong
+    prediction only costs the time: the graph's save then writes every weight itself."""
+    root = layers_path.rpartition(".")[0]
+    head = model.get_output_embeddings()
+    input_embedding = model.get_input_embeddings() if embeds else None
+    skip = {id(p) for p in input_embedding.parameters()} if input_embedding is not None else set()
+    wanted = {id(p) for p in head.parameters()} if head is not None else set()
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    readers, seen = [], set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        under = not root or name.startswith(root + ".")
+        if id(p) in seen or id(p) in skip or not (under or id(p) in wanted):
+            continue
+        seen.add(id(p))
+        reader = weights.lazy(name, tuple(p.shape)).meta["onnxport_reader"]
+        if id(p) in linear and p.ndim == 2 and uses[id(p)] == 1:
+            reader = reader.transposed((1, 0))
+        readers.append(reader)
+    return readers
 
 
 class Binder:
