@@ -182,3 +182,43 @@ def test_split_layouts_convert_precision_and_reverify(dtype, tiny_checkpoints, t
     prompts = [[5, 17, 300, 42, 7, 99]]
     got = Generator(out).generate_ids(prompts, max_new_tokens=6, eos_token_id=None).padded
     np.testing.assert_array_equal(got, hf_greedy(ckpt, prompts, 6))
+
+
+def test_each_split_graphs_garbage_is_collected():
+    """Stamped split graphs allocate too few objects to trigger Python's cyclic collector, so
+    their onnx-ir / onnxslim graphs (reference cycles holding weight copies) piled up (SmolLM2
+    static split: 2.60 GB peak against 2.05 GB traced). The export collects after each graph,
+    with the objects alive on entry frozen (a cheap scan), and leaves a caller's freeze alone."""
+    import gc
+    import weakref
+
+    from onnxport.export.split import _collected_per_graph
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.peer, b.peer, a.weights = b, a, np.ones(1 << 20, dtype=np.float32)
+        return weakref.ref(a)
+
+    assert gc.get_freeze_count() == 0
+    gc.disable()  # no automatic collection between the steps
+    try:
+        with _collected_per_graph() as collect:
+            assert gc.get_freeze_count() > 0
+            alive = cycle()
+            assert alive() is not None  # unreachable, but only the cyclic collector frees it
+            collect()
+            assert alive() is None
+    finally:
+        gc.enable()
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _collected_per_graph() as collect:
+            collect()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

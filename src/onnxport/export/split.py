@@ -24,6 +24,8 @@ Contracts (batch is always 1, as NPU runtimes drive one sequence; kv layout per 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 from pathlib import Path
 
@@ -239,8 +241,6 @@ def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tu
     parameters the exported graphs read. Block graphs are traced for the first two full packs
     of each role and stamped for the others when the layers are alike (export/stamp_blocks.py)."""
     from onnxport.export import stamp_blocks
-    from onnxport.export.graph import check_fully_static, export_graph, finalize_graph, slim_static
-    from onnxport.export.stamp import StampError
     from onnxport.hf.compat import text_config
 
     text = text_config(model.config)
@@ -248,42 +248,75 @@ def export_split(recipe, model, kv, cfg, split: SplitConfig, folder: Path) -> tu
     path, why = stamp_blocks.why_not(model, kv, cfg, split)
     stamper = stamp_blocks.BlockStamper(model, path, split.pack) if why is None else None
     used_all: set[str] = set()
-    for n, entry in enumerate(graphs):
-        stamped = False
-        if stamper is not None and not stamper.traces(entry):
-            template = stamper.templates[entry.role].entry
-            try:
-                copy, used = stamper.stamp(entry)
-                finalize_graph(copy, folder / entry.file, entry.inputs, entry.outputs, cfg.external_data_threshold_bytes,
-                               static=split.static)
-                entry.patches, entry.stamped, stamped = template.patches, {"from": template.file}, True
-            except StampError as e:
-                log.info("%s traced (the copy of %s failed: %s)", entry.file, template.file, e)
-        if not stamped:
-            module = module_for(entry, recipe, model, cfg, split).eval()
-            # trace with distinct sizes > 1 so no dynamic dim is specialised
-            sizes = {SEQ: 3, PAST: 5, TOTAL: 6 if entry.role == "block_cache" else 3}
-            past = 5 if entry.role == "block_cache" else 0
-            if entry.role == "block_cache" and split.static:
-                past = 3
-            example = example_feeds(entry, sizes, n, text.vocab_size, past)
-            args = tuple(torch.from_numpy(example[i.name]) for i in entry.inputs)
-            blocks = stamper is not None and entry.role in stamp_blocks.ROLES
-            used, entry.patches = export_graph(module, args, entry.inputs, entry.outputs, folder / entry.file,
-                                               cfg.exporter, cfg.opset, cfg.external_data_threshold_bytes,
-                                               param_prefix="model.", static=split.static,
-                                               bind=stamper.binder() if blocks and cfg.exporter == "dynamo" else None,
-                                               keep=stamper.keep(entry) if blocks else None)
-            if cfg.stamp and entry.role in stamp_blocks.ROLES and (why or (stamper and stamper.why_not_for(entry.role))):
-                entry.stamped = {"why_not": why or stamper.why_not_for(entry.role)}
-        entry.exporter, entry.opset = cfg.exporter, cfg.opset
-        if split.static:
-            slim_static(folder / entry.file)
-            check_fully_static(folder / entry.file)
-        used_all |= used
+    with _collected_per_graph() as collect:
+        for n, entry in enumerate(graphs):
+            used_all |= _export_entry(n, entry, stamper, why, recipe, model, cfg, split, text, folder)
+            collect()
     if split.embedding_bin:
         weight = model.get_input_embeddings().weight.detach().float().numpy()
         weight.astype(np.float32).tofile(folder / "embedding.bin")
         graphs.insert(0, Graph("embedding_table", "embedding.bin", dtype="float32", shape=list(weight.shape),
                                scale=recipe.embedding_scale(model)))
     return graphs, used_all
+
+
+@contextlib.contextmanager
+def _collected_per_graph():
+    """Yields a function that frees the last graph's garbage: onnx-ir models and onnxslim's
+    graph are reference cycles holding weight copies, which only the cyclic collector frees,
+    and a run of stamped graphs allocates too few objects to trigger it (SmolLM2 static split,
+    60 graphs: peak RSS 2.58 GB against 2.09 GB collected per graph). The objects alive on
+    entry (torch, transformers, the model) are frozen meanwhile, so a collection scans only
+    what the export made since (~0.04 s instead of ~0.3 s), after one full collection (nothing
+    dead is frozen). A caller that froze objects itself
+    keeps its freeze; its graphs' garbage is then left to the collector's own schedule."""
+    if gc.get_freeze_count():
+        yield lambda: None
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield gc.collect
+    finally:
+        gc.unfreeze()
+
+
+def _export_entry(n, entry, stamper, why, recipe, model, cfg, split, text, folder) -> set[str]:
+    """Export one graph of the split plan (stamped from its role's template when it can be);
+    the parameters it reads."""
+    from onnxport.export import stamp_blocks
+    from onnxport.export.graph import check_fully_static, export_graph, finalize_graph, slim_static
+    from onnxport.export.stamp import StampError
+
+    stamped = False
+    if stamper is not None and not stamper.traces(entry):
+        template = stamper.templates[entry.role].entry
+        try:
+            copy, used = stamper.stamp(entry)
+            finalize_graph(copy, folder / entry.file, entry.inputs, entry.outputs, cfg.external_data_threshold_bytes,
+                           static=split.static)
+            entry.patches, entry.stamped, stamped = template.patches, {"from": template.file}, True
+        except StampError as e:
+            log.info("%s traced (the copy of %s failed: %s)", entry.file, template.file, e)
+    if not stamped:
+        module = module_for(entry, recipe, model, cfg, split).eval()
+        # trace with distinct sizes > 1 so no dynamic dim is specialised
+        sizes = {SEQ: 3, PAST: 5, TOTAL: 6 if entry.role == "block_cache" else 3}
+        past = 5 if entry.role == "block_cache" else 0
+        if entry.role == "block_cache" and split.static:
+            past = 3
+        example = example_feeds(entry, sizes, n, text.vocab_size, past)
+        args = tuple(torch.from_numpy(example[i.name]) for i in entry.inputs)
+        blocks = stamper is not None and entry.role in stamp_blocks.ROLES
+        used, entry.patches = export_graph(module, args, entry.inputs, entry.outputs, folder / entry.file,
+                                           cfg.exporter, cfg.opset, cfg.external_data_threshold_bytes,
+                                           param_prefix="model.", static=split.static,
+                                           bind=stamper.binder() if blocks and cfg.exporter == "dynamo" else None,
+                                           keep=stamper.keep(entry) if blocks else None)
+        if cfg.stamp and entry.role in stamp_blocks.ROLES and (why or (stamper and stamper.why_not_for(entry.role))):
+            entry.stamped = {"why_not": why or stamper.why_not_for(entry.role)}
+    entry.exporter, entry.opset = cfg.exporter, cfg.opset
+    if split.static:
+        slim_static(folder / entry.file)
+        check_fully_static(folder / entry.file)
+    return used
