@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ class HashFollower:
     onnx-ir must see those to release them)."""
 
     def __init__(self, path: Path | None = None):
-        import threading
-
         self.cond = threading.Condition()
         self.ranges: dict[int, int] = {}  # start -> end of written ranges not yet hashed
         self.fd: int | None = os.open(path, os.O_RDONLY) if path is not None else None
@@ -157,6 +156,26 @@ class HashFollower:
 #: onnx-ir's rule (ir.save's default size_threshold_bytes): larger initializers go to the data file
 EXTERNAL_MIN_BYTES = 256
 
+_SWITCH_LOCK = threading.Lock()
+_SWITCH = {"users": 0, "saved": 0.005}
+
+
+def _quick_switches(on: bool, interval: float) -> None:
+    """Lower the interpreter's thread switch interval while any writer needs it (counted, so
+    two exports in one process leave it as they found it)."""
+    import sys
+
+    with _SWITCH_LOCK:
+        if on:
+            if _SWITCH["users"] == 0:
+                _SWITCH["saved"] = sys.getswitchinterval()
+                sys.setswitchinterval(min(_SWITCH["saved"], interval))
+            _SWITCH["users"] += 1
+        else:
+            _SWITCH["users"] -= 1
+            if _SWITCH["users"] == 0:
+                sys.setswitchinterval(_SWITCH["saved"])
+
 
 class EarlyWeights:
     """A graph's weights written to its data file while the graph is still being traced.
@@ -187,9 +206,6 @@ class EarlyWeights:
     WRITERS = 2
 
     def __init__(self, data_file: Path, readers: list):
-        import sys
-        import threading
-
         self.final, self.tmp = data_file, data_file.with_name(f".{data_file.name}.early")
         self.readers = readers
         self.at: dict[tuple, tuple[int, int]] = {}  # reader key -> (offset, length), once written
@@ -202,13 +218,18 @@ class EarlyWeights:
         self.why_not: str | None = None
         self.adopted: dict | None = None
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._follower = HashFollower(self.tmp)
+        try:
+            self._follower = HashFollower(self.tmp)
+        except OSError:
+            os.close(self._fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
         self._follower.thread.start()
         self._next = iter(range(len(readers)))
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._interval, self.SWITCH_INTERVAL))
+        self._quick = True
+        _quick_switches(True, self.SWITCH_INTERVAL)
         self._threads = [threading.Thread(target=self._run, name=f"early-weights-{i}", daemon=True)
                          for i in range(self.WRITERS)]
         for t in self._threads:
@@ -234,11 +255,11 @@ class EarlyWeights:
             self._stop.set()
 
     def _join(self) -> None:
-        import sys
-
         for t in self._threads:
             t.join()
-        sys.setswitchinterval(self._interval)
+        if self._quick:
+            self._quick = False
+            _quick_switches(False, self.SWITCH_INTERVAL)
 
     def close(self) -> None:
         """Stop writing and remove the file unless it was adopted (idempotent)."""

@@ -353,7 +353,11 @@ def early_weights(model, binder, layers_path: str, embeds: bool, out_file: Path,
         return None
     if sum(r.nbytes for r in readers) <= cfg.external_data_threshold_bytes:
         return None
-    return EarlyWeights(out_file.with_name(out_file.name + ".data"), readers)
+    try:
+        return EarlyWeights(out_file.with_name(out_file.name + ".data"), readers)
+    except OSError as e:  # the save writes them, and meets a real disk problem there
+        log.debug("no early weights: %s", e)
+        return None
 
 
 def check_gqa(kv: KVSpec, cfg: ExportConfig) -> None:
