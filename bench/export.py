@@ -12,6 +12,9 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
 - `onnxport+late-weights`  the same with the weights written when the graph is saved, not while
                   it is traced (ExportConfig(early_weights=False); bundle/weights.py EarlyWeights)
 - `onnxport+verify`  the default `onnxport export`: the graph verified against PyTorch
+- `onnxport+verify+segments`  the same with ONNX Runtime run in 1 GiB segments during verification
+                  (as before segments.segment_budget: the model in memory now runs as one session
+                  while its weights take under a quarter of the available memory)
 - `low-memory`   `onnxport export --low-memory --no-verify` (meta-device trace, weights streamed
                   from the checkpoint one tensor at a time)
 - `low-memory+verify`  the same with verification: ONNX Runtime runs the graph in segments of
@@ -53,7 +56,7 @@ from pathlib import Path
 MODES = ("torch.onnx", "genai", "onnxport", "onnxport+trace-all", "onnxport+verify", "low-memory", "low-memory+verify",
          "low-memory+fp16+verify")
 #: modes run only when named (--modes)
-EXTRA_MODES = ("onnxport+late-weights", "split", "split+trace-all", "split+verify", "split-static13", "split-static13+trace-all")
+EXTRA_MODES = ("onnxport+late-weights", "onnxport+verify+segments", "split", "split+trace-all", "split+verify", "split-static13", "split-static13+trace-all")
 
 
 def weight_bytes_fp32(ckpt: Path) -> int:
@@ -99,10 +102,14 @@ def run_one(mode: str, ckpt: Path, out: Path, pack: int = 1) -> None:
         from onnxport.api import export
         from onnxport.config import ExportConfig, SplitConfig
 
+        if "+segments" in mode:
+            from onnxport.runtime import segments
+
+            segments.WHOLE_SHARE = 0  # the configured 1 GiB segments, as before segment_budget
         static = mode.startswith("split-static13")
         split = SplitConfig(pack=pack, static=static, head="argmax" if static else "logits") \
             if mode.startswith("split") else None
-        m = export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify=mode.endswith("+verify"),
+        m = export(ckpt, out, ExportConfig(low_memory=mode.startswith("low-memory"), verify="+verify" in mode,
                                            dtype="float16" if "+fp16" in mode else "float32",
                                            stamp="+trace-all" not in mode,
                                            early_weights="+late-weights" not in mode,

@@ -98,6 +98,23 @@ def test_low_memory_graph_equals_the_in_memory_export(low_memory_bundle, bf16_ch
     np.testing.assert_allclose(a.run(["logits"], x)[0], b.run(["logits"], x)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_in_memory_is_verified_in_one_session(bf16_checkpoint, tmp_path, monkeypatch):
+    """The same segment budget, the model loaded whole: ONNX Runtime runs the graph as one
+    session (faster and lighter than segments while it fits in a quarter of the available
+    memory); past that share it runs in segments, and --low-memory always does (above)."""
+    from onnxport.api import export
+    from onnxport.config import ExportConfig, VerifyConfig
+    from onnxport.runtime import segments
+
+    cfg = ExportConfig(external_data_threshold_bytes=1)
+    m = export(bf16_checkpoint, tmp_path / "a", cfg, VerifyConfig(segment_bytes=SEGMENT_BYTES))
+    assert m.verification["ok"] and m.verification["checks"]["onnxruntime"]["mode"] == "one session"
+    assert segments.segment_budget(SEGMENT_BYTES, bounded=True) == SEGMENT_BYTES
+    monkeypatch.setattr(segments, "available_memory", lambda: 4 * SEGMENT_BYTES)  # a quarter: one segment's worth
+    m = export(bf16_checkpoint, tmp_path / "b", cfg, VerifyConfig(segment_bytes=SEGMENT_BYTES))
+    assert m.verification["ok"] and m.verification["checks"]["onnxruntime"]["mode"] == "segments"
+
+
 def test_low_memory_refuses_split_layout_in_one_line(bf16_checkpoint, tmp_path):
     res = CliRunner().invoke(app, ["export", str(bf16_checkpoint), "-o", str(tmp_path / "b"), "--low-memory",
                                    "--layout", "split"])

@@ -148,7 +148,9 @@ class VerifyConfig:
     #: the graph dtype these tolerances are for
     dtype: str = "float32"
     #: ONNX Runtime runs a graph whose weights pass this many bytes one segment at a time
-    #: (runtime/segments.py), so verifying a model larger than memory stays bounded
+    #: (runtime/segments.py), so verifying a model larger than memory stays bounded. With the
+    #: model in memory (no --low-memory) segments start past a quarter of the available memory
+    #: instead, when that is more (segments.segment_budget)
     segment_bytes: int = 1 << 30
 
     def for_dtype(self, dtype: str) -> VerifyConfig:

@@ -45,7 +45,7 @@ def verify_decoder(
     breaks the tolerance. Callers decide whether that raises."""
     import torch
 
-    from onnxport.runtime.segments import run_feeds
+    from onnxport.runtime.segments import run_feeds, segment_budget
 
     if cases is None:
         cases = cases_for(graph)
@@ -59,7 +59,7 @@ def verify_decoder(
         xs.append(x)
     # all cases through ONNX Runtime first: a graph past the memory budget runs segment by
     # segment, each segment's weights loaded once for every case
-    got_all, ran = run_feeds(onnx_file, out_names, xs, cfg.segment_bytes, observe=observe)
+    got_all, ran = run_feeds(onnx_file, out_names, xs, segment_budget(cfg.segment_bytes, streamed), observe=observe)
     results = []
     for i, (case, x, got) in enumerate(zip(cases, xs, got_all)):
         report("verifying against PyTorch", i, len(cases))
