@@ -9,6 +9,10 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
 - `onnxport`     `onnxport export --no-verify` (model loaded in float32, then traced: two decoder
                   layers, the others stamped from the second, export/stamp.py)
 - `onnxport+trace-all`  the same with `--no-stamp`: every layer traced (the export before stamping)
+- `onnxport+kept-template`  the same when an earlier export of this architecture kept its
+                  two-layer trace (export/template.py): the template is loaded, not traced. A
+                  priming export (untimed, `template_primed_seconds`) keeps it first; every other
+                  mode runs with ONNXPORT_CACHE=off, so it traces
 - `onnxport+late-weights`  the same with the weights written when the graph is saved, not while
                   it is traced (ExportConfig(early_weights=False); bundle/weights.py EarlyWeights)
 - `onnxport+verify`  the default `onnxport export`: the graph verified against PyTorch
@@ -56,7 +60,7 @@ from pathlib import Path
 MODES = ("torch.onnx", "genai", "onnxport", "onnxport+trace-all", "onnxport+verify", "low-memory", "low-memory+verify",
          "low-memory+fp16+verify")
 #: modes run only when named (--modes)
-EXTRA_MODES = ("onnxport+late-weights", "onnxport+verify+segments", "split", "split+trace-all", "split+verify", "split-static13", "split-static13+trace-all")
+EXTRA_MODES = ("onnxport+kept-template", "onnxport+late-weights", "onnxport+verify+segments", "split", "split+trace-all", "split+verify", "split-static13", "split-static13+trace-all")
 
 
 def weight_bytes_fp32(ckpt: Path) -> int:
@@ -153,7 +157,18 @@ def main() -> None:
     weights = weight_bytes_fp32(args.checkpoint)
     results = {"checkpoint": str(args.checkpoint), "fp32_weight_bytes": weights, "repeat": args.repeat, "modes": {}}
     runs: dict[str, list] = {}
-    for mode in args.modes.split(",") * args.repeat:
+    modes = args.modes.split(",")
+    # the templates kept by `+kept-template` modes; every other mode traces (ONNXPORT_CACHE=off)
+    cache = Path(tempfile.mkdtemp(prefix="onnxport-bench-templates-", dir=args.tmp))
+    if any("+kept-template" in m for m in modes):
+        prime = next(m for m in modes if "+kept-template" in m)
+        tmp = Path(tempfile.mkdtemp(prefix="onnxport-bench-export-", dir=args.tmp))
+        p = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--one", prime, "--out", str(tmp / "out")],
+                           capture_output=True, text=True, env={**os.environ, "ONNXPORT_CACHE": str(cache)})
+        shutil.rmtree(tmp, ignore_errors=True)
+        results["template_primed_seconds"] = json.loads(p.stdout.strip().splitlines()[-1])["seconds"] \
+            if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1][:300]
+    for mode in modes * args.repeat:
         if mode.startswith("genai") and importlib.util.find_spec("onnxruntime_genai") is None:
             results["modes"][mode] = {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
             print(json.dumps({mode: results["modes"][mode]}), file=sys.stderr)
@@ -163,8 +178,9 @@ def main() -> None:
         # cache's dirty limit (~2 GB here) is reached, so the previous mode's output would slow this one
         os.sync()
         try:
+            env = {**os.environ, "ONNXPORT_CACHE": str(cache) if "+kept-template" in mode else "off"}
             p = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--one", mode, "--out",
-                                str(tmp / "out"), "--pack", str(args.pack)], capture_output=True, text=True)
+                                str(tmp / "out"), "--pack", str(args.pack)], capture_output=True, text=True, env=env)
             if p.returncode != 0:
                 results["modes"][mode] = {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
             else:
@@ -178,6 +194,7 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(json.dumps({mode: runs.get(mode, [results["modes"][mode]])[-1]}), file=sys.stderr)
+    shutil.rmtree(cache, ignore_errors=True)
     genai = results["modes"].get("genai", {})
     if "seconds" in genai:  # export time as a multiple of the genai builder's, same run
         results["x_genai_builder_time"] = {m: round(r["seconds"] / genai["seconds"], 2)

@@ -145,6 +145,7 @@ def export_cmd(
     part: Optional[List[str]] = typer.Option(None, "--part", help="Export only this part (repeat for several; `onnxport recipes` lists the parts of each type)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Trace the decoder without its weights (meta device) and stream them from the safetensors checkpoint into the graph one tensor at a time."),
     no_stamp: bool = typer.Option(False, "--no-stamp", help="Trace every decoder layer. By default a decoder whose layers are all alike is traced with two and the others are copies of the second, each reading its own weights (verified as always); split layouts trace two block graphs per role and copy the others."),
+    no_template_cache: bool = typer.Option(False, "--no-template-cache", help="Trace the decoder's two layers even when an earlier export of the same architecture (same config, code and versions) kept that trace (in $ONNXPORT_CACHE/templates or ~/.cache/onnxport/templates; ONNXPORT_CACHE=off disables it)."),
     optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime fusions (RMSNorm, skip + norm, rotary, attention where it matches), kept only when the fused graph verifies."),
     bf16_compute: bool = typer.Option(False, "--bf16-compute", help="With --dtype bf16: compute in bf16 too (GPU / TensorRT; verified on a CPU emulation twin, ONNX Runtime's CPU provider has no bf16 kernels)."),
     attention: str = typer.Option("default", help="default (the model's own attention ops) or gqa (one com.microsoft.GroupQueryAttention per layer, cache appended in place: the runtime then uses one cache buffer, no per-step copy)."),
@@ -180,7 +181,7 @@ def export_cmd(
         raise InputError(f"{given[0]} applies to the split layout only", f"add --layout split (or --static), or drop {given[0]}")
     cfg = ExportConfig(opset=opset, exporter=exporter, kv_layout=kv_layout or ("bshd" if is_split or max_graph_size else "bhsd"),
                        kv_naming=kv_naming, verify=not no_verify, force=force, allow_pickle=allow_pickle,
-                       low_memory=low_memory, stamp=not no_stamp, dtype=dtype, optimize=optimize, attention=attention,
+                       low_memory=low_memory, stamp=not no_stamp, template_cache=not no_template_cache, dtype=dtype, optimize=optimize, attention=attention,
                        bf16_compute=bf16_compute, max_graph_bytes=parse_size(max_graph_size) if max_graph_size else None,
                        target={"name": target, "flags": applied} if target else None)
     split = SplitConfig(pack=pack, static=static, max_len=max_len, prefill_len=prefill_len, head=head, rope=rope,

@@ -56,6 +56,10 @@ class ExportConfig:
     #: write a stamped decoder's weights while its graph is traced (bundle/weights.py
     #: EarlyWeights); False writes them when the graph is saved. Same bundle either way.
     early_weights: bool = True
+    #: reuse a stamped decoder's short trace kept by an earlier export of the same architecture
+    #: with the same code and versions, and keep new ones (export/template.py; the folder is
+    #: $ONNXPORT_CACHE/templates, ONNXPORT_CACHE=off disables it too)
+    template_cache: bool = True
     #: `--target T`: the preset these options came from, recorded in the manifest
     #: ({"name", "flags"}; targets/)
     target: dict | None = None

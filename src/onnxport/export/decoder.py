@@ -287,7 +287,7 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
     io = {"embeds_hidden": text.hidden_size if embeds else None, "position_axes": position_axes,
           "hidden_output": text.hidden_size if hidden_output else None}
 
-    def trace(traced_kv: KVSpec, binder, stamp=None, early=None) -> tuple[set[str], list[str]]:
+    def trace(traced_kv: KVSpec, binder, stamp=None, early=None, template=None) -> tuple[set[str], list[str]]:
         traced_in, traced_out = io_spec(traced_kv, vocab, cfg, takes_position_ids(model), **io)
         wrapper = flat_cache_wrapper(model, traced_kv, cfg.kv_layout, mask_4d, gqa, embeds, hidden_output)
         case = STEP_TRACE_CASE if kv.has_states else FULL_TRACE_CASE if kv.is_empty else TRACE_CASE
@@ -297,7 +297,7 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
         return export_graph(wrapper, args, traced_in, traced_out, out_file, cfg.exporter, cfg.opset,
                             cfg.external_data_threshold_bytes, param_prefix=WRAPPER_PREFIX, bind=binder,
                             translations=translations, expand=stamp.expand if stamp else None,
-                            final_io=(inputs, outputs) if stamp else None, early=early)
+                            final_io=(inputs, outputs) if stamp else None, early=early, template=template)
 
     stamped = None
     if cfg.stamp:
@@ -313,12 +313,16 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
             binder.unbound_buffers = path + "."
             stamp = stamping.Stamp(path, first, kv, cfg.kv_naming, WRAPPER_PREFIX, binder)
             early = early_weights(model, binder, path, embeds, out_file, cfg)
+            template = template_cache(cfg)
             try:
                 with stamping.truncated(model, path, stamp.traced):
-                    used, applied = trace(KVSpec(kv.layers[:stamp.traced], kv.encoder_decoder), binder, stamp, early)
+                    used, applied = trace(KVSpec(kv.layers[:stamp.traced], kv.encoder_decoder), binder, stamp, early,
+                                          template)
                 stamped = {"traced_layers": stamp.traced, "stamped_layers": kv.num_layers - stamp.traced}
                 if early is not None:
                     stamped["early_weights"] = early.record()
+                if template is not None and template.outcome:
+                    stamped["template"] = template.outcome
             except stamping.StampError as e:
                 why = str(e)
             except ExportError as e:  # the short trace failed: the whole model's is the judge
@@ -335,6 +339,14 @@ def export_decoder(model, kv: KVSpec, cfg: ExportConfig, out_file: Path, bind=No
     graph = Graph("decoder", out_file.name, inputs, outputs, part="decoder", exporter=cfg.exporter, opset=cfg.opset,
                   patches=applied, attention=GQA_ATTENTION if gqa else None, stamped=stamped)
     return graph, used
+
+
+def template_cache(cfg: ExportConfig):
+    """The kept traced templates (export/template.py), None when disabled."""
+    from onnxport.export.template import TemplateCache, cache_folder
+
+    folder = cache_folder() if cfg.template_cache and cfg.exporter == "dynamo" else None
+    return TemplateCache(folder) if folder is not None else None
 
 
 def early_weights(model, binder, layers_path: str, embeds: bool, out_file: Path, cfg: ExportConfig):

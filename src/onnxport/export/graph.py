@@ -50,6 +50,7 @@ def export_graph(
     final_io: tuple[list[TensorSpec], list[TensorSpec]] | None = None,
     keep=None,
     early=None,
+    template=None,
 ) -> tuple[set[str], list[str]]:
     """Export `module(*args)`; return the names of the parameters the exported graph reads and
     the rewrites (patches) that were applied. `bind` (an `export.stream.Binder`, dynamo only)
@@ -58,7 +59,9 @@ def export_graph(
     the further parameters it reads; the saved graph then has the I/O of `final_io`. `keep(model,
     used)` receives the onnx-ir model as saved and the parameters it reads (export/stamp_blocks.py
     copies it). `early` (bundle.weights.EarlyWeights): the weights written while tracing, which
-    the save adopts when they are exactly those the graph reads."""
+    the save adopts when they are exactly those the graph reads. `template`
+    (export.template.TemplateCache; with `bind` and `expand`): the optimized short trace is
+    loaded from it when kept by an earlier export with the same key, else traced and kept."""
     from onnxport import progress
     from onnxport.patches import apply_patches
 
@@ -74,8 +77,16 @@ def export_graph(
             if exporter == "dynamo":
                 # the onnx-ir model stays in memory (its tensors are the module's own, or lazy
                 # checkpoint reads): finalized and written once, weights one at a time
-                used, model = _export_dynamo(module, args, inputs, input_names, output_names, opset, param_prefix,
-                                             bind, translations)
+                hit = None
+                if template is not None and bind is not None and expand is not None and template.key(
+                        module, args, inputs, output_names, opset, param_prefix, translations, applied, bind):
+                    hit = template.load(bind)
+                if hit is not None:
+                    used, model = hit
+                else:
+                    used, model = _export_dynamo(module, args, inputs, input_names, output_names, opset,
+                                                 param_prefix, bind, translations,
+                                                 template.store if template is not None and template.digest else None)
                 if expand is not None:
                     used = used | expand(model)
             elif bind is not None:
@@ -175,8 +186,9 @@ def _cheaper_default_rules():
 
 
 def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefix: str, bind=None,
-                   translations: dict | None = None):
-    """(parameters the program reads, the onnx-ir model)."""
+                   translations: dict | None = None, optimized=None):
+    """(parameters the program reads, the onnx-ir model). `optimized(model, used, shapes)`
+    (with `bind`) receives the optimized model while its weights are still unbound."""
     from torch.export import Dim
 
     exact_no_op_rules()
@@ -210,6 +222,8 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefi
             logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
             bind.before_optimize(prog.model)
             prog.optimize()
+            if optimized is not None:
+                optimized(prog.model, used_parameters(prog.exported_program, prefix), bind.shapes)
             bind.after_optimize(prog.model)
     return used_parameters(prog.exported_program, prefix), prog.model
 

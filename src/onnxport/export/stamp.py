@@ -64,11 +64,11 @@ def decoder_layers(model) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _signature(layer: torch.nn.Module) -> tuple:
+def _signature(layer: torch.nn.Module, skip=INDEX_ATTRS) -> tuple:
     plain = (bool, int, float, str, type(None), tuple)
     mods = tuple((name, type(m).__name__, tuple(sorted(
         (k, repr(v)) for k, v in vars(m).items()
-        if not k.startswith("_") and k not in INDEX_ATTRS and isinstance(v, plain))))
+        if not k.startswith("_") and k not in skip and isinstance(v, plain))))
         for name, m in layer.named_modules())
     params = tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters(remove_duplicate=False))
     buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in layer.named_buffers())
