@@ -87,7 +87,9 @@ class Graph:
     #: a decoder traced with its first layers whose other layers are copies of the last traced
     #: one, each reading its own weights (export/stamp.py): {"traced_layers", "stamped_layers"},
     #: and "early_weights": {"tensors", "bytes"} written while the graph was traced
-    #: (bundle/weights.py EarlyWeights) or {"why_not"} when the save wrote them; a decoder
+    #: (bundle/weights.py EarlyWeights) or {"why_not"} when the save wrote them, and, while
+    #: templates are kept (export/template.py), "template": "reused" (the two-layer trace
+    #: loaded from an earlier export's) or "traced and kept" (or why not kept); a decoder
     #: traced whole says why ("why_not"). A split block graph copied from a traced
     #: one (export/stamp_blocks.py): {"from": that graph's file}; traced after a failed check:
     #: {"why_not"}
