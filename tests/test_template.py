@@ -5,7 +5,8 @@ the code, the versions and the traced module; the next export with the same key 
 instead of tracing. Proven on a 5-layer checkpoint: the bundle written from a kept template is
 byte for byte the traced one (in memory, --low-memory and the GQA graph); another checkpoint of
 the same architecture reuses it and its bundle is that checkpoint's (verified, equal to its
-own traced bundle, unlike the first one's outputs); a changed architecture is traced; an
+own traced bundle, unlike the first one's outputs), as does one of another depth; a changed
+architecture is traced; an
 entry that does not read back is traced again and replaced; ONNXPORT_CACHE=off and
 `template_cache=False` keep nothing."""
 
@@ -103,6 +104,16 @@ def test_another_checkpoint_of_the_architecture_reuses_it(checkpoints, kept, tmp
     (first, m1) = kept["memory"][0]
     theirs = run(first, m1, x)["logits"]
     assert np.abs(mine - theirs).max() > 1e-2
+
+
+def test_the_architecture_at_another_depth_reuses_it(kept, tmp_path):
+    """The key is made with the config truncated to the two traced layers: a 4-layer model of
+    the same shape loads the 5-layer model's template."""
+    ckpt = make_tiny_checkpoint("llama", tmp_path / "four", num_hidden_layers=4)
+    m = export(ckpt, tmp_path / "out", ExportConfig(external_data_threshold_bytes=EXTERNAL))
+    assert m.graph("decoder").stamped == {"traced_layers": 2, "stamped_layers": 2, "template": "reused",
+                                          "early_weights": m.graph("decoder").stamped["early_weights"]}
+    assert m.verification["ok"]
 
 
 def test_a_changed_architecture_is_traced(checkpoints, kept, cache, tmp_path):

@@ -33,6 +33,7 @@ removed first).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -277,19 +278,23 @@ class TemplateCache:
             shapes = {name: tuple(shape) for name, shape in record["unbound"].items()}
             for name in shapes:
                 model.graph.initializers[name].const_value = None
-            bind.shapes.update(shapes)
-            bind.after_optimize(model)
+            used = set(record["used"])
         except Exception as e:
             log.info("template %s unreadable (%s): tracing", self.digest[:12], e)
             self.dropped = f"the kept one was unreadable: {type(e).__name__}"
             self.outcome = f"traced ({self.dropped})"
             for f in (graph_file, record_file):
-                f.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
             return None
-        os.utime(record_file)
+        # the weights are bound as after a trace (a checkpoint problem fails here as it would there)
+        bind.shapes.update(shapes)
+        bind.after_optimize(model)
+        with contextlib.suppress(OSError):  # the time orders entries for pruning; a read-only cache still reads
+            os.utime(record_file)
         self.outcome = "reused"
         log.info("reused the traced template %s", self.digest[:12])
-        return set(record["used"]), model
+        return used, model
 
     def store(self, model, used: set[str], shapes: dict) -> None:
         """Keep `model` (optimized, its weights unbound: `shapes` names them) under `digest`."""
