@@ -12,7 +12,7 @@ Each mode runs in its own subprocess (peak RSS = that process's ru_maxrss), one 
 - `onnxport+kept-template`  the same when an earlier export of this architecture kept its
                   two-layer trace (export/template.py): the template is loaded, not traced. A
                   priming export (untimed, `template_primed_seconds`) keeps it first; every other
-                  mode runs with ONNXPORT_CACHE=off, so it traces
+                  mode runs with ONNXPORT_TEMPLATES=off, so it traces
 - `onnxport+late-weights`  the same with the weights written when the graph is saved, not while
                   it is traced (ExportConfig(early_weights=False); bundle/weights.py EarlyWeights)
 - `onnxport+verify`  the default `onnxport export`: the graph verified against PyTorch
@@ -158,13 +158,13 @@ def main() -> None:
     results = {"checkpoint": str(args.checkpoint), "fp32_weight_bytes": weights, "repeat": args.repeat, "modes": {}}
     runs: dict[str, list] = {}
     modes = args.modes.split(",")
-    # the templates kept by `+kept-template` modes; every other mode traces (ONNXPORT_CACHE=off)
+    # the templates kept by `+kept-template` modes; every other mode traces (ONNXPORT_TEMPLATES=off)
     cache = Path(tempfile.mkdtemp(prefix="onnxport-bench-templates-", dir=args.tmp))
     if any("+kept-template" in m for m in modes):
         prime = next(m for m in modes if "+kept-template" in m)
         tmp = Path(tempfile.mkdtemp(prefix="onnxport-bench-export-", dir=args.tmp))
         p = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--one", prime, "--out", str(tmp / "out")],
-                           capture_output=True, text=True, env={**os.environ, "ONNXPORT_CACHE": str(cache)})
+                           capture_output=True, text=True, env={**os.environ, "ONNXPORT_TEMPLATES": str(cache)})
         shutil.rmtree(tmp, ignore_errors=True)
         results["template_primed_seconds"] = json.loads(p.stdout.strip().splitlines()[-1])["seconds"] \
             if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1][:300]
@@ -178,7 +178,7 @@ def main() -> None:
         # cache's dirty limit (~2 GB here) is reached, so the previous mode's output would slow this one
         os.sync()
         try:
-            env = {**os.environ, "ONNXPORT_CACHE": str(cache) if "+kept-template" in mode else "off"}
+            env = {**os.environ, "ONNXPORT_TEMPLATES": str(cache) if "+kept-template" in mode else "off"}
             p = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--one", mode, "--out",
                                 str(tmp / "out"), "--pack", str(args.pack)], capture_output=True, text=True, env=env)
             if p.returncode != 0:

@@ -12,7 +12,7 @@ import pytest
 # Every test traces what it exports: a template kept by a user's earlier export, or by one test
 # for another (export/template.py), would let a test pass on a graph it did not trace.
 # tests/test_template.py turns them on in its own folder.
-os.environ["ONNXPORT_CACHE"] = "off"
+os.environ["ONNXPORT_TEMPLATES"] = "off"
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "src" / "onnxport" / "demo_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -7,7 +7,7 @@ byte for byte the traced one (in memory, --low-memory and the GQA graph); anothe
 the same architecture reuses it and its bundle is that checkpoint's (verified, equal to its
 own traced bundle, unlike the first one's outputs), as does one of another depth; a changed
 architecture is traced; an
-entry that does not read back is traced again and replaced; ONNXPORT_CACHE=off and
+entry that does not read back is traced again and replaced; ONNXPORT_TEMPLATES=off and
 `template_cache=False` keep nothing."""
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def checkpoints(tmp_path_factory):
 def cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ONNXPORT_CACHE", str(folder))
-        yield folder / "templates"
+        mp.setenv("ONNXPORT_TEMPLATES", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_another_checkpoint_of_the_architecture_reuses_it(checkpoints, kept, tmp
     reused = export(checkpoints[1], tmp_path / "reused", cfg)
     assert reused.graph("decoder").stamped["template"] == "reused"
     assert reused.verification["ok"]
-    monkeypatch.setenv("ONNXPORT_CACHE", "off")
+    monkeypatch.setenv("ONNXPORT_TEMPLATES", "off")
     traced = export(checkpoints[1], tmp_path / "traced", cfg)
     assert "template" not in traced.graph("decoder").stamped
     assert _digests(tmp_path / "reused") == _digests(tmp_path / "traced")
@@ -156,11 +156,24 @@ def test_an_unreadable_template_is_traced_and_replaced(checkpoints, kept, cache,
 @pytest.mark.parametrize("how", ["env", "config"])
 def test_turned_off_keeps_nothing(checkpoints, tmp_path, monkeypatch, how):
     folder = tmp_path / "cache"
-    monkeypatch.setenv("ONNXPORT_CACHE", "off" if how == "env" else str(folder))
+    monkeypatch.setenv("ONNXPORT_TEMPLATES", "off" if how == "env" else str(folder))
     m = export(checkpoints[0], tmp_path / "out", ExportConfig(template_cache=how != "config"))
     assert "template" not in m.graph("decoder").stamped
     assert m.graph("decoder").stamped["stamped_layers"] == LAYERS - 2
     assert not folder.exists()
+
+
+def test_the_folder_is_in_onnxports_cache(tmp_path, monkeypatch):
+    """By default beside the Triton environment (serve/triton.py) in $ONNXPORT_CACHE."""
+    from onnxport.export.template import cache_folder
+
+    monkeypatch.delenv("ONNXPORT_TEMPLATES")
+    monkeypatch.setenv("ONNXPORT_CACHE", str(tmp_path))
+    assert cache_folder() == tmp_path / "templates"
+    monkeypatch.setenv("ONNXPORT_TEMPLATES", str(tmp_path / "mine"))
+    assert cache_folder() == tmp_path / "mine"
+    monkeypatch.setenv("ONNXPORT_TEMPLATES", "Off")
+    assert cache_folder() is None
 
 
 def test_the_key_covers_buffers_and_not_the_folder(checkpoints):

@@ -58,7 +58,7 @@ class ExportConfig:
     early_weights: bool = True
     #: reuse a stamped decoder's short trace kept by an earlier export of the same architecture
     #: with the same code and versions, and keep new ones (export/template.py; the folder is
-    #: $ONNXPORT_CACHE/templates, ONNXPORT_CACHE=off disables it too)
+    #: $ONNXPORT_TEMPLATES, else ~/.cache/onnxport/templates; ONNXPORT_TEMPLATES=off disables it too)
     template_cache: bool = True
     #: `--target T`: the preset these options came from, recorded in the manifest
     #: ({"name", "flags"}; targets/)

@@ -25,8 +25,8 @@ A template is only a faster trace: an entry that cannot be read (or whose file d
 to what its record says) is dropped and the module traced; a full or read-only cache folder
 costs the save only. The stamped graph is verified against PyTorch as after a trace.
 
-The folder: $ONNXPORT_CACHE/templates, else $XDG_CACHE_HOME/onnxport/templates, else
-~/.cache/onnxport/templates; ONNXPORT_CACHE=off (or `--no-template-cache`,
+The folder: $ONNXPORT_TEMPLATES, else $ONNXPORT_CACHE/templates, else
+~/.cache/onnxport/templates; ONNXPORT_TEMPLATES=off (or `--no-template-cache`,
 ExportConfig(template_cache=False)) disables it. At most MAX_ENTRIES are kept (oldest used
 removed first).
 """
@@ -43,7 +43,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ENV = "ONNXPORT_CACHE"
+ENV = "ONNXPORT_TEMPLATES"
 OFF = ("0", "off", "false", "no", "none")
 #: bump when what an entry holds changes
 FORMAT = 1
@@ -61,14 +61,15 @@ _SOURCE_DIGESTS: dict[str, str] = {}
 
 
 def cache_folder() -> Path | None:
-    """Where templates are kept (None: disabled by ONNXPORT_CACHE=off)."""
+    """Where templates are kept: $ONNXPORT_TEMPLATES (None when it says off), else the
+    `templates` folder of onnxport's cache ($ONNXPORT_CACHE, else ~/.cache/onnxport, as the
+    Triton environment's)."""
     value = os.environ.get(ENV)
     if value is not None and value.strip().lower() in OFF:
         return None
     if value:
-        return Path(value).expanduser() / "templates"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "onnxport" / "templates"
+        return Path(value).expanduser()
+    return Path(os.environ.get("ONNXPORT_CACHE") or Path.home() / ".cache" / "onnxport").expanduser() / "templates"
 
 
 def _file_digest(path: str) -> str:
