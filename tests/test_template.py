@@ -106,6 +106,24 @@ def test_another_checkpoint_of_the_architecture_reuses_it(checkpoints, kept, tmp
     assert np.abs(mine - theirs).max() > 1e-2
 
 
+def test_another_process_reuses_it(checkpoints, kept, cache, tmp_path):
+    """The key does not depend on the process (string hashing is seeded per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from pathlib import Path; from onnxport.api import export; "
+            "from onnxport.config import ExportConfig; "
+            f"m = export(Path(sys.argv[1]), Path(sys.argv[2]), ExportConfig(external_data_threshold_bytes={EXTERNAL})); "
+            "print(json.dumps(m.graph('decoder').stamped))")
+    p = subprocess.run([sys.executable, "-c", code, str(checkpoints[0]), str(tmp_path / "out")], capture_output=True,
+                       text=True, env={**os.environ, "ONNXPORT_TEMPLATES": str(cache), "PYTHONHASHSEED": "12345"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["template"] == "reused"
+    assert _digests(tmp_path / "out") == _digests(kept["memory"][0][0])
+
+
 def test_the_architecture_at_another_depth_reuses_it(kept, tmp_path):
     """The key is made with the config truncated to the two traced layers: a 4-layer model of
     the same shape loads the 5-layer model's template."""

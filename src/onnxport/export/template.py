@@ -139,6 +139,8 @@ def _describe(v, depth: int = 0):
         return type(v).__qualname__
     if isinstance(v, (list, tuple)):
         return [_describe(x, depth + 1) for x in v]
+    if isinstance(v, (set, frozenset)):  # in an order that does not depend on PYTHONHASHSEED
+        return sorted((_describe(x, depth + 1) for x in v), key=repr)
     if isinstance(v, dict):
         return sorted(([repr(k), _describe(x, depth + 1)] for k, x in v.items()), key=repr)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
@@ -178,9 +180,19 @@ def _configs(module) -> list[str]:
         if config is None or id(config) in seen or not hasattr(config, "to_json_string"):
             continue
         seen.add(id(config))
-        out.append(json.dumps(_without_paths(config.to_dict()), sort_keys=True, default=repr))
+        out.append(json.dumps(_without_paths(config.to_dict()), sort_keys=True, default=_json_default))
         out.append(repr(getattr(config, "_attn_implementation", None)))
     return out
+
+
+def _json_default(v):
+    """What JSON cannot hold: sets sorted (their order changes with PYTHONHASHSEED), the rest
+    by repr without addresses."""
+    import re
+
+    if isinstance(v, (set, frozenset)):
+        return sorted(v, key=repr)
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(v))
 
 
 def _without_paths(d):
@@ -248,7 +260,7 @@ class TemplateCache:
                 "applied": list(applied),
                 "bind": [type(bind.weights).__name__, bind.unbound_buffers],
             }
-            blob = json.dumps(parts, sort_keys=True, default=repr)
+            blob = json.dumps(parts, sort_keys=True, default=_json_default)
         except Exception as e:  # a config or buffer this cannot describe: trace as always
             self.outcome = f"traced (no key: {type(e).__name__}: {e})"[:200]
             return None
