@@ -221,3 +221,18 @@ def test_the_key_covers_buffers_and_not_the_folder(checkpoints):
     assert key(b) == key(a)
     b.model.rotary_emb.attention_scaling = 2.0
     assert key(b) != key(a)
+
+
+def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
+    import os
+
+    from onnxport.export import template
+
+    monkeypatch.setattr(template, "MAX_ENTRIES", 2)
+    for i, name in enumerate("abc"):
+        for suffix in (".json", ".onnx"):
+            (tmp_path / f"{name}{suffix}").write_text("{}")
+        os.utime(tmp_path / f"{name}.json", (1000 + i, 1000 + i))
+    os.utime(tmp_path / "a.json", (2000, 2000))  # a was reused last
+    template.TemplateCache(tmp_path)._prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.onnx", "c.json", "c.onnx"]

@@ -15,9 +15,9 @@ The key (sha256) covers:
   module, and the names, sizes and times of transformers' other source files (remote code, or
   a source install of transformers whose code changed under one version, changes the key);
 - the traced module tree: each submodule's type and plain attributes, the wrapper's own
-  settings, every parameter's name, shape and dtype, every buffer's name, shape, dtype and values (a buffer may be folded into
-  the graph), and the model's config (with the 2-layer truncation applied, so models differing
-  only in depth share a template);
+  settings, every parameter's name, shape and dtype, every buffer's name, shape, dtype and
+  values (a buffer may be folded into the graph), and the model's config (with the 2-layer
+  truncation applied, so models differing only in depth share a template);
 - the example inputs' shapes and dtypes, the graph's input and output names and dynamic dims,
   the opset, the custom translations, the rewrites applied, and how weights are bound.
 
@@ -356,7 +356,14 @@ class TemplateCache:
         self.outcome = f"traced and kept ({self.dropped})" if self.dropped else "traced and kept"
 
     def _prune(self) -> None:
-        records = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
-        for old in records[:max(0, len(records) - MAX_ENTRIES)]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".onnx").unlink(missing_ok=True)
+        """Drop the least recently used entries past MAX_ENTRIES (another process may be
+        pruning too: a file already gone is skipped)."""
+        dated = []
+        for record in self.folder.glob("*.json"):
+            with contextlib.suppress(OSError):
+                dated.append((record.stat().st_mtime, record))
+        dated.sort()
+        for _, old in dated[:max(0, len(dated) - MAX_ENTRIES)]:
+            for f in (old, old.with_suffix(".onnx")):
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
