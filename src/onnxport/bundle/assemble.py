@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 PACKAGES = ("onnxport", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")
 
 
-def versions() -> dict:
-    """The versions of the packages that wrote a bundle (None when one is not installed)."""
+def versions(packages: tuple[str, ...] = PACKAGES) -> dict:
+    """The versions of `packages` (by default those that wrote a bundle; None when one is not
+    installed)."""
     import importlib.metadata as md
 
     out = {}
-    for pkg in PACKAGES:
+    for pkg in packages:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -216,6 +216,7 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefi
             # onnxport's custom ops (fused attention) -> their ONNX Runtime contrib ops
             custom_translation_table=translations,
         )
+        used = used_parameters(prog.exported_program, prefix)
         if bind is not None:
             # the weights are unbound on purpose while the optimizer runs: its deduplication
             # pass would warn once per weight
@@ -223,9 +224,9 @@ def _export_dynamo(module, args, inputs, input_names, output_names, opset, prefi
             bind.before_optimize(prog.model)
             prog.optimize()
             if optimized is not None:
-                optimized(prog.model, used_parameters(prog.exported_program, prefix), bind.shapes)
+                optimized(prog.model, used, bind.shapes)
             bind.after_optimize(prog.model)
-    return used_parameters(prog.exported_program, prefix), prog.model
+    return used, prog.model
 
 
 def _nest_like(args: tuple, flat: list):

@@ -73,13 +73,12 @@ def cache_folder() -> Path | None:
 
 
 def _file_digest(path: str) -> str:
-    if path not in _SOURCE_DIGESTS:
-        try:
-            with open(path, "rb") as f:
-                _SOURCE_DIGESTS[path] = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            _SOURCE_DIGESTS[path] = "unreadable"
-    return _SOURCE_DIGESTS[path]
+    from onnxport.bundle.seal import sha256
+
+    try:
+        return sha256(Path(path))  # kept per (inode, size, mtime) for the process
+    except OSError:
+        return "unreadable"
 
 
 def _package_digest() -> str:
@@ -151,15 +150,9 @@ def _describe(v, depth: int = 0):
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
+    from onnxport.bundle.assemble import versions
 
-    out = {"python": list(sys.version_info[:3])}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"python": list(sys.version_info[:3]), **versions(PACKAGES)}
 
 
 def _tensor_digest(t) -> str:
